@@ -1,0 +1,36 @@
+"""bonemerge: streaming checkpoint surgery for PEFT Bone, Bat and MiSS adapters.
+
+`from bonemerge import merge` gives the same operations as the command line. Heavy modules
+(torch above all) load on first use, so importing the package and `bonemerge --help` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, MergeError, OutputError
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from bonemerge.api import MergeReport, merge
+
+_LAZY = {"merge": "bonemerge.api", "MergeReport": "bonemerge.api"}
+
+__all__ = [
+    "AdapterError",
+    "BonemergeError",
+    "CheckpointError",
+    "MergeError",
+    "MergeReport",
+    "OutputError",
+    "merge",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bonemerge' has no attribute {name!r}")

@@ -1,0 +1,89 @@
+"""safetensors dtype names, their sizes, and the few that bonemerge can compute with.
+
+Sizes are in bits because safetensors has sub-byte types (F4, F6_*): a tensor's byte size is
+`numel * bits / 8` and must come out whole. Torch is imported only when a conversion is
+actually needed, so that header work stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+# Floating dtypes bonemerge can read into fp32/fp64, compute on and round back to.
+COMPUTABLE = ("F16", "BF16", "F32", "F64")
+
+# safetensors name -> torch attribute, for every dtype torch can hold in memory.
+TORCH_NAME = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+BY_TORCH_NAME = {v: k for k, v in TORCH_NAME.items()}
+
+
+def nbytes(dtype: str, numel: int) -> int | None:
+    """Byte size of `numel` elements, or None when sub-byte elements do not fill whole bytes."""
+    total_bits = numel * BITS[dtype]
+    if total_bits % 8:
+        return None
+    return total_bits // 8
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element for computable dtypes (rows are always whole bytes for these)."""
+    return BITS[dtype] // 8
+
+
+def to_torch(dtype: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, TORCH_NAME[dtype])
+
+
+def from_torch(dtype: torch.dtype) -> str:
+    """safetensors name of a torch dtype; KeyError for dtypes safetensors cannot store."""
+    return BY_TORCH_NAME[str(dtype).removeprefix("torch.")]

@@ -1,0 +1,225 @@
+"""A model checkpoint on disk: which files hold which tensors, validated before any data moves.
+
+A `Checkpoint` is headers only. It answers "where are the bytes of tensor X" for a single
+`model.safetensors`, a sharded folder with its index, or a lone `.safetensors` file, and it
+refuses anything inconsistent (a shard missing, a tensor in two shards, an index that lies)
+up front, so that no long copy starts on a checkpoint that cannot be completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bonemerge.checkpoint import dtypes
+from bonemerge.checkpoint.header import Header, TensorInfo, read_header
+from bonemerge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor's bytes in one file: absolute offset, so a reader needs nothing else."""
+
+    name: str
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, path: Path, header: Header, info: TensorInfo) -> TensorRef:
+        return cls(info.name, path, header.data_start + info.begin, info.dtype, info.shape, info.nbytes)
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryTensor:
+    """A tensor already in memory (from a torch pickle), standing in where a TensorRef would."""
+
+    name: str
+    tensor: torch.Tensor
+
+    @property
+    def dtype(self) -> str:
+        return dtypes.from_torch(self.tensor.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+Source = TensorRef | MemoryTensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file of a checkpoint, with what was seen of it when it was opened."""
+
+    path: Path
+    header: Header
+    size: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every tensor of a model, and the shard layout it came in."""
+
+    root: Path
+    shards: tuple[Shard, ...]
+    tensors: dict[str, TensorRef]
+    shard_of: dict[str, str]
+    index_name: str | None
+    is_folder: bool = True
+
+    @property
+    def file_prefix(self) -> str:
+        """Stem for re-sharded output names: `model` for `model.safetensors[.index.json]`."""
+        name = self.index_name or self.shards[0].name
+        return name.split(".safetensors")[0].split("-0000")[0]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def config(self) -> dict | None:
+        """The folder's config.json, or None when there is none (or a lone file was given)."""
+        path = self.root / "config.json"
+        if not self.is_folder or not path.is_file():
+            return None
+        return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; fix or remove the file.") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; fix or remove the file.")
+    return value
+
+
+def _open_shard(path: Path) -> Shard:
+    header = read_header(path)
+    stat = path.stat()
+    return Shard(path, header, stat.st_size, stat.st_mtime_ns)
+
+
+def _single(path: Path, is_folder: bool) -> Checkpoint:
+    shard = _open_shard(path)
+    tensors = {name: TensorRef.of(path, shard.header, info) for name, info in shard.header.tensors.items()}
+    return Checkpoint(path.parent, (shard,), tensors, dict.fromkeys(tensors, path.name), None, is_folder)
+
+
+def _indexed(index_path: Path) -> Checkpoint:
+    root = index_path.parent
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index_path} has no weight_map; re-save the checkpoint or remove the broken index."
+        )
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or "/" in file or file.startswith("."):
+            raise CheckpointError(
+                f"{index_path} maps tensor {name!r} to {file!r}, which is not a file name in "
+                "the same folder; fix the index."
+            )
+        files.setdefault(file, []).append(name)
+
+    shards: list[Shard] = []
+    tensors: dict[str, TensorRef] = {}
+    shard_of: dict[str, str] = {}
+    for file in sorted(files):
+        path = root / file
+        if not path.is_file():
+            raise CheckpointError(
+                f"{index_path} names shard {file}, which is missing; download the complete checkpoint."
+            )
+        shard = _open_shard(path)
+        shards.append(shard)
+        for name, info in shard.header.tensors.items():
+            if name in shard_of:
+                raise CheckpointError(
+                    f"tensor {name!r} is stored in both {shard_of[name]} and {file} in {root}; "
+                    "remove the stale shard or re-save the checkpoint."
+                )
+            if weight_map.get(name) != file:
+                where = f"maps it to {weight_map[name]}" if name in weight_map else "does not list it"
+                raise CheckpointError(
+                    f"tensor {name!r} is stored in {file} but {index_path.name} {where}; "
+                    "the index and shards disagree, re-save the checkpoint."
+                )
+            tensors[name] = TensorRef.of(path, shard.header, info)
+            shard_of[name] = file
+        missing = sorted(set(files[file]) - set(shard.header.tensors))
+        if missing:
+            raise CheckpointError(
+                f"{index_path.name} maps tensor {missing[0]!r} to {file}, which does not contain "
+                f"it ({len(missing)} such tensors); the index and shards disagree, re-save the "
+                "checkpoint."
+            )
+    return Checkpoint(root, tuple(shards), tensors, shard_of, index_path.name)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a model folder or a lone `.safetensors` file, reading and validating headers only."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; check the path.")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path} is not a .safetensors file; pass a model folder or a .safetensors file."
+            )
+        return _single(path, is_folder=False)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{path} cannot be read (permission denied); check its permissions.")
+
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if (path / "model.safetensors.index.json").is_file():
+        return _indexed(path / "model.safetensors.index.json")
+    if len(indexes) == 1:
+        return _indexed(indexes[0])
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise CheckpointError(f"{path} holds several indexes ({names}); pass one checkpoint at a time.")
+    if (path / "model.safetensors").is_file():
+        return _single(path / "model.safetensors", is_folder=True)
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if len(files) == 1:
+        return _single(files[0], is_folder=True)
+    if len(files) > 1:
+        raise CheckpointError(
+            f"{path} holds {len(files)} .safetensors files but no index to say how they fit "
+            "together; pass one file, or restore model.safetensors.index.json."
+        )
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{path} is a PEFT adapter, not a model; pass the base model first and the adapter after it."
+        )
+    others = sorted(p.name for p in path.iterdir() if p.suffix in OTHER_WEIGHT_SUFFIXES)
+    if others:
+        raise CheckpointError(
+            f"{path} has no safetensors weights, only {others[0]}; convert the model to "
+            "safetensors first (transformers: save_pretrained(..., safe_serialization=True))."
+        )
+    raise CheckpointError(f"{path} contains no model weights (*.safetensors); check the path.")

@@ -1,0 +1,175 @@
+"""Strict parsing of safetensors headers.
+
+Checkpoints come from strangers, and bonemerge copies byte ranges straight from their files,
+so a header is trusted only after every rule of the format holds: the reference reader's
+rules, plus two it lets through (duplicate names, a header that is not a JSON object). The
+parser never reads or allocates more than the file actually holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonemerge.checkpoint import dtypes
+from bonemerge.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000
+_LENGTH = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie, relative to the start of the file's data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: tensors in data order, metadata, and where the data starts."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Invalid(f"the name {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> None:
+    raise _Invalid(f"it contains the non-JSON constant {name}")
+
+
+class _Invalid(Exception):
+    """Internal: a rule broken, turned into one CheckpointError naming the file."""
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(name: str, raw: object) -> TensorInfo:
+    if not isinstance(raw, dict):
+        raise _Invalid(f"the entry for tensor {name!r} is not an object")
+    extra = set(raw) - {"dtype", "shape", "data_offsets"}
+    if extra:
+        raise _Invalid(f"tensor {name!r} has unknown fields {sorted(extra)}")
+    dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if dtype not in dtypes.BITS:
+        raise _Invalid(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise _Invalid(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _Invalid(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    expected = dtypes.nbytes(dtype, info.numel)
+    if expected is None:
+        raise _Invalid(f"tensor {name!r} of {dtype} does not fill whole bytes")
+    if expected != info.nbytes:
+        raise _Invalid(
+            f"tensor {name!r} ({dtype} {list(shape)}) needs {expected} bytes "
+            f"but its data_offsets span {info.nbytes}"
+        )
+    return info
+
+
+def parse_header(raw: bytes, file_size: int) -> Header:
+    """Validate the JSON header `raw` of a file of `file_size` bytes; raise `_Invalid`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid("its header is not valid UTF-8") from exc
+    if not text.startswith("{"):
+        raise _Invalid("its header does not start with '{'")
+    try:
+        parsed = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except _Invalid:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise _Invalid(f"its header is not valid JSON ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise _Invalid("its header is not a JSON object")
+
+    metadata = parsed.pop("__metadata__", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _Invalid("its __metadata__ is not a map of strings to strings")
+
+    entries = [_entry(name, value) for name, value in parsed.items()]
+    data_start = _LENGTH.size + len(raw)
+    data_size = file_size - data_start
+    position = 0
+    for info in sorted(entries, key=lambda t: (t.begin, t.end)):
+        if info.begin != position:
+            gap = "overlaps the previous tensor" if info.begin < position else "leaves a hole"
+            raise _Invalid(f"tensor {info.name!r} {gap} (starts at {info.begin}, not {position})")
+        position = info.end
+    if position != data_size:
+        if position > data_size:
+            raise _Invalid(
+                f"its tensors need {position} bytes of data but only {data_size} follow the "
+                "header (the file is truncated)"
+            )
+        raise _Invalid(f"{data_size - position} bytes follow the last tensor")
+    ordered = sorted(entries, key=lambda t: (t.begin, t.end))
+    return Header({t.name: t for t in ordered}, metadata, data_start, file_size)
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of the safetensors file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(_LENGTH.size)
+            if len(prefix) < _LENGTH.size:
+                raise _Invalid(f"it is {file_size} bytes long, too short for a header")
+            (length,) = _LENGTH.unpack(prefix)
+            if length > MAX_HEADER_BYTES:
+                raise _Invalid(f"its header length {length} exceeds the limit of 100,000,000")
+            if length > file_size - _LENGTH.size:
+                raise _Invalid(
+                    f"its header length {length} runs past the end of the file "
+                    f"({file_size} bytes; truncated or not safetensors)"
+                )
+            raw = f.read(length)
+            if len(raw) != length:
+                raise _Invalid("the file shrank while its header was read")
+            return parse_header(raw, file_size)
+    except _Invalid as exc:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file: {exc}; re-download or re-save it."
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None

@@ -1,0 +1,62 @@
+"""Positional reads of tensor byte ranges into buffers the caller owns.
+
+`pread` into reused buffers keeps memory flat: no mmap whose pages linger in RSS, no fresh
+`bytes` object per read. One descriptor per file stays open for the run; positional reads
+need no seeking, so a read-ahead thread and the writer can share descriptors safely.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bonemerge.errors import CheckpointError
+
+
+class RangeReader:
+    """Opens each input file once and reads exact byte ranges from it."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(f"cannot open {path}: {exc.strerror or exc}.") from None
+            self._fds[path] = fd
+        return fd
+
+    def readinto(self, path: Path, offset: int, view: memoryview) -> None:
+        """Fill `view` with the bytes at `offset`; a short file is an error, never zeros."""
+        fd = self.fd(path)
+        done, size = 0, len(view)
+        while done < size:
+            try:
+                got = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
+            if got == 0:
+                raise CheckpointError(
+                    f"{path} ended at byte {offset + done}, before the data its header promises; "
+                    "the file was truncated or replaced while bonemerge ran."
+                )
+            done += got
+
+    def read(self, path: Path, offset: int, size: int) -> bytearray:
+        buf = bytearray(size)
+        self.readinto(path, offset, memoryview(buf))
+        return buf
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

