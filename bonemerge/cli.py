@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from bonemerge import __version__
+from bonemerge.checkpoint.layout import parse_size
 from bonemerge.errors import BonemergeError
 
 
@@ -34,6 +35,20 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return run
+
+
+class _Size(click.ParamType):
+    """A size such as 5GB or 500MiB, checked while the command line is parsed (exit 2)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except BonemergeError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _command_line() -> str:
@@ -57,7 +72,9 @@ def main() -> None:
     show_default=True,
     help="Dtype of every float tensor in the output; auto keeps each tensor's own.",
 )
-@click.option("--max-shard-size", help="Re-shard the output into files of at most this size (e.g. 5GB).")
+@click.option(
+    "--max-shard-size", type=_Size(), help="Re-shard the output into files of at most this size (e.g. 5GB)."
+)
 @click.option(
     "--safe-merge/--no-safe-merge",
     default=True,
@@ -86,7 +103,7 @@ def merge(
     adapters: tuple[str, ...],
     output: str,
     dtype: str,
-    max_shard_size: str | None,
+    max_shard_size: int | None,
     safe_merge: bool,
     device: str,
     precision: str,

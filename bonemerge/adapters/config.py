@@ -76,9 +76,9 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
 
     peft_type = raw.get("peft_type")
     if peft_type not in METHODS:
-        kind = f"a {peft_type} adapter" if isinstance(peft_type, str) else "not a PEFT adapter config"
+        kind = f"is a {peft_type} adapter" if isinstance(peft_type, str) else "is not a PEFT adapter config"
         raise AdapterError(
-            f"{path} describes {kind}; bonemerge works with Bone and MiSS adapters only "
+            f"{path} {kind}; bonemerge works with Bone and MiSS adapters only "
             "(use PEFT's merge_and_unload for other methods)."
         )
     r = raw.get("r", 64)

@@ -204,7 +204,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{path} holds several indexes ({names}); pass one checkpoint at a time.")
     if (path / "model.safetensors").is_file():
         return _single(path / "model.safetensors", is_folder=True)
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    files = sorted(
+        p for p in path.glob("*.safetensors") if p.is_file() and p.name != "adapter_model.safetensors"
+    )
     if len(files) == 1:
         return _single(files[0], is_folder=True)
     if len(files) > 1:

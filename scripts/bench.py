@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Benchmark `bonemerge merge` against `cp -r && sync` and PEFT's own merge route.
+
+    python scripts/bench.py --size 1b                # 1.1B (TinyLlama shapes), 3 rounds
+    python scripts/bench.py --size 135m --size 1b --size 7b --repeat 3 --cache /big/disk
+
+Checkpoints are Llama-shaped bf16 with random weights, real tensor names, shapes and 1 GB
+shards; adapters are made with PEFT (on a meta-device model, so no weights are built) for
+Bone r=64, Bat r=64 and MiSS mini on all seven projections. Everything is generated once into
+`--cache`. Each round runs every contender once, in turn (A/B alternation), after reading the
+base once to warm the page cache; the table reports medians. Wall time and peak RSS are whole
+process figures (interpreter start and imports included), from `wait4` on each child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SIZES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied)
+    "135m": (576, 1536, 30, 9, 3, 49152, True),  # SmolLM2-135M
+    "1b": (2048, 5632, 22, 32, 4, 32000, False),  # TinyLlama-1.1B
+    "7b": (4096, 11008, 32, 32, 32, 32000, False),  # Llama-2-7B
+}
+ADAPTERS = {
+    "bone": {"peft_type": "BONE", "r": 64, "init_weights": True},
+    "bat": {"peft_type": "BONE", "r": 64, "init_weights": "bat"},
+    "mini": {"peft_type": "MISS", "r": 64, "init_weights": "mini", "mini_r": 64},
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHARD_BYTES = 10**9
+OUT = "<output folder>"
+
+
+def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in the order transformers writes a LlamaForCausalLM."""
+    hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
+    head = hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv * head, hidden)),
+            (p + "self_attn.v_proj.weight", (kv * head, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes.append(("model.norm.weight", (hidden,)))
+    if not tied:
+        shapes.append(("lm_head.weight", (vocab, hidden)))
+    return shapes
+
+
+def config(size: str) -> dict:
+    hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def make_base(cache: Path, size: str) -> Path:
+    """Random bf16 weights in 1 GB shards with an index, written once."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = cache / f"base-{size}"
+    if (folder / "done").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for name, shape in tensor_shapes(size):
+        nbytes = 2 * int(torch.tensor(shape).prod()) if shape else 2
+        if groups[-1] and filled + nbytes > SHARD_BYTES:
+            groups.append([])
+            filled = 0
+        groups[-1].append((name, shape))
+        filled += nbytes
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        shard = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in group}
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+        total += sum(t.numel() * 2 for t in shard.values())
+        del shard
+        print(f"  wrote {folder / file}", file=sys.stderr)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (folder / "done").write_text("")
+    return folder
+
+
+def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
+    """An adapter with PEFT's names and config, built on a meta-device model (no weights)."""
+    import torch
+    from peft import BoneConfig, MissConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = cache / f"adapter-{size}-{kind}"
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    settings = dict(ADAPTERS[kind])
+    method = settings.pop("peft_type")
+    cls = BoneConfig if method == "BONE" else MissConfig
+    with torch.device("meta"):
+        model = LlamaForCausalLM(
+            LlamaConfig(**{k: v for k, v in config(size).items() if k != "architectures"})
+        )
+    peft_config = cls(target_modules=TARGETS, base_model_name_or_path=str(base), **settings)
+    model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
+    generator = torch.Generator().manual_seed(1)
+    state = {
+        key: torch.randn(value.shape, generator=generator) * 0.01
+        for key, value in get_peft_model_state_dict(model).items()
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Sample:
+    seconds: float
+    peak_rss: int
+
+
+def run(command: list[str], env: dict[str, str] | None = None) -> Sample:
+    """Wall time and peak RSS (bytes, descendants included) of one child process."""
+    began = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - began
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
+    return Sample(seconds, usage.ru_maxrss * 1024)
+
+
+PEFT_ROUTE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def warm(folder: Path) -> None:
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def machine(cache: Path) -> str:
+    memory = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    disk = (
+        subprocess.run(["df", "-hT", str(cache)], capture_output=True, text=True)
+        .stdout.splitlines()[-1]
+        .split()
+    )
+    return (
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"{memory / 2**30:.0f} GiB RAM, "
+        f"disk {disk[0]} ({disk[1]}, {disk[2]}), Python {platform.python_version()}, "
+        f"{datetime.date.today().isoformat()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--size", action="append", choices=sorted(SIZES), help="model size (repeatable; default 1b)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path("bench-cache"), help="where checkpoints are generated"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of A/B alternation")
+    parser.add_argument("--variants", default="bone,bat,mini", help="comma-separated: bone, bat, mini")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's own route")
+    parser.add_argument("--extra", default="", help="extra options passed to every bonemerge merge")
+    parser.add_argument("--prepare", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.prepare:
+        # Generation runs in its own process: a child forked from a large parent inherits
+        # the parent's resident size as its starting peak, which would inflate every figure.
+        base = make_base(args.cache.resolve(), args.prepare)
+        for kind in [v for v in args.variants.split(",") if v]:
+            make_adapter(args.cache.resolve(), args.prepare, kind, base)
+        return
+    sizes = args.size or ["1b"]
+    variants = [v for v in args.variants.split(",") if v]
+    cache = args.cache.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    bonemerge = shutil.which("bonemerge") or str(Path(sys.executable).with_name("bonemerge"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    rows = []
+    for size in sizes:
+        print(f"preparing {size} ...", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, __file__, "--prepare", size, "--cache", str(cache), "--variants", args.variants],
+            check=True,
+        )
+        base = cache / f"base-{size}"
+        adapters = {kind: cache / f"adapter-{size}-{kind}" for kind in variants}
+        total = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        contenders = {"cp -r && sync": ["bash", "-c", f"cp -r '{base}' \"$1\" && sync", "cp", OUT]}
+        for kind in variants:
+            merge = [bonemerge, "merge", str(base), str(adapters[kind]), "-o", OUT, "-q", *args.extra.split()]
+            contenders[f"bonemerge {kind}"] = merge
+        if not args.no_peft and 2.2 * total < 0.8 * memory:
+            for kind in [k for k in ("bone", "bat") if k in variants]:
+                route = [sys.executable, "-c", PEFT_ROUTE, str(base), str(adapters[kind]), OUT]
+                contenders[f"PEFT {kind}"] = route
+        samples: dict[str, list[Sample]] = {name: [] for name in contenders}
+        for round_number in range(args.repeat):
+            for name, command in contenders.items():
+                out = cache / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                subprocess.run(["sync"])
+                warm(base)
+                samples[name].append(run([str(out) if part is OUT else part for part in command]))
+                print(
+                    f"  {size} round {round_number + 1} {name}: {samples[name][-1].seconds:.2f} s",
+                    file=sys.stderr,
+                )
+                shutil.rmtree(out, ignore_errors=True)
+        floor = statistics.median(s.seconds for s in samples["cp -r && sync"])
+        for name, found in samples.items():
+            seconds = statistics.median(s.seconds for s in found)
+            rss = max(s.peak_rss for s in found)
+            rows.append((size, total, name, seconds, rss, total / seconds / 1e9, seconds / floor))
+
+    print(f"\nMachine: {machine(cache)}\n")
+    print("| model | checkpoint | command | wall (median) | peak RSS (max) | throughput | vs cp |")
+    print("|---|---|---|---|---|---|---|")
+    for size, total, name, seconds, rss, rate, ratio in rows:
+        print(
+            f"| {size} | {total / 1e9:.2f} GB | {name} | {seconds:.2f} s | {rss / 2**20:.0f} MiB | "
+            f"{rate:.2f} GB/s | {ratio:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
