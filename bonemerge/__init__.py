@@ -1,6 +1,7 @@
 """bonemerge: streaming checkpoint surgery for PEFT Bone, Bat and MiSS adapters.
 
-`from bonemerge import merge` gives the same operations as the command line. Heavy modules
+`from bonemerge import merge, unmerge, unload, strip, inspect, verify` gives the same
+operations as the command line. Heavy modules
 (torch above all) load on first use, so importing the package and `bonemerge --help` stay fast.
 """
 
@@ -13,18 +14,23 @@ from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, Merg
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from bonemerge.api import MergeReport, merge
+    from bonemerge.api import Report, inspect, merge, strip, unload, unmerge, verify
 
-_LAZY = {"merge": "bonemerge.api", "MergeReport": "bonemerge.api"}
+_LAZY = dict.fromkeys(["merge", "unmerge", "unload", "strip", "inspect", "verify", "Report"], "bonemerge.api")
 
 __all__ = [
     "AdapterError",
     "BonemergeError",
     "CheckpointError",
     "MergeError",
-    "MergeReport",
     "OutputError",
+    "Report",
+    "inspect",
     "merge",
+    "strip",
+    "unload",
+    "unmerge",
+    "verify",
 ]
 
 

@@ -7,6 +7,7 @@ that becomes the output in one rename when everything has been written and fsync
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -14,24 +15,28 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bonemerge import __version__
 from bonemerge.adapters import Adapter, load_adapter
+from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, MemoryTensor, RangeReader, dtypes, layout, open_checkpoint
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.output import Staging, check_free_space, check_output
 
 PRECISIONS = ("auto", "fp32", "fp64")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+MANIFEST = "bonemerge.json"
 
 PathLike = str | os.PathLike[str]
 
 
 @dataclass
-class MergeReport:
-    """What a merge did; `bonemerge merge --json` prints exactly this."""
+class Report:
+    """What a command wrote; `--json` prints exactly this. `tensors_merged` counts the tensors
+    whose blocks were merged (or, for unmerge, taken out)."""
 
+    operation: str
     output: str
-    base: str
-    adapters: list[str]
+    inputs: list[str]
     tensors_merged: int
     tensors_copied: int
     tensors_converted: int
@@ -44,13 +49,25 @@ class MergeReport:
         return asdict(self)
 
 
-def parse_dtype(dtype: str) -> str | None:
-    """`auto` -> None (keep each tensor's dtype); `bfloat16` -> `BF16`."""
-    if dtype == "auto":
+def parse_dtype(dtype: str | None) -> str | None:
+    """`auto` (or None) -> None, keeping each tensor's dtype; `bfloat16` -> `BF16`."""
+    if dtype in (None, "auto"):
         return None
     if dtype not in DTYPES:
         raise BonemergeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     return dtypes.BY_TORCH_NAME[dtype]
+
+
+def _options(device: str, precision: str, safe_merge: bool, progress: bool):
+    from bonemerge.engine import EngineOptions
+
+    if precision not in PRECISIONS:
+        raise BonemergeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    return EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
+
+
+def _shard_bytes(max_shard_size: str | int | None) -> int | None:
+    return layout.parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
 
 
 def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
@@ -75,81 +92,79 @@ def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
                     )
 
 
-def _inputs(checkpoint: Checkpoint, adapters: Sequence[Adapter]) -> list[Path]:
-    base = checkpoint.root if checkpoint.is_folder else checkpoint.shards[0].path
-    return [base, *(a.root for a in adapters)]
+def _input_path(checkpoint: Checkpoint) -> Path:
+    return checkpoint.root if checkpoint.is_folder else checkpoint.shards[0].path
 
 
-def merge(
-    base: PathLike,
-    adapters: Sequence[PathLike],
-    output: PathLike,
-    *,
-    dtype: str = "auto",
-    max_shard_size: str | int | None = None,
-    safe_merge: bool = True,
-    device: str = "cpu",
-    precision: str = "auto",
-    overwrite: bool = False,
-    progress: bool = False,
-    command: str | None = None,
-) -> MergeReport:
-    """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`."""
-    from bonemerge import companions, modelcard
-    from bonemerge.engine import EngineOptions, run_plan
-    from bonemerge.plan import build_merge_plan
-
-    began = time.perf_counter()
+def _open_model(path: PathLike, adapters: Sequence[PathLike], adapter_name: str | None):
+    """The model and adapters of a command: plain base plus adapter folders, or one full
+    PEFT checkpoint standing for both."""
+    checkpoint = open_checkpoint(path)
+    training = is_training_checkpoint(checkpoint)
+    if training and adapters:
+        raise BonemergeError(
+            f"{path} is a full PEFT checkpoint that carries its own adapter; pass it alone "
+            "(bonemerge merge CHECKPOINT --output OUT)."
+        )
+    if training:
+        found = read_training_checkpoint(checkpoint)
+        return checkpoint, found.base, [found.adapter(adapter_name)]
     if not adapters:
-        raise BonemergeError("no adapter was given; pass at least one adapter folder after the base.")
-    if precision not in PRECISIONS:
-        raise BonemergeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
-    out_dtype = parse_dtype(dtype)
-    shard_bytes = layout.parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+        raise BonemergeError(f"no adapter was given for {path}; pass at least one adapter folder after it.")
+    return checkpoint, checkpoint, [load_adapter(a) for a in adapters]
 
-    checkpoint = open_checkpoint(base)
-    loaded = [load_adapter(a) for a in adapters]
-    target = check_output(output, _inputs(checkpoint, loaded), overwrite)
-    plan = build_merge_plan(checkpoint, loaded, dtype=out_dtype, max_shard_bytes=shard_bytes)
-    check_blocks_finite(loaded)
-    check_free_space(target.parent if target.parent.exists() else Path.cwd(), plan.total_bytes)
-    options = EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
 
+def _card_adapters(adapters: Sequence[Adapter]):
+    from bonemerge.modelcard import AppliedAdapter
+
+    return [AppliedAdapter(a.label, a.config.describe(), a.config.tag) for a in adapters]
+
+
+def _write_model(
+    operation: str,
+    plan,
+    *,
+    source: Checkpoint,
+    adapters: Sequence[Adapter],
+    target: Path,
+    overwrite: bool,
+    options,
+    card: str,
+    command: str | None,
+    began: float,
+    tokenizer_from_adapters: bool,
+) -> Report:
+    """Stream `plan` into a staging folder with index, companions, card and manifest; publish."""
+    from bonemerge import companions
+    from bonemerge.engine import write_plan
+
+    check_free_space(target, plan.file_bytes)
     with Staging(target) as staging:
-        stats, _ = run_plan(plan, staging.path, options)
+        stats = write_plan(plan, staging.path, options)
         files = [s.filename for s in plan.shards]
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
             files.append(plan.index_name)
-        files += companions.write_companions(
-            checkpoint, [a.root for a in loaded], plan.config_updates, staging.path
-        )
-        applied = [
-            modelcard.AppliedAdapter(
-                a.label,
-                a.config.describe(),
-                "bat" if a.config.variant == "bat" and a.config.method == "BONE" else a.config.method.lower(),
-            )
-            for a in loaded
-        ]
-        main_dtype = dtypes.TORCH_NAME.get(out_dtype or plan.main_dtype, "mixed")
-        card = modelcard.merged_card(
-            base=checkpoint.root.name if checkpoint.is_folder else checkpoint.shards[0].name,
-            base_hub_id=modelcard.hub_id(loaded[0].config.base_model),
-            adapters=applied,
-            dtype=main_dtype,
-            command=command,
-            notes=plan.notes,
-        )
+        roots = [a.root for a in adapters] if tokenizer_from_adapters else []
+        files += companions.write_companions(source, roots, plan.config_updates, staging.path)
         (staging.path / "README.md").write_text(card, encoding="utf-8")
-        files.append("README.md")
+        manifest = {
+            "bonemerge": __version__,
+            "operation": operation,
+            "inputs": [str(_input_path(source)), *(str(a.root) for a in adapters)],
+            "adapters": [a.label for a in adapters],
+            "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
+            "command": command,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        files += ["README.md", MANIFEST]
         staging.publish(overwrite)
-
-    return MergeReport(
+    return Report(
+        operation=operation,
         output=str(target),
-        base=str(Path(base)),
-        adapters=[str(a.root) for a in loaded],
+        inputs=manifest["inputs"],
         tensors_merged=stats.merged,
         tensors_copied=stats.copied,
         tensors_converted=stats.converted,
@@ -158,3 +173,290 @@ def merge(
         files=sorted(files),
         notes=list(plan.notes),
     )
+
+
+def merge(
+    base: PathLike,
+    adapters: Sequence[PathLike] = (),
+    output: PathLike = "",
+    *,
+    adapter_name: str | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int | None = None,
+    safe_merge: bool = True,
+    device: str = "cpu",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+) -> Report:
+    """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
+
+    With no adapters, `base` must be a full PEFT checkpoint: its own blocks merge into its own
+    base weights (`adapter_name` picks one adapter when it holds several).
+    """
+    from bonemerge.modelcard import hub_id, render_card
+    from bonemerge.plan import build_plan
+
+    began = time.perf_counter()
+    options = _options(device, precision, safe_merge, progress)
+    given, model, loaded = _open_model(base, adapters, adapter_name)
+    target = check_output(output, [_input_path(given), *(a.root for a in loaded)], overwrite)
+    plan = build_plan(model, loaded, dtype=parse_dtype(dtype), max_shard_bytes=_shard_bytes(max_shard_size))
+    check_blocks_finite(loaded)
+    name = _input_path(given).name
+    card = render_card(
+        heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} merged",
+        summary=f"This model is `{name}` with these adapters merged into its weights, in this order:",
+        adapters=_card_adapters(loaded),
+        closing=f"Weights are stored as {dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype)}. "
+        "It loads like any `transformers` model; PEFT is not needed.",
+        command=command,
+        notes=plan.notes,
+        base_hub_id=hub_id(loaded[0].config.base_model),
+        tags=["merge"],
+    )
+    return _write_model(
+        "merge",
+        plan,
+        source=model,
+        adapters=loaded,
+        target=target,
+        overwrite=overwrite,
+        options=options,
+        card=card,
+        command=command,
+        began=began,
+        tokenizer_from_adapters=True,
+    )
+
+
+def unmerge(
+    merged: PathLike,
+    adapters: Sequence[PathLike],
+    output: PathLike,
+    *,
+    allow_lossy: bool = False,
+    dtype: str = "auto",
+    max_shard_size: str | int | None = None,
+    safe_merge: bool = True,
+    device: str = "cpu",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+) -> Report:
+    """Take `adapters` (given in the order they were merged) back out of the model at `merged`."""
+    from bonemerge.modelcard import render_card
+    from bonemerge.plan import build_plan
+
+    began = time.perf_counter()
+    options = _options(device, precision, safe_merge, progress)
+    checkpoint = open_checkpoint(merged)
+    if not adapters:
+        raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
+    loaded = [load_adapter(a) for a in adapters]
+    target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
+    plan = build_plan(
+        checkpoint,
+        loaded,
+        operation="unmerge",
+        dtype=parse_dtype(dtype),
+        max_shard_bytes=_shard_bytes(max_shard_size),
+        allow_lossy=allow_lossy,
+    )
+    check_blocks_finite(loaded)
+    name = _input_path(checkpoint).name
+    card = render_card(
+        heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} taken out",
+        summary=f"This model is `{name}` with these adapters unmerged from its weights, last first:",
+        adapters=_card_adapters(list(reversed(loaded))),
+        closing="Unmerging inverts the merge maths exactly; on 16-bit weights the result can differ "
+        "from the original base by the rounding the merged model went through.",
+        command=command,
+        notes=plan.notes,
+        tags=["unmerge"],
+    )
+    return _write_model(
+        "unmerge",
+        plan,
+        source=checkpoint,
+        adapters=loaded,
+        target=target,
+        overwrite=overwrite,
+        options=options,
+        card=card,
+        command=command,
+        began=began,
+        tokenizer_from_adapters=False,
+    )
+
+
+def _training(path: PathLike) -> tuple[Checkpoint, TrainingCheckpoint]:
+    checkpoint = open_checkpoint(path)
+    if not is_training_checkpoint(checkpoint):
+        raise BonemergeError(
+            f"{path} is not a full PEFT checkpoint (no base_layer or Bone/MiSS block tensors); "
+            "unload works on checkpoints saved from a PeftModel's state_dict."
+        )
+    return checkpoint, read_training_checkpoint(checkpoint)
+
+
+def unload(
+    checkpoint: PathLike,
+    output: PathLike,
+    *,
+    adapter_name: str | None = None,
+    original_modules: bool = False,
+    dtype: str = "auto",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+) -> Report:
+    """The plain base model inside a full PEFT checkpoint, without merging its blocks.
+
+    Like PEFT's `unload()`, trained modules_to_save copies replace the originals, unless
+    `original_modules` keeps the originals instead.
+    """
+    from bonemerge.modelcard import render_card
+    from bonemerge.plan import build_plan
+
+    began = time.perf_counter()
+    options = _options("cpu", "auto", True, progress)
+    given, training = _training(checkpoint)
+    adapters = [] if original_modules else [training.adapter(adapter_name)]
+    target = check_output(output, [_input_path(given)], overwrite)
+    plan = build_plan(
+        training.base,
+        adapters,
+        operation="unload",
+        dtype=parse_dtype(dtype),
+        max_shard_bytes=_shard_bytes(max_shard_size),
+    )
+    kept = (
+        "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
+    )
+    card = render_card(
+        heading=f"Base model of {_input_path(given).name}",
+        summary=f"This model is the base inside the PEFT training checkpoint `{_input_path(given).name}`, "
+        f"with its Bone/MiSS blocks left out (not merged) and {kept}.",
+        adapters=[],
+        closing="It loads like any `transformers` model.",
+        command=command,
+        notes=plan.notes,
+        tags=["unload"],
+    )
+    return _write_model(
+        "unload",
+        plan,
+        source=training.base,
+        adapters=[],
+        target=target,
+        overwrite=overwrite,
+        options=options,
+        card=card,
+        command=command,
+        began=began,
+        tokenizer_from_adapters=False,
+    )
+
+
+def strip(
+    source: PathLike,
+    output: PathLike,
+    *,
+    adapter_name: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    layers: str | None = None,
+    dtype: str = "auto",
+    drop_modules_to_save: bool = False,
+    to: str | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> Report:
+    """Write a reduced adapter (adapter_config.json + adapter_model.safetensors) that PEFT loads."""
+    from bonemerge.engine import write_plan
+    from bonemerge.modelcard import hub_id, render_card
+    from bonemerge.strip import StripOptions, build_strip_plan, parse_layers
+
+    began = time.perf_counter()
+    path = Path(source)
+    if (path / "adapter_config.json").is_file() and not list(path.glob("model*.safetensors")):
+        adapter = load_adapter(path)
+    else:
+        _, training = _training(path)
+        adapter = training.adapter(adapter_name)
+    target = check_output(output, [path], overwrite)
+    strip_options = StripOptions(
+        include=include,
+        exclude=exclude,
+        layers=parse_layers(layers) if layers else None,
+        dtype=parse_dtype(dtype),
+        drop_modules_to_save=drop_modules_to_save,
+        to=to,
+    )
+    plan, config = build_strip_plan(adapter, strip_options)
+    check_free_space(target, plan.file_bytes)
+    kept = sum(1 for name in plan.steps if name.endswith("_block"))
+    with Staging(target) as staging:
+        stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
+        (staging.path / "adapter_config.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
+        card = render_card(
+            heading=f"Reduced adapter from {path.name}",
+            summary=f"A {config['peft_type']} adapter with {kept} of the {len(adapter.blocks)} "
+            f"blocks of `{path.name}`.",
+            adapters=[],
+            closing="Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
+            command=command,
+            base_hub_id=hub_id(adapter.config.base_model),
+            library="peft",
+            tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]]],
+        )
+        (staging.path / "README.md").write_text(card, encoding="utf-8")
+        staging.publish(overwrite)
+    return Report(
+        operation="strip",
+        output=str(target),
+        inputs=[str(path)],
+        tensors_merged=0,
+        tensors_copied=stats.copied,
+        tensors_converted=stats.converted,
+        bytes_written=stats.bytes_written,
+        seconds=round(time.perf_counter() - began, 3),
+        files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
+        notes=[f"kept {kept} of {len(adapter.blocks)} blocks"],
+    )
+
+
+def inspect(path: PathLike, base: PathLike | None = None) -> dict:
+    """What `path` is and holds, from headers only; with `base`, how its adapter fits that base."""
+    from bonemerge.describe import inspect_path
+
+    return inspect_path(path, base)
+
+
+def verify(
+    merged: PathLike,
+    base: PathLike,
+    adapters: Sequence[PathLike] = (),
+    *,
+    adapter_name: str | None = None,
+    device: str = "cpu",
+    precision: str = "auto",
+):
+    """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor."""
+    from bonemerge.plan import build_plan
+    from bonemerge.verify import verify_plan
+
+    began = time.perf_counter()
+    options = _options(device, precision, safe_merge=False, progress=False)
+    merged_checkpoint = open_checkpoint(merged)
+    _, model, loaded = _open_model(base, adapters, adapter_name)
+    plan = build_plan(model, loaded)
+    report = verify_plan(plan, merged_checkpoint, options)
+    report.seconds = round(time.perf_counter() - began, 3)
+    return report

@@ -37,25 +37,105 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-class _Size(click.ParamType):
-    """A size such as 5GB or 500MiB, checked while the command line is parsed (exit 2)."""
+class _Checked(click.ParamType):
+    """A value checked by one of bonemerge's parsers while the command line is read (exit 2)."""
 
-    name = "size"
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
             return value
         try:
-            return parse_size(value)
+            self._parse(value)
         except BonemergeError as exc:
             self.fail(str(exc), param, ctx)
+        return value
+
+
+def _layers(text: str) -> Any:
+    from bonemerge.strip import parse_layers
+
+    return parse_layers(text)
 
 
 def _command_line() -> str:
     return shlex.join(["bonemerge", *sys.argv[1:]])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def apply(function: Any) -> Any:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+_output = click.option("-o", "--output", required=True, type=click.Path(), help="Folder to create.")
+_overwrite = click.option(
+    "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, only on success)."
+)
+_quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+_as_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+_adapter_name = click.option(
+    "--adapter-name", help="Which adapter of a full PEFT checkpoint to use, when it holds several."
+)
+_dtype = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="Dtype of every float tensor in the output; auto keeps each tensor's own.",
+)
+_shard = click.option(
+    "--max-shard-size",
+    type=_Checked("size", parse_size),
+    help="Re-shard the output into files of at most this size (e.g. 5GB).",
+)
+_compute = _options(
+    click.option(
+        "--safe-merge/--no-safe-merge",
+        default=True,
+        show_default=True,
+        help="Check every computed tensor for NaN/Inf before writing it.",
+    ),
+    click.option(
+        "--device",
+        default="cpu",
+        show_default=True,
+        help="Where the maths runs (cpu, cuda, cuda:1); I/O stays on the CPU.",
+    ),
+    click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "fp64"]),
+        default="auto",
+        show_default=True,
+        help="Compute dtype; auto uses fp32 for 16-bit outputs and fp64 for fp32 outputs.",
+    ),
+)
+
+
+def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(
+            f"{report.operation}: {report.tensors_merged} tensors with blocks, "
+            f"{report.tensors_copied} copied, {report.tensors_converted} converted; "
+            f"{report.bytes_written / 1e9:.2f} GB in "
+            f"{report.seconds:.1f} s -> {report.output}"
+        )
+        for note in report.notes:
+            click.echo(f"note: {note}")
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="bonemerge")
 def main() -> None:
     """Checkpoint surgery for PEFT Bone, Bat and MiSS adapters, streamed shard by shard."""
@@ -63,85 +143,178 @@ def main() -> None:
 
 @main.command()
 @click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, type=click.Path())
+@_options(_output, _adapter_name, _dtype, _shard, _compute, _overwrite, _quiet, _as_json)
+@_reported
+def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
+    """Merge ADAPTERS, in the order given, into the model at BASE.
+
+    With BASE alone, BASE must be a full PEFT checkpoint (a PeftModel state dict), whose own
+    blocks merge into its own base weights.
+
+    \b
+    Examples:
+      bonemerge merge ./Llama-3.2-1B ./my-bone-adapter --output ./merged
+      bonemerge merge ./trainer/checkpoint-500 --output ./merged
+    """
+    from bonemerge.api import merge as run
+
+    report = run(base, adapters, progress=_progress(quiet), command=_command_line(), **options)
+    _print_report(report, quiet, as_json)
+
+
+@main.command()
+@click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Folder to write the merged model to.")
+@click.option(
+    "--allow-lossy",
+    is_flag=True,
+    help="Keep trained modules_to_save copies and biases, whose originals cannot be recovered.",
+)
+@_options(_output, _dtype, _shard, _compute, _overwrite, _quiet, _as_json)
+@_reported
+def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
+    """Take ADAPTERS back out of the merged model at MERGED.
+
+    List the adapters in the order they were merged; they are taken out last first. Bat blocks
+    are inverted per tile, which is refused when I + B is singular or ill-conditioned.
+
+    \b
+    Example:
+      bonemerge unmerge ./merged ./my-bone-adapter --output ./base-again
+    """
+    from bonemerge.api import unmerge as run
+
+    report = run(merged, adapters, progress=_progress(quiet), command=_command_line(), **options)
+    _print_report(report, quiet, as_json)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--original-modules",
+    is_flag=True,
+    help="Keep the original modules_to_save modules, not the trained copies.",
+)
+@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _quiet, _as_json)
+@_reported
+def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Write the plain base model inside a full PEFT CHECKPOINT, without merging its blocks.
+
+    \b
+    Example:
+      bonemerge unload ./trainer/checkpoint-500 --output ./base
+    """
+    from bonemerge.api import unload as run
+
+    report = run(checkpoint, progress=_progress(quiet), command=_command_line(), **options)
+    _print_report(report, quiet, as_json)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--include", metavar="REGEX", help="Keep only modules whose path matches REGEX.")
+@click.option("--exclude", metavar="REGEX", help="Drop modules whose path matches REGEX.")
+@click.option(
+    "--layers", type=_Checked("layers", _layers), help="Keep only these layer indices, e.g. 0-11,20."
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
     default="auto",
     show_default=True,
-    help="Dtype of every float tensor in the output; auto keeps each tensor's own.",
+    help="Dtype of the written blocks.",
 )
+@click.option("--drop-modules-to-save", is_flag=True, help="Leave out modules_to_save copies.")
 @click.option(
-    "--max-shard-size", type=_Size(), help="Re-shard the output into files of at most this size (e.g. 5GB)."
+    "--to", type=click.Choice(["miss", "bone"]), help="Convert Bone to MiSS or back (not MiSS mini)."
 )
-@click.option(
-    "--safe-merge/--no-safe-merge",
-    default=True,
-    show_default=True,
-    help="Check every merged tensor for NaN/Inf before writing it.",
-)
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="Where the maths runs (cpu, cuda, cuda:1); I/O stays on the CPU.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "fp64"]),
-    default="auto",
-    show_default=True,
-    help="Compute dtype; auto uses fp32 for 16-bit outputs and fp64 for fp32 outputs.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, only on success).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@_options(_output, _adapter_name, _overwrite, _quiet, _as_json)
 @_reported
-def merge(
-    base: str,
-    adapters: tuple[str, ...],
-    output: str,
-    dtype: str,
-    max_shard_size: int | None,
-    safe_merge: bool,
-    device: str,
-    precision: str,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-) -> None:
-    """Merge ADAPTERS, in the order given, into the model at BASE.
+def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Write a reduced adapter from SOURCE, an adapter folder or a full PEFT checkpoint.
 
     \b
-    Example:
-      bonemerge merge ./Llama-3.2-1B ./my-bone-adapter --output ./merged
+    Examples:
+      bonemerge strip ./adapter --layers 0-11 --output ./adapter-first-half
+      bonemerge strip ./bone-adapter --to miss --dtype bfloat16 --output ./miss-adapter
+      bonemerge strip ./trainer/checkpoint-500 --output ./adapter
     """
-    from bonemerge.api import merge as run_merge
+    from bonemerge.api import strip as run
 
-    report = run_merge(
-        base,
-        adapters,
-        output,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        safe_merge=safe_merge,
-        device=device,
-        precision=precision,
-        overwrite=overwrite,
-        progress=not quiet and sys.stderr.isatty(),
-        command=_command_line(),
-    )
+    report = run(source, command=_command_line(), **options)
+    _print_report(report, quiet, as_json)
+
+
+def _print_inspection(info: dict, indent: str = "") -> None:
+    for key, value in info.items():
+        if isinstance(value, dict) and value and key != "dtypes":
+            click.echo(f"{indent}{key}:")
+            _print_inspection(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            click.echo(f"{indent}{key}:")
+            for item in value:
+                click.echo(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items()))
+        elif value not in (None, [], {}):
+            click.echo(f"{indent}{key}: {value}")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--base", type=click.Path(), help="Check the adapter at PATH against this base model.")
+@_as_json
+@_reported
+def inspect(path: str, base: str | None, as_json: bool) -> None:
+    """Tell what PATH is and holds (headers only): model, adapter, or full PEFT checkpoint."""
+    from bonemerge.api import inspect as run
+
+    info = run(path, base)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _print_inspection(info)
+    if info.get("against_base", {}).get("ok") is False:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("merged", type=click.Path())
+@click.argument("adapters", nargs=-1, type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The model the adapters were merged into.")
+@_options(_adapter_name, _as_json)
+@click.option("--device", default="cpu", show_default=True, help="Where the maths runs.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp64"]), default="auto", show_default=True)
+@_reported
+def verify(merged: str, adapters: tuple[str, ...], base: str, as_json: bool, **options: Any) -> None:
+    """Recompute the merge of ADAPTERS into --base and compare it with MERGED, tensor by tensor.
+
+    Exits 0 only when untouched tensors are identical and merged ones agree within one unit in
+    the last place of their dtype.
+    """
+    from bonemerge.api import verify as run
+
+    report = run(merged, base, adapters, **options)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
-    elif not quiet:
+    else:
         click.echo(
-            f"merged {len(report.adapters)} adapter(s) into {report.tensors_merged} tensors, "
-            f"copied {report.tensors_copied}, converted {report.tensors_converted}: "
-            f"{report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s -> {report.output}"
+            f"{report.identical} identical, {report.within_rounding} within rounding, "
+            f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
+            f"{len(report.mismatched)} of another shape or dtype"
         )
-        for note in report.notes:
-            click.echo(f"note: {note}")
+        for diff in report.differing:
+            click.echo(
+                f"differs: {diff.name}: {diff.elements} elements, "
+                f"max abs {diff.max_abs:.3g}, {diff.max_ulp:g} ulp (allowed {diff.allowed_ulp:g})"
+            )
+        for name in report.missing:
+            click.echo(f"missing: {name}")
+        for name in report.extra:
+            click.echo(f"extra: {name}")
+        for line in report.mismatched:
+            click.echo(f"mismatch: {line}")
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command()

@@ -34,7 +34,7 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
-_SKIPPED = frozenset({"README.md", ".gitattributes", "adapter_config.json", "config.json"})
+_SKIPPED = frozenset({"README.md", ".gitattributes", "config.json", "trainer_state.json", "bonemerge.json"})
 _WEIGHT_SUFFIXES = (*OTHER_WEIGHT_SUFFIXES, ".safetensors", ".onnx_data", ".tflite", ".ot")
 
 
@@ -65,7 +65,7 @@ def base_companions(checkpoint: Checkpoint) -> list[Path]:
         top = len(relative.parts) == 1
         if top and (relative.name in _SKIPPED or relative.name.endswith(".safetensors.index.json")):
             continue
-        if relative.name.startswith("adapter_model."):
+        if relative.name.startswith("adapter_model.") or relative.name == "adapter_config.json":
             continue
         if relative.suffix in _WEIGHT_SUFFIXES and (top or relative.suffix != ".safetensors"):
             continue

@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ import torch
 
 from bonemerge import maths
 from bonemerge.checkpoint import MemoryTensor, RangeReader, ShardWriter, TensorRef, dtypes
+from bonemerge.checkpoint.writer import METADATA
 from bonemerge.errors import BonemergeError, MergeError
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 CHUNK_ELEMENTS = 4 << 20
 READ_AHEAD = 3
-METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
@@ -151,43 +150,41 @@ class _ReadAhead:
         self._thread.join()
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            from tqdm import tqdm
+@dataclass
+class Chunk:
+    """Rows [start, stop) of one output tensor, ready in the output dtype.
 
-            self._bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", leave=False
-            )
+    `data` is None when the step is a plain copy: its bytes are `step.source` as they are,
+    for the consumer to move file-to-file. `data` is only valid until the next chunk.
+    """
 
-    def update(self, size: int) -> None:
-        if self._bar is not None:
-            self._bar.update(size)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+    step: Step
+    start: int
+    stop: int
+    data: torch.Tensor | None
 
 
 class Engine:
-    """Runs one plan into one folder; `run` is the only entry point."""
+    """Produces every output tensor of `steps`, in order, as a stream of chunks."""
 
-    def __init__(self, plan: Plan, options: EngineOptions) -> None:
-        self.plan = plan
+    def __init__(self, steps: Sequence[Step], options: EngineOptions) -> None:
+        self.steps = list(steps)
         self.options = options
-        self.device = torch.device(options.device)
+        try:
+            self.device = torch.device(options.device)
+        except RuntimeError:
+            raise BonemergeError(f"unknown device {options.device!r}; use cpu, cuda or cuda:N.") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BonemergeError("--device cuda was asked for, but torch sees no CUDA device here.")
-        self.stats = EngineStats()
         self.reader = RangeReader()
-        transformed = [s for s in plan.steps.values() if not s.is_copy and s.nbytes]
+        transformed = [s for s in self.steps if not s.is_copy and s.nbytes]
 
         def chunk_bytes(step: Step, dtype: str) -> int:
             return chunk_rows(step) * _rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
 
+        wide = any(s.ops and compute_dtype(s, options.precision) == torch.float64 for s in transformed)
         elements = max((chunk_rows(s) * _rows_cols(s.shape)[1] for s in transformed if s.ops), default=0)
-        self._work = torch.empty(elements, dtype=torch.float64 if self._wide(transformed) else torch.float32)
+        self._work = torch.empty(elements, dtype=torch.float64 if wide else torch.float32)
         self._out = torch.empty(
             max((chunk_bytes(s, s.dtype) for s in transformed), default=0), dtype=torch.uint8
         )
@@ -196,79 +193,33 @@ class Engine:
             default=0,
         )
 
-    def _wide(self, steps: list[Step]) -> bool:
-        return any(s.ops and compute_dtype(s, self.options.precision) == torch.float64 for s in steps)
-
-    def run(self, folder: Path) -> EngineStats:
+    def stream(self) -> Iterator[Chunk]:
+        """Every step's chunks in order; the read-ahead thread runs while the caller consumes."""
         reads = [
             _Read(step, start, stop)
-            for shard in self.plan.shards
-            for entry in shard.entries
-            if not (step := self.plan.steps[entry.name]).is_copy and isinstance(step.source, TensorRef)
+            for step in self.steps
+            if step.nbytes and not step.is_copy and isinstance(step.source, TensorRef)
             for start, stop in _chunks(step)
         ]
-        progress = _Progress(self.plan.total_bytes, self.options.progress)
         ahead = _ReadAhead(self.reader, reads, self._raw_size)
         try:
-            for shard in self.plan.shards:
-                writer = ShardWriter(folder / shard.filename, shard.entries, METADATA)
-                try:
-                    for entry in shard.entries:
-                        self._write_step(self.plan.steps[entry.name], writer, ahead, progress)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
+            for step in self.steps:
+                if step.is_copy or not step.nbytes:
+                    yield Chunk(step, 0, _rows_cols(step.shape)[0], None)
+                else:
+                    yield from self._transform(step, ahead)
         finally:
             ahead.close()
-            progress.close()
-            self.reader.close()
-        return self.stats
 
-    def _write_step(self, step: Step, writer: ShardWriter, ahead: _ReadAhead, progress: _Progress) -> None:
-        if step.is_copy:
-            source = step.source
-            writer.copy_from(self.reader.fd(source.path), source.offset, source.nbytes)
-            self.stats.copied += 1
-        elif step.nbytes:
-            self._transform(step, writer, ahead, progress)
-            if step.ops:
-                self.stats.merged += 1
-            else:
-                self.stats.converted += 1
-        if step.is_copy:
-            progress.update(step.nbytes)
-        self.stats.bytes_written += step.nbytes
+    def close(self) -> None:
+        self.reader.close()
 
-    def _prepare(self, step: Step, dtype: torch.dtype) -> list[tuple[maths.BlockMaths, bool]]:
-        return [
-            (maths.prepare(op.variant, self._load(op.block), step.shape, dtype, self.device), op.inverse)
+    def _transform(self, step: Step, ahead: _ReadAhead) -> Iterator[Chunk]:
+        compute = compute_dtype(step, self.options.precision)
+        prepared = [
+            (maths.prepare(op.variant, self.load(op.block), step.shape, compute, self.device), op.inverse)
             for op in step.ops
         ]
-
-    def _load(self, source: TensorRef | MemoryTensor) -> torch.Tensor:
-        """A whole (small) tensor such as an adapter block, in its own dtype."""
-        if isinstance(source, MemoryTensor):
-            return source.tensor
-        raw = self.reader.read(source.path, source.offset, source.nbytes)
-        return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).reshape(source.shape)
-
-    def _rows(
-        self, step: Step, start: int, stop: int, ahead: _ReadAhead
-    ) -> tuple[torch.Tensor, bytearray | None]:
-        source = step.source
-        rows, cols = _rows_cols(source.shape)
-        if isinstance(source, MemoryTensor):
-            return source.tensor.reshape(rows, cols)[start:stop], None
-        read, buf = ahead.next()
-        assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"
-        count = (stop - start) * cols
-        raw = torch.frombuffer(buf, dtype=dtypes.to_torch(source.dtype), count=count)
-        return raw.view(stop - start, cols), buf
-
-    def _transform(self, step: Step, writer: ShardWriter, ahead: _ReadAhead, progress: _Progress) -> None:
-        compute = compute_dtype(step, self.options.precision)
-        prepared = self._prepare(step, compute)
         out_dtype = dtypes.to_torch(step.dtype)
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
         _, cols = _rows_cols(step.shape)
@@ -280,9 +231,29 @@ class Engine:
             if buf is not None:
                 ahead.release(buf)
             if check and not all_finite(typed):
-                self._non_finite(step, start, stop)
-            writer.write(memoryview(out.numpy()))
-            progress.update(len(out))
+                _non_finite(step, start, stop)
+            yield Chunk(step, start, stop, typed)
+
+    def load(self, source: TensorRef | MemoryTensor) -> torch.Tensor:
+        """A whole (small) tensor such as an adapter block, in its own dtype."""
+        if isinstance(source, MemoryTensor):
+            return source.tensor
+        raw = self.reader.read(source.path, source.offset, source.nbytes)
+        if not raw:
+            return torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
+        return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).reshape(source.shape)
+
+    def _rows(
+        self, step: Step, start: int, stop: int, ahead: _ReadAhead
+    ) -> tuple[torch.Tensor, bytearray | None]:
+        source = step.source
+        rows, cols = _rows_cols(source.shape)
+        if isinstance(source, MemoryTensor):
+            return source.tensor.reshape(rows, cols)[start:stop], None
+        read, buf = ahead.next()
+        assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"
+        raw = torch.frombuffer(buf, dtype=dtypes.to_torch(source.dtype), count=(stop - start) * cols)
+        return raw.view(stop - start, cols), buf
 
     def _compute(
         self,
@@ -304,20 +275,81 @@ class Engine:
                 block.merge(work, start)
         return work
 
-    def _non_finite(self, step: Step, start: int, stop: int) -> None:
-        what = (
-            f"merging {', '.join(op.adapter for op in step.ops)} into {step.name}"
-            if step.ops
-            else f"converting {step.name} to {dtypes.TORCH_NAME[step.dtype]}"
-        )
-        raise MergeError(
-            f"{what} gave NaN or Inf in rows {start}-{stop - 1}; the adapter or the base holds "
-            "broken values (pass --no-safe-merge to write them anyway)."
-        )
+
+def _non_finite(step: Step, start: int, stop: int) -> None:
+    if step.ops:
+        verb = "unmerging" if step.ops[0].inverse else "merging"
+        what = f"{verb} {', '.join(op.adapter for op in step.ops)} into {step.name}"
+    else:
+        what = f"converting {step.name} to {dtypes.TORCH_NAME[step.dtype]}"
+    raise MergeError(
+        f"{what} gave NaN or Inf in rows {start}-{stop - 1}; the adapter or the input holds "
+        "broken values (pass --no-safe-merge to write them anyway)."
+    )
 
 
-def run_plan(plan: Plan, folder: Path, options: EngineOptions) -> tuple[EngineStats, float]:
-    """Write every shard of `plan` into `folder`; returns the counts and the seconds taken."""
-    began = time.perf_counter()
-    stats = Engine(plan, options).run(folder)
-    return stats, time.perf_counter() - began
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", leave=False
+            )
+
+    def update(self, size: int) -> None:
+        if self._bar is not None:
+            self._bar.update(size)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def write_plan(plan: Plan, folder: Path, options: EngineOptions) -> EngineStats:
+    """Write every shard of `plan` into `folder`, each in one sequential pass."""
+    steps = [plan.steps[e.name] for shard in plan.shards for e in shard.entries]
+    shard_index = {e.name: i for i, shard in enumerate(plan.shards) for e in shard.entries}
+    engine = Engine(steps, options)
+    progress = _Progress(plan.total_bytes, options.progress)
+    stats = EngineStats()
+    writer: ShardWriter | None = None
+    opened = -1
+
+    def open_through(index: int) -> ShardWriter | None:
+        nonlocal writer, opened
+        while opened < index:
+            if writer is not None:
+                writer.close()
+            opened += 1
+            writer = ShardWriter(folder / plan.shards[opened].filename, plan.shards[opened].entries, METADATA)
+        return writer
+
+    try:
+        for chunk in engine.stream():
+            step = chunk.step
+            out = open_through(shard_index[step.name])
+            if chunk.data is None:
+                out.copy_from(engine.reader.fd(step.source.path), step.source.offset, step.nbytes)
+                size = step.nbytes
+                stats.copied += 1
+            else:
+                view = memoryview(chunk.data.view(-1).view(torch.uint8).numpy())
+                out.write(view)
+                size = len(view)
+                if chunk.start == 0:
+                    stats.merged += bool(step.ops)
+                    stats.converted += not step.ops
+            stats.bytes_written += size
+            progress.update(size)
+        open_through(len(plan.shards) - 1)
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        progress.close()
+        engine.close()
+    return stats

@@ -1,6 +1,6 @@
 """Model cards (README.md) that say what a folder is and exactly how it was made.
 
-The base's own README describes the base, not the merge, so it is never copied; instead a
+The input's own README describes the input, not the result, so it is never copied; instead a
 card names the base, the adapters in the order they were applied, the dtype and the command
 line, with Hub metadata (`base_model`, `tags`, `library_name`) that the Hub can index.
 """
@@ -20,7 +20,7 @@ class AppliedAdapter:
 
     label: str
     kind: str
-    method_tag: str
+    tag: str
     hub_id: str | None = None
 
 
@@ -31,27 +31,24 @@ def hub_id(value: str | None) -> str | None:
     return None
 
 
-def merged_card(
+def render_card(
     *,
-    base: str,
-    base_hub_id: str | None,
+    heading: str,
+    summary: str,
     adapters: Sequence[AppliedAdapter],
-    dtype: str,
+    closing: str,
     command: str | None,
     notes: Sequence[str] = (),
+    base_hub_id: str | None = None,
+    library: str = "transformers",
+    tags: Sequence[str] = (),
 ) -> str:
-    """README.md text for a merged model."""
+    """README.md text: YAML metadata, then what was done, in order, and how to redo it."""
     from huggingface_hub import ModelCardData
 
-    tags = ["bonemerge", *dict.fromkeys(a.method_tag for a in adapters), "merge"]
-    data = ModelCardData(library_name="transformers", tags=tags, base_model=base_hub_id)
-    lines = [
-        f"# {base} with {len(adapters)} adapter{'s' if len(adapters) != 1 else ''} merged",
-        "",
-        f"This model is `{base}` with the following adapters merged into its weights by "
-        "[bonemerge](https://pypi.org/project/bonemerge/), in this order:",
-        "",
-    ]
+    all_tags = list(dict.fromkeys(["bonemerge", *(a.tag for a in adapters), *tags]))
+    data = ModelCardData(library_name=library, tags=all_tags, base_model=base_hub_id)
+    lines = [f"# {heading}", "", summary, ""]
     for number, adapter in enumerate(adapters, start=1):
         name = (
             f"[{adapter.hub_id}](https://huggingface.co/{adapter.hub_id})"
@@ -59,12 +56,16 @@ def merged_card(
             else f"`{adapter.label}`"
         )
         lines.append(f"{number}. {name}: {adapter.kind}")
-    lines += [
-        "",
-        f"Weights are stored as {dtype}. It loads like any `transformers` model; no PEFT is needed.",
-    ]
+    lines += ["", closing]
     if notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
     if command:
-        lines += ["", "Made with:", "", "```", command, "```"]
+        lines += [
+            "",
+            "Made with [bonemerge](https://pypi.org/project/bonemerge/):",
+            "",
+            "```",
+            command,
+            "```",
+        ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"

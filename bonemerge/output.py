@@ -74,7 +74,11 @@ def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: 
     return out
 
 
-def check_free_space(folder: Path, needed: int) -> None:
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse to start when the filesystem that will hold `output` cannot take `needed` bytes."""
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed + _SPACE_MARGIN:
         raise OutputError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from bonemerge.adapters import Adapter, Block, PrefixRule, closest, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
 from bonemerge.checkpoint.layout import ShardPlan
-from bonemerge.checkpoint.writer import Entry
+from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
 from bonemerge.errors import AdapterError
 
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
@@ -72,7 +72,13 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of tensor data (what an index calls total_size)."""
         return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the weight files will take on disk, headers included."""
+        return sum(len(encode_header(s.entries, METADATA)) + s.data_bytes for s in self.shards)
 
     @property
     def main_dtype(self) -> str:
@@ -152,46 +158,81 @@ class _Builder:
         self.notes.append(f"{target} was tied to {found[0].name}; it is written on its own and untied")
         return Step(target, found[0].dtype, found[0].shape, found[0].source)
 
-    def _replace(self, target: str, source: Source, adapter: Adapter) -> None:
+    def _replace(self, target: str, source: Source, adapter: Adapter, why: str) -> None:
         current = self.steps.get(target)
         if current is None:
             self.notes.append(f"{target} is added from {adapter.label} (not in the base)")
             if _leaf(target) in OUTPUT_EMBEDDINGS:
                 self.untied = True
         elif current.ops:
-            self.notes.append(f"{adapter.label} replaces {target}, discarding earlier merges into it")
+            self.notes.append(f"{adapter.label} {why} {target}, superseding the block operations on it")
         shape = tuple(source.shape)
         if current is not None and current.shape != shape:
             self.notes.append(f"{target} changes shape from {list(current.shape)} to {list(shape)}")
         dtype = current.dtype if current is not None else source.dtype
         self.steps[target] = Step(target, dtype, shape, source)
 
-    def add(self, adapter: Adapter) -> None:
-        modules = [b.module for b in adapter.blocks]
-        rule = infer_rule(modules, self.steps.keys(), f"{adapter.root}")
-        for name, source in adapter.replacements.items():
-            mapped = rule.apply(name)
-            target = mapped if mapped in self.steps or name not in self.steps else name
-            self._replace(target, source, adapter)
+    def _rule(self, adapter: Adapter) -> PrefixRule:
+        rule = infer_rule([b.module for b in adapter.blocks], self.steps.keys(), f"{adapter.root}")
+        if rule != PrefixRule():
+            self.notes.append(f"{adapter.label}: module names matched as {rule}")
+        return rule
+
+    def _target(self, name: str, rule: PrefixRule) -> str:
+        """Where a saved full tensor goes: the rule's name, else its own name if the base has it."""
+        mapped = rule.apply(name)
+        return mapped if mapped in self.steps or name not in self.steps else name
+
+    def _blocks(self, adapter: Adapter, rule: PrefixRule, inverse: bool, skip: set[str]) -> None:
         for block in adapter.blocks:
             target = rule.apply(block.module) + ".weight"
+            if target in skip:
+                continue
             step = self.steps.get(target)
-            if step is None and _leaf(target) in OUTPUT_EMBEDDINGS:
+            if step is None and _leaf(target) in OUTPUT_EMBEDDINGS and not inverse:
                 step = self._tied_embedding(target, block, adapter)
             if step is None:
                 raise AdapterError(
                     f"adapter tensor {block.key} of {adapter.root} has no matching weight "
                     f"{target} in {self.base.root} ({closest(target, self.steps)}); "
-                    "is this adapter for this base model?"
+                    "is this adapter for this model?"
                 )
             _check_block(block, target, step.shape, adapter)
-            op = BlockOp(block.tensor, block.variant, adapter.label)
+            op = BlockOp(block.tensor, block.variant, adapter.label, inverse)
             self.steps[target] = replace(step, ops=(*step.ops, op))
-        self._rule_note(rule, adapter)
 
-    def _rule_note(self, rule: PrefixRule, adapter: Adapter) -> None:
-        if rule != PrefixRule():
-            self.notes.append(f"{adapter.label}: module names matched as {rule}")
+    def merge(self, adapter: Adapter, blocks: bool = True) -> None:
+        """Apply `adapter`: its saved full tensors replace, then its blocks merge (unless `blocks` is off)."""
+        rule = self._rule(adapter)
+        for name, source in adapter.replacements.items():
+            self._replace(self._target(name, rule), source, adapter, "replaces")
+        if blocks:
+            self._blocks(adapter, rule, inverse=False, skip=set())
+
+    def unmerge(self, adapter: Adapter, allow_lossy: bool) -> None:
+        """Undo `adapter`: saved frozen base weights come back exactly, blocks are inverted, and
+        trained copies (modules_to_save, biases) stay, which loses the originals they replaced."""
+        rule = self._rule(adapter)
+        restored, lossy = set(), []
+        for name, source in adapter.replacements.items():
+            target = self._target(name, rule)
+            if name in adapter.frozen:
+                self._replace(target, source, adapter, "restores")
+                restored.add(target)
+            else:
+                lossy.append(target)
+        if lossy and not allow_lossy:
+            shown = ", ".join(lossy[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
+            raise AdapterError(
+                f"{adapter.root} replaced {shown} with trained copies (modules_to_save or biases) whose "
+                "originals are not in the merged model, so they cannot be recovered; pass --allow-lossy "
+                "to keep the trained copies."
+            )
+        if lossy:
+            self.notes.append(
+                f"kept the trained copies of {', '.join(lossy)} from {adapter.label} (--allow-lossy)"
+            )
+        self._blocks(adapter, rule, inverse=True, skip=restored)
 
 
 def main_float(steps: Iterable[Step]) -> str:
@@ -237,17 +278,25 @@ def _config_updates(builder: _Builder, steps: dict[str, Step], dtype: str | None
     return updates
 
 
-def build_merge_plan(
+def build_plan(
     base: Checkpoint,
     adapters: Sequence[Adapter],
     *,
+    operation: str = "merge",
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    allow_lossy: bool = False,
 ) -> Plan:
-    """Plan merging `adapters`, in order, into `base`; `dtype` None keeps each tensor's own."""
+    """Plan a new model from `base`: `merge` applies `adapters` in order, `unmerge` takes them
+    off in reverse order, `unload` applies only their saved full tensors. `dtype` None keeps
+    each tensor's own dtype."""
     builder = _Builder(base, base.config())
-    for adapter in adapters:
-        builder.add(adapter)
+    if operation == "unmerge":
+        for adapter in reversed(adapters):
+            builder.unmerge(adapter, allow_lossy)
+    else:
+        for adapter in adapters:
+            builder.merge(adapter, blocks=operation == "merge")
     steps = _finish_dtypes(builder.steps, base, dtype)
     entries = [s.entry() for s in steps.values()]
     if max_shard_bytes is None:

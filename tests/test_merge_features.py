@@ -197,6 +197,6 @@ def test_base_given_as_single_file(tmp_path, minilm):
         minilm_factory(minilm), BoneConfig(r=64, target_modules=["query"]), tmp_path / "a", seed=5
     )
     report = merge(minilm / "model.safetensors", [adapter], tmp_path / "merged")
-    assert sorted(report.files) == ["README.md", "model.safetensors"]
+    assert sorted(report.files) == ["README.md", "bonemerge.json", "model.safetensors"]
     folder = oracle.read_folder(tmp_path / "merged")
     assert len(folder) == len(oracle.read_folder(minilm))

@@ -41,6 +41,13 @@ class AdapterConfig:
         value = self.raw.get("modules_to_save") or ()
         return tuple(value) if isinstance(value, list | tuple) else ()
 
+    @property
+    def tag(self) -> str:
+        """Hub tag for the method: `bone`, `bat` (Bone's Bat variant) or `miss`."""
+        if self.method == "BONE":
+            return "bat" if self.variant == "bat" else "bone"
+        return "miss"
+
     def describe(self) -> str:
         """`MiSS mini (r=16, mini_r=4)`: how reports and model cards name the adapter kind."""
         name = {"BONE": "Bone", "MISS": "MiSS"}[self.method]

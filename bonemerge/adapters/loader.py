@@ -9,7 +9,7 @@ error, because silently skipping part of an adapter is how merges go quietly wro
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonemerge.adapters.config import METHODS, AdapterConfig, read_adapter_config
@@ -17,7 +17,7 @@ from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, read_header
 from bonemerge.errors import AdapterError
 
 PREFIX = "base_model.model."
-_OTHER_METHOD = re.compile(
+OTHER_METHOD = re.compile(
     r"(?:^|\.)(lora|ia3|oft|boft|vera|hra|bone|miss|fourierft|vblora|hada|lokr|randlora|c3a|"
     r"shira|road|delora|gralora|waveft|osf|adaption)_\w*(?:\.|$)"
 )
@@ -37,16 +37,30 @@ class Block:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A loaded adapter: its config, blocks, and full tensors that replace the base's."""
+    """A loaded adapter: its config, blocks, and full tensors that replace the base's.
+
+    `frozen` names the replacements that are PEFT's saved copies of frozen base weights
+    (`lm_head.base_layer.weight` for a resized vocabulary): unlike trained copies
+    (modules_to_save, biases) they are exactly what the adapter was merged onto.
+    """
 
     root: Path
     weights: Path
     config: AdapterConfig
     blocks: tuple[Block, ...]
     replacements: dict[str, Source]
+    frozen: frozenset[str] = frozenset()
+    name: str | None = None
+    saved_as: dict[str, str] = field(default_factory=dict)
+
+    def key_of(self, name: str) -> str:
+        """The key a replacement has in an adapter file (`base_model.model.lm_head.base_layer.weight`)."""
+        return self.saved_as.get(name, PREFIX + name)
 
     @property
     def label(self) -> str:
+        if self.name:
+            return f"{self.root.name} ({self.name})"
         return self.root.name or str(self.root)
 
 
@@ -143,6 +157,8 @@ def load_adapter(path: str | Path) -> Adapter:
 
     blocks: list[Block] = []
     replacements: dict[str, Source] = {}
+    frozen: set[str] = set()
+    saved_as: dict[str, str] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
         if name.endswith(suffix):
@@ -154,7 +170,7 @@ def load_adapter(path: str | Path) -> Adapter:
                 f"{weights} holds {key}, a {other_suffix} of the other method, but its config says "
                 f"{config.method}; the config and weights belong to different adapters."
             )
-        elif _OTHER_METHOD.search(name) or ".modules_to_save." in name or ".original_module." in name:
+        elif OTHER_METHOD.search(name) or ".modules_to_save." in name or ".original_module." in name:
             raise AdapterError(
                 f"{weights} holds {key}, which is not part of a {config.method} adapter file; "
                 "this is another PEFT method's tensor or a full training checkpoint."
@@ -164,8 +180,11 @@ def load_adapter(path: str | Path) -> Adapter:
             if target in replacements:
                 raise AdapterError(f"{weights} holds two tensors for {target}; remove the duplicate.")
             replacements[target] = tensor
+            saved_as[target] = key
+            if name.endswith(".base_layer.weight"):
+                frozen.add(target)
     if not blocks:
         raise AdapterError(
             f"{weights} holds no {config.block_suffix} tensors; it is empty or not a {config.method} adapter."
         )
-    return Adapter(folder, weights, config, tuple(blocks), replacements)
+    return Adapter(folder, weights, config, tuple(blocks), replacements, frozenset(frozen), saved_as=saved_as)

@@ -19,6 +19,7 @@ from pathlib import Path
 from bonemerge.errors import OutputError
 
 _ALIGN = 8
+METADATA = {"format": "pt"}
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 _COPY_BUFFER = 8 << 20
 

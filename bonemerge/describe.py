@@ -1,0 +1,148 @@
+"""What a folder is and holds, from headers and configs only (no tensor data is read).
+
+One function answers for any path bonemerge accepts: a base model, a PEFT adapter, a full PEFT
+training checkpoint, or a model bonemerge made (recognised by its `bonemerge.json`). With a
+base, an adapter is also planned against it, which shows the tensors it would touch, any
+mismatch, and the size of the merged model, without merging anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from bonemerge.adapters import Adapter, load_adapter
+from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
+from bonemerge.checkpoint import Checkpoint, open_checkpoint
+from bonemerge.errors import BonemergeError
+from bonemerge.strip import layer_of
+
+MANIFEST = "bonemerge.json"
+
+
+def ranges(numbers: set[int]) -> str:
+    """{0, 1, 2, 5} -> `0-2,5`."""
+    ordered = sorted(numbers)
+    parts, start = [], None
+    for i, n in enumerate(ordered):
+        if start is None:
+            start = n
+        if i + 1 == len(ordered) or ordered[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ",".join(parts)
+
+
+def _dtypes(sources) -> dict[str, int]:
+    sizes: Counter[str] = Counter()
+    for source in sources:
+        sizes[source.dtype] += source.nbytes
+    return dict(sizes.most_common())
+
+
+def describe_adapter(adapter: Adapter) -> dict:
+    """Method, variant, sizes, and the targeted modules grouped by their leaf name."""
+    groups: dict[str, set[int]] = defaultdict(set)
+    counts: Counter[str] = Counter()
+    layers: set[int] = set()
+    for block in adapter.blocks:
+        leaf = block.module.rsplit(".", 1)[-1]
+        counts[leaf] += 1
+        found = layer_of(block.module)
+        if found:
+            groups[leaf].add(found[1])
+            layers.add(found[1])
+    config = adapter.config
+    return {
+        "method": config.method,
+        "variant": config.variant,
+        "adapter": config.describe(),
+        "r": config.r,
+        "mini_r": config.mini_r,
+        "base_model": config.base_model,
+        "blocks": len(adapter.blocks),
+        "parameters": sum(math.prod(b.tensor.shape) for b in adapter.blocks),
+        "modules": {
+            leaf: {"count": counts[leaf], "layers": ranges(groups[leaf]) if groups[leaf] else None}
+            for leaf in sorted(counts)
+        },
+        "layers": ranges(layers) if layers else None,
+        "full_tensors": sorted(adapter.replacements),
+        "modules_to_save": list(config.modules_to_save),
+        "dtypes": _dtypes([b.tensor for b in adapter.blocks] + list(adapter.replacements.values())),
+    }
+
+
+def describe_checkpoint(checkpoint: Checkpoint) -> dict:
+    return {
+        "tensors": len(checkpoint.tensors),
+        "parameters": sum(math.prod(t.shape) for t in checkpoint.tensors.values()),
+        "dtypes": _dtypes(checkpoint.tensors.values()),
+        "files": [{"name": s.name, "bytes": s.size} for s in checkpoint.shards],
+        "bytes": sum(s.size for s in checkpoint.shards),
+    }
+
+
+def _against_base(adapters: list[Adapter], base_path: Path) -> dict:
+    from bonemerge.plan import build_plan
+
+    base = open_checkpoint(base_path)
+    try:
+        plan = build_plan(base, adapters)
+    except BonemergeError as exc:
+        return {"base": str(base_path), "ok": False, "mismatch": str(exc)}
+    return {
+        "base": str(base_path),
+        "ok": True,
+        "touched": sorted(s.name for s in plan.steps.values() if s.ops or s.name not in base.tensors),
+        "replaced": sorted(
+            s.name for s in plan.steps.values() if s.source is not base.tensors.get(s.name) and not s.ops
+        ),
+        "output_weight_bytes": plan.file_bytes,
+        "notes": list(plan.notes),
+    }
+
+
+def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
+    """A JSON-ready description of `path`; with `base`, how an adapter fits that base."""
+    path = Path(path)
+    if (
+        path.is_dir()
+        and (path / "adapter_config.json").is_file()
+        and ((path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file())
+    ):
+        adapter = load_adapter(path)
+        info = {"path": str(path), "kind": "adapter"} | describe_adapter(adapter)
+        info["bytes"] = adapter.weights.stat().st_size
+        if base is not None:
+            info["against_base"] = _against_base([adapter], Path(base))
+        return info
+    checkpoint = open_checkpoint(path)
+    if is_training_checkpoint(checkpoint):
+        training = read_training_checkpoint(checkpoint)
+        info = {"path": str(path), "kind": "peft-checkpoint"} | describe_checkpoint(checkpoint)
+        info["base_tensors"] = len(training.base.tensors)
+        info["adapters"] = {name: describe_adapter(a) for name, a in training.adapters.items()}
+        if base is not None:
+            info["against_base"] = _against_base(list(training.adapters.values()), Path(base))
+        return info
+    info = {"path": str(path), "kind": "model"} | describe_checkpoint(checkpoint)
+    config = checkpoint.config() or {}
+    info["architecture"] = (config.get("architectures") or [config.get("model_type")])[0]
+    manifest = checkpoint.root / MANIFEST
+    if checkpoint.is_folder and manifest.is_file():
+        try:
+            info["made_by_bonemerge"] = json.loads(manifest.read_text(encoding="utf-8"))
+            operation = info["made_by_bonemerge"].get("operation")
+            info["kind"] = {
+                "merge": "merged model",
+                "unmerge": "unmerged model",
+                "unload": "unloaded model",
+            }.get(operation, "model")
+        except ValueError:
+            info["made_by_bonemerge"] = None
+    if base is not None:
+        raise BonemergeError(f"{path} is a model, not an adapter; --base applies to adapters only.")
+    return info
