@@ -177,8 +177,8 @@ def _write_model(
 
 def merge(
     base: PathLike,
-    adapters: Sequence[PathLike] = (),
-    output: PathLike = "",
+    adapters: Sequence[PathLike],
+    output: PathLike,
     *,
     adapter_name: str | None = None,
     dtype: str = "auto",
@@ -192,8 +192,8 @@ def merge(
 ) -> Report:
     """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
 
-    With no adapters, `base` must be a full PEFT checkpoint: its own blocks merge into its own
-    base weights (`adapter_name` picks one adapter when it holds several).
+    With `adapters` empty, `base` must be a full PEFT checkpoint: its own blocks merge into its
+    own base weights (`adapter_name` picks one adapter when it holds several).
     """
     from bonemerge.modelcard import hub_id, render_card
     from bonemerge.plan import build_plan

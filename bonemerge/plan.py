@@ -4,9 +4,10 @@ Planning reads headers and adapter configs only, so every check that can fail (n
 not match, shapes that contradict, dtypes that cannot be computed on) fails here, before the
 long I/O starts. The engine then executes the plan without making a single decision.
 
-Adapters apply in order, each onto the result of the ones before: a tensor an adapter saves
-in full (modules_to_save, a saved bias, a resized embedding) replaces the current tensor,
-then the adapter's blocks merge onto it.
+Merging applies adapters in order, each onto the result of the ones before: a tensor an
+adapter saves in full (modules_to_save, a saved bias, a resized embedding) replaces the
+current tensor, then the adapter's blocks merge onto it. Unmerging walks the same adapters
+backwards with inverted blocks; unloading applies the saved full tensors and no blocks.
 """
 
 from __future__ import annotations

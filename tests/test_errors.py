@@ -316,3 +316,58 @@ def test_usage_errors_exit_2(tmp_path, base, adapter, args, fragment):
 
 def test_missing_output_option_is_a_usage_error(tmp_path, base, adapter):
     fails(tmp_path, "merge", base, adapter, expect=("--output",), code=2)
+
+
+def test_unmerge_failing_midway_leaves_nothing(tmp_path, adapter):
+    tensors = toy.base_tensors()
+    tensors["model.layers.1.self_attn.q_proj.weight"][7, 7] = float("nan")
+    merged = toy.write_base(tmp_path / "merged", tensors, shards=2)
+    fails(
+        tmp_path,
+        "unmerge",
+        merged,
+        adapter,
+        "-o",
+        tmp_path / "out",
+        expect=("unmerging adapter into model.layers.1.self_attn.q_proj.weight", "NaN or Inf"),
+    )
+
+
+def test_unmerge_with_adapter_for_another_model(tmp_path, base):
+    blocks = {"model.layers.0.self_attn.q_proj": torch.zeros(8, 32)}
+    adapter = toy.write_adapter(tmp_path / "adapter", blocks=blocks)
+    fails(tmp_path, "unmerge", base, adapter, "-o", tmp_path / "out", expect=("needs [8, 64]",))
+
+
+def test_unload_needs_a_training_checkpoint(tmp_path, base):
+    fails(tmp_path, "unload", base, "-o", tmp_path / "out", expect=("is not a full PEFT checkpoint",))
+
+
+def test_strip_errors(tmp_path, adapter):
+    fails(
+        tmp_path,
+        "strip",
+        adapter,
+        "-o",
+        tmp_path / "out",
+        "--include",
+        "(",
+        expect=("--include '(' is not a valid",),
+    )
+    fails(
+        tmp_path,
+        "strip",
+        adapter,
+        "-o",
+        tmp_path / "out",
+        "--layers",
+        "3-1",
+        expect=("runs backwards",),
+        code=2,
+    )
+    fails(tmp_path, "strip", adapter, "-o", adapter / "inner", expect=("inside the input",))
+
+
+def test_verify_of_missing_model(tmp_path, base, adapter):
+    result = run("verify", tmp_path / "nope", adapter, "--base", base)
+    assert result.exit_code == 1 and "nope does not exist" in result.stderr
