@@ -1,8 +1,9 @@
 """The public Python API: each function runs one command end to end and returns a report.
 
-The order inside each command is the safety contract: open and validate every input, plan,
-check adapter blocks and free space, and only then start the long I/O into a staging folder
-that becomes the output in one rename when everything has been written and fsynced.
+The order inside each command is the safety contract: resolve and validate every input (Hub
+ids are downloaded first), check the push target, plan, check adapter blocks and free space,
+and only then start the long I/O into a staging folder that becomes the output in one rename
+when everything has been written and fsynced. Only a published, re-validated output is pushed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, MemoryTensor, RangeReader, dtypes, layout, open_checkpoint
 from bonemerge.errors import AdapterError, BonemergeError
+from bonemerge.hub import Location, Push, locate
 from bonemerge.output import Staging, check_free_space, check_output
 
 PRECISIONS = ("auto", "fp32", "fp64")
@@ -44,6 +46,7 @@ class Report:
     seconds: float
     files: list[str]
     notes: list[str] = field(default_factory=list)
+    pushed_to: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,28 +99,82 @@ def _input_path(checkpoint: Checkpoint) -> Path:
     return checkpoint.root if checkpoint.is_folder else checkpoint.shards[0].path
 
 
-def _open_model(path: PathLike, adapters: Sequence[PathLike], adapter_name: str | None):
-    """The model and adapters of a command: plain base plus adapter folders, or one full
-    PEFT checkpoint standing for both."""
-    checkpoint = open_checkpoint(path)
-    training = is_training_checkpoint(checkpoint)
-    if training and adapters:
+def _is_adapter_folder(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and not any(path.glob("model*.safetensors"))
+
+
+@dataclass(frozen=True)
+class _Model:
+    """A command's inputs, resolved: the checkpoint given, the model to build on, the adapters."""
+
+    given: Checkpoint
+    base: Checkpoint
+    adapters: list[Adapter]
+    base_hub_id: str | None
+
+
+def _open_model(
+    reference: PathLike,
+    adapters: Sequence[PathLike],
+    adapter_name: str | None,
+    base_revision: str | None,
+    adapter_revision: str | None,
+) -> _Model:
+    """A plain base plus adapter folders, one full PEFT checkpoint standing for both, or one
+    adapter whose config names its base (`base_model_name_or_path` and `revision`)."""
+    if adapters:
+        location = locate(reference, base_revision, "--base")
+        checkpoint = open_checkpoint(location.path)
+        if is_training_checkpoint(checkpoint):
+            raise BonemergeError(
+                f"{reference} is a full PEFT checkpoint that carries its own adapter; pass it alone "
+                "(bonemerge merge CHECKPOINT --output OUT)."
+            )
+        loaded = [load_adapter(locate(a, adapter_revision, "--adapter").path) for a in adapters]
+        return _Model(checkpoint, checkpoint, loaded, location.hub_id or _hub_id_of(loaded[0]))
+    location = locate(reference, adapter_revision, "--adapter")
+    if _is_adapter_folder(location.path):
+        adapter = load_adapter(location.path)
+        named = adapter.config.base_model
+        if not named:
+            raise BonemergeError(
+                f"{reference} is an adapter whose config does not name its base model; pass the base first."
+            )
+        revision = base_revision or adapter.config.raw.get("revision") or None
+        base = locate(named, revision, "--base")
+        checkpoint = open_checkpoint(base.path)
+        return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
+    checkpoint = open_checkpoint(location.path)
+    if not is_training_checkpoint(checkpoint):
         raise BonemergeError(
-            f"{path} is a full PEFT checkpoint that carries its own adapter; pass it alone "
-            "(bonemerge merge CHECKPOINT --output OUT)."
+            f"no adapter was given for {reference}; pass at least one adapter folder after it."
         )
-    if training:
-        found = read_training_checkpoint(checkpoint)
-        return checkpoint, found.base, [found.adapter(adapter_name)]
-    if not adapters:
-        raise BonemergeError(f"no adapter was given for {path}; pass at least one adapter folder after it.")
-    return checkpoint, checkpoint, [load_adapter(a) for a in adapters]
+    training = read_training_checkpoint(checkpoint)
+    adapter = training.adapter(adapter_name)
+    return _Model(checkpoint, training.base, [adapter], location.hub_id or _hub_id_of(adapter))
+
+
+def _hub_id_of(adapter: Adapter) -> str | None:
+    from bonemerge.modelcard import hub_id
+
+    return hub_id(adapter.config.base_model)
 
 
 def _card_adapters(adapters: Sequence[Adapter]):
     from bonemerge.modelcard import AppliedAdapter
 
     return [AppliedAdapter(a.label, a.config.describe(), a.config.tag) for a in adapters]
+
+
+def _publish(staging: Staging, overwrite: bool, push: Push | None, check: object) -> str | None:
+    """Rename the finished output into place, re-read it as a user would, then push it."""
+    from bonemerge.hub import push_folder
+
+    staging.publish(overwrite)
+    if push is None:
+        return None
+    check(staging.output)
+    return push_folder(staging.output, push).url
 
 
 def _write_model(
@@ -133,6 +190,7 @@ def _write_model(
     command: str | None,
     began: float,
     tokenizer_from_adapters: bool,
+    push: Push | None,
 ) -> Report:
     """Stream `plan` into a staging folder with index, companions, card and manifest; publish."""
     from bonemerge import companions
@@ -160,7 +218,7 @@ def _write_model(
         }
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         files += ["README.md", MANIFEST]
-        staging.publish(overwrite)
+        pushed = _publish(staging, overwrite, push, open_checkpoint)
     return Report(
         operation=operation,
         output=str(target),
@@ -172,6 +230,7 @@ def _write_model(
         seconds=round(time.perf_counter() - began, 3),
         files=sorted(files),
         notes=list(plan.notes),
+        pushed_to=pushed,
     )
 
 
@@ -181,6 +240,8 @@ def merge(
     output: PathLike,
     *,
     adapter_name: str | None = None,
+    base_revision: str | None = None,
+    adapter_revision: str | None = None,
     dtype: str = "auto",
     max_shard_size: str | int | None = None,
     safe_merge: bool = True,
@@ -189,38 +250,47 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     command: str | None = None,
+    push: Push | None = None,
 ) -> Report:
     """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
 
-    With `adapters` empty, `base` must be a full PEFT checkpoint: its own blocks merge into its
-    own base weights (`adapter_name` picks one adapter when it holds several).
+    `base` and each adapter are local folders or Hub ids (`org/name`, `org/name@revision`).
+    With `adapters` empty, `base` must be a full PEFT checkpoint, whose own blocks merge into its
+    own base weights (`adapter_name` picks one adapter when it holds several), or an adapter,
+    whose config names the base to merge into. `push` publishes the result once it is complete.
     """
-    from bonemerge.modelcard import hub_id, render_card
+    from bonemerge.modelcard import render_card
     from bonemerge.plan import build_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
-    given, model, loaded = _open_model(base, adapters, adapter_name)
-    target = check_output(output, [_input_path(given), *(a.root for a in loaded)], overwrite)
-    plan = build_plan(model, loaded, dtype=parse_dtype(dtype), max_shard_bytes=_shard_bytes(max_shard_size))
-    check_blocks_finite(loaded)
-    name = _input_path(given).name
+    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
+    target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
+    if push is not None:
+        push.check()
+    plan = build_plan(
+        model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=_shard_bytes(max_shard_size)
+    )
+    check_blocks_finite(model.adapters)
+    name = model.base_hub_id or _input_path(model.given).name
+    count = len(model.adapters)
     card = render_card(
-        heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} merged",
+        heading=f"{name} with {count} adapter{'s' if count != 1 else ''} merged",
         summary=f"This model is `{name}` with these adapters merged into its weights, in this order:",
-        adapters=_card_adapters(loaded),
+        adapters=_card_adapters(model.adapters),
         closing=f"Weights are stored as {dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype)}. "
         "It loads like any `transformers` model; PEFT is not needed.",
         command=command,
         notes=plan.notes,
-        base_hub_id=hub_id(loaded[0].config.base_model),
+        base_hub_id=model.base_hub_id,
+        relation="finetune",
         tags=["merge"],
     )
     return _write_model(
         "merge",
         plan,
-        source=model,
-        adapters=loaded,
+        source=model.base,
+        adapters=model.adapters,
         target=target,
         overwrite=overwrite,
         options=options,
@@ -228,6 +298,7 @@ def merge(
         command=command,
         began=began,
         tokenizer_from_adapters=True,
+        push=push,
     )
 
 
@@ -236,6 +307,7 @@ def unmerge(
     adapters: Sequence[PathLike],
     output: PathLike,
     *,
+    adapter_revision: str | None = None,
     allow_lossy: bool = False,
     dtype: str = "auto",
     max_shard_size: str | int | None = None,
@@ -245,6 +317,7 @@ def unmerge(
     overwrite: bool = False,
     progress: bool = False,
     command: str | None = None,
+    push: Push | None = None,
 ) -> Report:
     """Take `adapters` (given in the order they were merged) back out of the model at `merged`."""
     from bonemerge.modelcard import render_card
@@ -252,11 +325,13 @@ def unmerge(
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
-    checkpoint = open_checkpoint(merged)
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
-    loaded = [load_adapter(a) for a in adapters]
+    checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
+    loaded = [load_adapter(locate(a, adapter_revision, "--adapter").path) for a in adapters]
     target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
+    if push is not None:
+        push.check()
     plan = build_plan(
         checkpoint,
         loaded,
@@ -275,6 +350,7 @@ def unmerge(
         "from the original base by the rounding the merged model went through.",
         command=command,
         notes=plan.notes,
+        base_hub_id=_hub_id_of(loaded[0]),
         tags=["unmerge"],
     )
     return _write_model(
@@ -289,15 +365,16 @@ def unmerge(
         command=command,
         began=began,
         tokenizer_from_adapters=False,
+        push=push,
     )
 
 
-def _training(path: PathLike) -> tuple[Checkpoint, TrainingCheckpoint]:
-    checkpoint = open_checkpoint(path)
+def _training(location: Location) -> tuple[Checkpoint, TrainingCheckpoint]:
+    checkpoint = open_checkpoint(location.path)
     if not is_training_checkpoint(checkpoint):
         raise BonemergeError(
-            f"{path} is not a full PEFT checkpoint (no base_layer or Bone/MiSS block tensors); "
-            "unload works on checkpoints saved from a PeftModel's state_dict."
+            f"{location.hub_id or location.path} is not a full PEFT checkpoint (no base_layer or Bone/MiSS "
+            "block tensors); unload works on checkpoints saved from a PeftModel's state_dict."
         )
     return checkpoint, read_training_checkpoint(checkpoint)
 
@@ -313,6 +390,7 @@ def unload(
     overwrite: bool = False,
     progress: bool = False,
     command: str | None = None,
+    push: Push | None = None,
 ) -> Report:
     """The plain base model inside a full PEFT checkpoint, without merging its blocks.
 
@@ -324,9 +402,12 @@ def unload(
 
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
-    given, training = _training(checkpoint)
+    location = locate(checkpoint, None, "CHECKPOINT")
+    given, training = _training(location)
     adapters = [] if original_modules else [training.adapter(adapter_name)]
     target = check_output(output, [_input_path(given)], overwrite)
+    if push is not None:
+        push.check()
     plan = build_plan(
         training.base,
         adapters,
@@ -337,9 +418,10 @@ def unload(
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
     )
+    name = location.hub_id or _input_path(given).name
     card = render_card(
-        heading=f"Base model of {_input_path(given).name}",
-        summary=f"This model is the base inside the PEFT training checkpoint `{_input_path(given).name}`, "
+        heading=f"Base model of {name}",
+        summary=f"This model is the base inside the PEFT training checkpoint `{name}`, "
         f"with its Bone/MiSS blocks left out (not merged) and {kept}.",
         adapters=[],
         closing="It loads like any `transformers` model.",
@@ -359,6 +441,7 @@ def unload(
         command=command,
         began=began,
         tokenizer_from_adapters=False,
+        push=push,
     )
 
 
@@ -375,20 +458,24 @@ def strip(
     to: str | None = None,
     overwrite: bool = False,
     command: str | None = None,
+    push: Push | None = None,
 ) -> Report:
     """Write a reduced adapter (adapter_config.json + adapter_model.safetensors) that PEFT loads."""
     from bonemerge.engine import write_plan
-    from bonemerge.modelcard import hub_id, render_card
+    from bonemerge.modelcard import render_card
     from bonemerge.strip import StripOptions, build_strip_plan, parse_layers
 
     began = time.perf_counter()
-    path = Path(source)
-    if (path / "adapter_config.json").is_file() and not list(path.glob("model*.safetensors")):
+    location = locate(source, None, "SOURCE")
+    path = location.path
+    if _is_adapter_folder(path):
         adapter = load_adapter(path)
     else:
-        _, training = _training(path)
+        _, training = _training(location)
         adapter = training.adapter(adapter_name)
     target = check_output(output, [path], overwrite)
+    if push is not None:
+        push.check()
     strip_options = StripOptions(
         include=include,
         exclude=exclude,
@@ -400,24 +487,26 @@ def strip(
     plan, config = build_strip_plan(adapter, strip_options)
     check_free_space(target, plan.file_bytes)
     kept = sum(1 for name in plan.steps if name.endswith("_block"))
+    name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
         (staging.path / "adapter_config.json").write_text(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
         card = render_card(
-            heading=f"Reduced adapter from {path.name}",
+            heading=f"Reduced adapter from {name}",
             summary=f"A {config['peft_type']} adapter with {kept} of the {len(adapter.blocks)} "
-            f"blocks of `{path.name}`.",
+            f"blocks of `{name}`.",
             adapters=[],
             closing="Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
             command=command,
-            base_hub_id=hub_id(adapter.config.base_model),
+            base_hub_id=_hub_id_of(adapter),
+            relation="adapter",
             library="peft",
             tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]]],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
-        staging.publish(overwrite)
+        pushed = _publish(staging, overwrite, push, load_adapter)
     return Report(
         operation="strip",
         output=str(target),
@@ -429,14 +518,31 @@ def strip(
         seconds=round(time.perf_counter() - began, 3),
         files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
         notes=[f"kept {kept} of {len(adapter.blocks)} blocks"],
+        pushed_to=pushed,
     )
+
+
+def push(folder: PathLike, target: Push) -> str:
+    """Publish a folder bonemerge wrote (a model or an adapter) to the Hub; returns the URL."""
+    from bonemerge.hub import push_folder
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise BonemergeError(f"{path} is not a folder; pass the output folder of a bonemerge command.")
+    if _is_adapter_folder(path):
+        load_adapter(path)
+    else:
+        open_checkpoint(path)
+    target.check()
+    return push_folder(path, target).url
 
 
 def inspect(path: PathLike, base: PathLike | None = None) -> dict:
     """What `path` is and holds, from headers only; with `base`, how its adapter fits that base."""
     from bonemerge.describe import inspect_path
 
-    return inspect_path(path, base)
+    located = locate(path, None, "PATH")
+    return inspect_path(located.path, None if base is None else locate(base, None, "--base").path)
 
 
 def verify(
@@ -445,6 +551,8 @@ def verify(
     adapters: Sequence[PathLike] = (),
     *,
     adapter_name: str | None = None,
+    base_revision: str | None = None,
+    adapter_revision: str | None = None,
     device: str = "cpu",
     precision: str = "auto",
 ):
@@ -454,9 +562,9 @@ def verify(
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
-    merged_checkpoint = open_checkpoint(merged)
-    _, model, loaded = _open_model(base, adapters, adapter_name)
-    plan = build_plan(model, loaded)
+    merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
+    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
+    plan = build_plan(model.base, model.adapters)
     report = verify_plan(plan, merged_checkpoint, options)
     report.seconds = round(time.perf_counter() - began, 3)
     return report

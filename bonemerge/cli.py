@@ -94,6 +94,45 @@ _shard = click.option(
     type=_Checked("size", parse_size),
     help="Re-shard the output into files of at most this size (e.g. 5GB).",
 )
+_base_revision = click.option(
+    "--base-revision",
+    metavar="REV",
+    help="Branch, tag or commit of a BASE given as a Hub id (or write org/name@REV).",
+)
+_adapter_revision = click.option(
+    "--adapter-revision", metavar="REV", help="Branch, tag or commit of adapters given as Hub ids."
+)
+_push_target = _options(
+    click.option("--private", is_flag=True, help="Create the Hub repo as private."),
+    click.option(
+        "--revision", metavar="BRANCH", help="Push to this branch (created if missing) or refs/pr/N."
+    ),
+    click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to main."),
+    click.option("--commit-message", metavar="TEXT", help="Commit message on the Hub."),
+    click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)."),
+)
+_push_to_hub = _options(
+    click.option(
+        "--push-to-hub", metavar="REPO_ID", help="Publish the output to this Hub repo once it is complete."
+    ),
+    _push_target,
+)
+
+
+def _push(options: dict[str, Any], repo_id: str | None = None) -> Any:
+    """Pop the push options from a command's keyword arguments into a `Push`, or None."""
+    from bonemerge.hub import Push
+
+    repo_id = options.pop("push_to_hub", repo_id)
+    settings = {k: options.pop(k) for k in ("private", "revision", "create_pr", "commit_message", "token")}
+    if repo_id is None:
+        used = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v]
+        if used:
+            raise click.UsageError(f"{', '.join(used)} only apply with --push-to-hub.")
+        return None
+    return Push(repo_id, **settings)
+
+
 _compute = _options(
     click.option(
         "--safe-merge/--no-safe-merge",
@@ -129,6 +168,8 @@ def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
         )
         for note in report.notes:
             click.echo(f"note: {note}")
+    if report.pushed_to and not as_json:
+        click.echo(f"pushed: {report.pushed_to}")
 
 
 def _progress(quiet: bool) -> bool:
@@ -144,22 +185,39 @@ def main() -> None:
 @main.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@_options(_output, _adapter_name, _dtype, _shard, _compute, _overwrite, _quiet, _as_json)
+@_options(
+    _output,
+    _adapter_name,
+    _base_revision,
+    _adapter_revision,
+    _dtype,
+    _shard,
+    _compute,
+    _overwrite,
+    _quiet,
+    _as_json,
+    _push_to_hub,
+)
 @_reported
 def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
     """Merge ADAPTERS, in the order given, into the model at BASE.
 
-    With BASE alone, BASE must be a full PEFT checkpoint (a PeftModel state dict), whose own
-    blocks merge into its own base weights.
+    BASE and ADAPTERS are local folders or Hub ids (org/name, org/name@revision). With one
+    argument, it is either a full PEFT checkpoint (a PeftModel state dict), whose own blocks
+    merge into its own base weights, or an adapter, merged into the base its config names
+    (--adapter-revision then picks the adapter's revision, --base-revision the base's).
 
     \b
     Examples:
       bonemerge merge ./Llama-3.2-1B ./my-bone-adapter --output ./merged
+      bonemerge merge meta-llama/Llama-3.2-1B me/bone-adapter@v2 -o ./merged --push-to-hub me/merged
+      bonemerge merge me/bone-adapter --output ./merged
       bonemerge merge ./trainer/checkpoint-500 --output ./merged
     """
     from bonemerge.api import merge as run
 
-    report = run(base, adapters, progress=_progress(quiet), command=_command_line(), **options)
+    push = _push(options)
+    report = run(base, adapters, progress=_progress(quiet), command=_command_line(), push=push, **options)
     _print_report(report, quiet, as_json)
 
 
@@ -171,7 +229,7 @@ def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **op
     is_flag=True,
     help="Keep trained modules_to_save copies and biases, whose originals cannot be recovered.",
 )
-@_options(_output, _dtype, _shard, _compute, _overwrite, _quiet, _as_json)
+@_options(_output, _adapter_revision, _dtype, _shard, _compute, _overwrite, _quiet, _as_json, _push_to_hub)
 @_reported
 def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
     """Take ADAPTERS back out of the merged model at MERGED.
@@ -185,7 +243,8 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     """
     from bonemerge.api import unmerge as run
 
-    report = run(merged, adapters, progress=_progress(quiet), command=_command_line(), **options)
+    push = _push(options)
+    report = run(merged, adapters, progress=_progress(quiet), command=_command_line(), push=push, **options)
     _print_report(report, quiet, as_json)
 
 
@@ -196,7 +255,7 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     is_flag=True,
     help="Keep the original modules_to_save modules, not the trained copies.",
 )
-@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _quiet, _as_json)
+@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _quiet, _as_json, _push_to_hub)
 @_reported
 def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Write the plain base model inside a full PEFT CHECKPOINT, without merging its blocks.
@@ -207,7 +266,8 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """
     from bonemerge.api import unload as run
 
-    report = run(checkpoint, progress=_progress(quiet), command=_command_line(), **options)
+    push = _push(options)
+    report = run(checkpoint, progress=_progress(quiet), command=_command_line(), push=push, **options)
     _print_report(report, quiet, as_json)
 
 
@@ -229,7 +289,7 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 @click.option(
     "--to", type=click.Choice(["miss", "bone"]), help="Convert Bone to MiSS or back (not MiSS mini)."
 )
-@_options(_output, _adapter_name, _overwrite, _quiet, _as_json)
+@_options(_output, _adapter_name, _overwrite, _quiet, _as_json, _push_to_hub)
 @_reported
 def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Write a reduced adapter from SOURCE, an adapter folder or a full PEFT checkpoint.
@@ -242,7 +302,8 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """
     from bonemerge.api import strip as run
 
-    report = run(source, command=_command_line(), **options)
+    push = _push(options)
+    report = run(source, command=_command_line(), push=push, **options)
     _print_report(report, quiet, as_json)
 
 
@@ -281,7 +342,7 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
 @click.option("--base", required=True, type=click.Path(), help="The model the adapters were merged into.")
-@_options(_adapter_name, _as_json)
+@_options(_adapter_name, _base_revision, _adapter_revision, _as_json)
 @click.option("--device", default="cpu", show_default=True, help="Where the maths runs.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp64"]), default="auto", show_default=True)
 @_reported
@@ -315,6 +376,25 @@ def verify(merged: str, adapters: tuple[str, ...], base: str, as_json: bool, **o
             click.echo(f"mismatch: {line}")
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.argument("repo_id")
+@_push_target
+@_reported
+def push(folder: str, repo_id: str, **options: Any) -> None:
+    """Publish FOLDER, an output of bonemerge, to the Hub repo REPO_ID (created if missing).
+
+    A failed upload can be rerun with the same command; files already uploaded are skipped.
+
+    \b
+    Example:
+      bonemerge push ./merged me/Llama-3.2-1B-bone --private
+    """
+    from bonemerge.api import push as run
+
+    click.echo(f"pushed: {run(folder, _push(options, repo_id))}")
 
 
 @main.command()

@@ -40,14 +40,24 @@ def render_card(
     command: str | None,
     notes: Sequence[str] = (),
     base_hub_id: str | None = None,
+    relation: str | None = None,
     library: str = "transformers",
     tags: Sequence[str] = (),
 ) -> str:
-    """README.md text: YAML metadata, then what was done, in order, and how to redo it."""
+    """README.md text: YAML metadata, then what was done, in order, and how to redo it.
+
+    `relation` (the Hub's `base_model_relation`: finetune, adapter...) is only stated when the
+    base's Hub id is known, since it describes the link to that base.
+    """
     from huggingface_hub import ModelCardData
 
     all_tags = list(dict.fromkeys(["bonemerge", *(a.tag for a in adapters), *tags]))
-    data = ModelCardData(library_name=library, tags=all_tags, base_model=base_hub_id)
+    data = ModelCardData(
+        library_name=library,
+        tags=all_tags,
+        base_model=base_hub_id,
+        base_model_relation=relation if base_hub_id else None,
+    )
     lines = [f"# {heading}", "", summary, ""]
     for number, adapter in enumerate(adapters, start=1):
         name = (

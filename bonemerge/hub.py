@@ -1,0 +1,207 @@
+"""The Hugging Face Hub: `org/name[@rev]` to a local folder, and a finished folder to a repo.
+
+Everything goes through `huggingface_hub`, so the normal cache, `HF_HOME`, `HF_TOKEN`,
+`HF_ENDPOINT` and `HF_HUB_OFFLINE` behave as in every other tool. Downloads take only what
+bonemerge reads: configs, tokenizer and chat-template files first, then exactly the weight
+files those name (the shards an index lists, never `*.bin` when safetensors exist, never
+other formats). Uploads happen only for a complete output, and a rerun of a failed upload
+resumes: huggingface_hub skips files the repo already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonemerge.errors import BonemergeError
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
+METADATA = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+SINGLE_WEIGHTS = ["model.safetensors", "adapter_model.safetensors"]
+
+
+class HubError(BonemergeError):
+    """The Hub could not give what was asked (missing repo, gated, offline and not cached)."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an input lives on disk, and the Hub repo it came from, if any."""
+
+    path: Path
+    hub_id: str | None = None
+    revision: str | None = None
+
+
+def parse_reference(reference: str, revision: str | None) -> tuple[str, str | None] | None:
+    """(`org/name`, revision) when `reference` names a Hub repo, else None."""
+    match = HUB_ID.match(reference)
+    if not match:
+        return None
+    pinned = match.group("revision")
+    if pinned and revision and pinned != revision:
+        raise BonemergeError(
+            f"{reference} pins revision {pinned!r} but {revision!r} was also given; pass one."
+        )
+    return match.group("repo"), pinned or revision
+
+
+def locate(reference: str | os.PathLike[str], revision: str | None = None, what: str = "--base") -> Location:
+    """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache."""
+    text = os.fspath(reference)
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision:
+            raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
+        return Location(path)
+    parsed = parse_reference(text, revision)
+    if parsed is None:
+        return Location(path)
+    repo, rev = parsed
+    return Location(download(repo, rev), repo, rev)
+
+
+def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = constants.ENDPOINT
+    if isinstance(exc, GatedRepoError):
+        return HubError(
+            f"{repo} is gated on {where}: accept its conditions on its Hub page and set HF_TOKEN to a token "
+            "of an account with access."
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(
+            f"{repo} is neither a local folder nor a repo on {where}; check the name, or set HF_TOKEN if "
+            "the repo is private."
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{repo} has no revision {revision!r} on {where}; check the branch, tag or commit.")
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        return HubError(
+            f"{repo}{'@' + revision if revision else ''} is not in the local Hub cache "
+            f"({constants.HF_HUB_CACHE}) and the Hub cannot be reached (HF_HUB_OFFLINE is set or the "
+            "network is down); download it once online, or pass a local folder."
+        )
+    return HubError(f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.")
+
+
+def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
+        raise _explain(exc, repo, revision) from None
+
+
+def weight_patterns(folder: Path) -> list[str]:
+    """The weight files a downloaded metadata snapshot calls for: an index's shards, or the
+    single-file names, plus safetensors in sub-folders that carry their own config (modules
+    such as sentence-transformers' Dense layers)."""
+    patterns: list[str] = []
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    for index in indexes:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except ValueError:
+            weight_map = {}
+        patterns += sorted(set(weight_map.values()) if isinstance(weight_map, dict) else [])
+    if not indexes:
+        patterns += SINGLE_WEIGHTS
+    patterns += sorted({f"{p.parent.relative_to(folder)}/*.safetensors" for p in folder.glob("*/*.json")})
+    return patterns
+
+
+def download(repo: str, revision: str | None = None) -> Path:
+    """Fetch `repo` into the Hub cache: metadata first, then the weights it names."""
+    folder = _snapshot(repo, revision, METADATA)
+    folder = _snapshot(repo, revision, METADATA + weight_patterns(folder))
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        folder = _snapshot(repo, revision, [*METADATA, "adapter_model.bin"])
+    return folder
+
+
+@dataclass(frozen=True)
+class Push:
+    """Where and how to publish an output: `--push-to-hub REPO_ID` and its options."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+    token: str | None = None
+
+    def check(self) -> None:
+        """Everything about the push that can be known wrong before any work starts."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if HUB_ID.match(self.repo_id) is None or "@" in self.repo_id:
+            raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id; write it as org/name.")
+        if self.create_pr and self.revision:
+            raise BonemergeError(
+                "--create-pr opens a pull request against main; it cannot be combined with --revision."
+            )
+        try:
+            HfApi(token=self.token).whoami()
+        except (HfHubHTTPError, OSError) as exc:
+            raise HubError(
+                f"pushing to {self.repo_id} needs a valid Hub token ({exc}); set HF_TOKEN or pass --token."
+            ) from None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a pushed folder landed."""
+
+    repo_id: str
+    url: str
+    commit: str
+    pull_request: str | None
+
+
+def push_folder(folder: Path, push: Push) -> PushResult:
+    """Create the repo if needed and upload `folder`; a rerun resumes a failed upload."""
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=push.token)
+    card = folder / "README.md"
+    if card.is_file():
+        try:
+            ModelCard(card.read_text(encoding="utf-8")).validate()
+        except ValueError as exc:
+            raise HubError(
+                f"the model card {card} was refused by the Hub: {exc}; fix its metadata."
+            ) from None
+    try:
+        api.create_repo(push.repo_id, private=push.private, exist_ok=True)
+        if push.revision and not push.revision.startswith("refs/pr/"):
+            api.create_branch(push.repo_id, branch=push.revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=folder,
+            repo_id=push.repo_id,
+            revision=push.revision,
+            create_pr=push.create_pr,
+            commit_message=push.commit_message or f"Upload {folder.name} with bonemerge",
+        )
+    except (HfHubHTTPError, OSError) as exc:
+        raise HubError(
+            f"pushing {folder} to {push.repo_id} failed: {exc}; the local output is complete, run "
+            f"`bonemerge push {folder} {push.repo_id}` with the same options to resume "
+            "(files already uploaded are skipped)."
+        ) from None
+    return PushResult(push.repo_id, info.pr_url or info.commit_url, info.oid, info.pr_revision)
