@@ -77,6 +77,8 @@ def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
     """Refuse NaN/Inf in any block before the output is even created."""
     import torch
 
+    from bonemerge.engine import all_finite
+
     with RangeReader() as reader:
         for adapter in adapters:
             for block in adapter.blocks:
@@ -88,7 +90,7 @@ def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
                     values = (
                         torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)) if raw else torch.empty(0)
                     )
-                if not torch.isfinite(values).all():
+                if not all_finite(values):
                     raise AdapterError(
                         f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
                         "is broken (its training diverged), nothing was written."

@@ -119,12 +119,18 @@ def prepare(
     shape: tuple[int, int],
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    inverse: bool = False,
 ) -> BlockMaths:
-    """Ready a block for a weight of `shape` (out, in), in the compute dtype and device."""
+    """Ready a block for a weight of `shape` (out, in), in the compute dtype and device; with
+    `inverse`, everything unmerging needs is computed now, so the result is safe to share
+    between threads."""
     out_features, in_features = shape
     block = block.to(device=device, dtype=dtype)
     if variant == "bat":
-        return BatBlock(block.contiguous(), in_features)
+        prepared = BatBlock(block.contiguous(), in_features)
+        if inverse:
+            prepared.inverse()
+        return prepared
     if variant == "mini":
         block = expand_mini(block, out_features)
     return AdditiveBlock(block.t().contiguous(), in_features)

@@ -133,7 +133,10 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
                 step, ref = chunk.step, merged.tensors[chunk.step.name]
                 tally = tallies.setdefault(step.name, _Tally())
                 if chunk.data is not None:
-                    tally.add(chunk.data, _rows(reader, ref, chunk.start, chunk.stop), step.dtype)
+                    try:
+                        tally.add(chunk.data, _rows(reader, ref, chunk.start, chunk.stop), step.dtype)
+                    finally:
+                        chunk.release()
                     continue
                 cols = math.prod(step.shape) // max(chunk.stop, 1)
                 size = max(1, CHUNK_ELEMENTS // max(cols, 1))
