@@ -121,20 +121,21 @@ def _open_model(
     adapter_name: str | None,
     base_revision: str | None,
     adapter_revision: str | None,
+    progress: bool = False,
 ) -> _Model:
     """A plain base plus adapter folders, one full PEFT checkpoint standing for both, or one
     adapter whose config names its base (`base_model_name_or_path` and `revision`)."""
     if adapters:
-        location = locate(reference, base_revision, "--base")
+        location = locate(reference, base_revision, "--base", progress)
         checkpoint = open_checkpoint(location.path)
         if is_training_checkpoint(checkpoint):
             raise BonemergeError(
                 f"{reference} is a full PEFT checkpoint that carries its own adapter; pass it alone "
                 "(bonemerge merge CHECKPOINT --output OUT)."
             )
-        loaded = [load_adapter(locate(a, adapter_revision, "--adapter").path) for a in adapters]
+        loaded = [load_adapter(locate(a, adapter_revision, "--adapter", progress).path) for a in adapters]
         return _Model(checkpoint, checkpoint, loaded, location.hub_id or _hub_id_of(loaded[0]))
-    location = locate(reference, adapter_revision, "--adapter")
+    location = locate(reference, adapter_revision, "--adapter", progress)
     if _is_adapter_folder(location.path):
         adapter = load_adapter(location.path)
         named = adapter.config.base_model
@@ -143,7 +144,7 @@ def _open_model(
                 f"{reference} is an adapter whose config does not name its base model; pass the base first."
             )
         revision = base_revision or adapter.config.raw.get("revision") or None
-        base = locate(named, revision, "--base")
+        base = locate(named, revision, "--base", progress)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -266,7 +267,7 @@ def merge(
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
-    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
+    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
     target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
     if push is not None:
         push.check()
@@ -329,8 +330,8 @@ def unmerge(
     options = _options(device, precision, safe_merge, progress)
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
-    checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
-    loaded = [load_adapter(locate(a, adapter_revision, "--adapter").path) for a in adapters]
+    checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
+    loaded = [load_adapter(locate(a, adapter_revision, "--adapter", progress).path) for a in adapters]
     target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
     if push is not None:
         push.check()
@@ -404,7 +405,7 @@ def unload(
 
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
-    location = locate(checkpoint, None, "CHECKPOINT")
+    location = locate(checkpoint, None, "CHECKPOINT", progress)
     given, training = _training(location)
     adapters = [] if original_modules else [training.adapter(adapter_name)]
     target = check_output(output, [_input_path(given)], overwrite)

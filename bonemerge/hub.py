@@ -49,7 +49,12 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
     return match.group("repo"), pinned or revision
 
 
-def locate(reference: str | os.PathLike[str], revision: str | None = None, what: str = "--base") -> Location:
+def locate(
+    reference: str | os.PathLike[str],
+    revision: str | None = None,
+    what: str = "--base",
+    progress: bool = False,
+) -> Location:
     """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache."""
     text = os.fspath(reference)
     path = Path(text).expanduser()
@@ -61,7 +66,7 @@ def locate(reference: str | os.PathLike[str], revision: str | None = None, what:
     if parsed is None:
         return Location(path)
     repo, rev = parsed
-    return Location(download(repo, rev), repo, rev)
+    return Location(download(repo, rev, progress), repo, rev)
 
 
 def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
@@ -96,14 +101,21 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
     return HubError(f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.")
 
 
-def _snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
+def _snapshot(repo: str, revision: str | None, patterns: list[str], progress: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    silenced = not progress and not are_progress_bars_disabled()
+    if silenced:
+        disable_progress_bars()
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
         raise _explain(exc, repo, revision) from None
+    finally:
+        if silenced:
+            enable_progress_bars()
 
 
 def weight_patterns(folder: Path) -> list[str]:
@@ -124,12 +136,12 @@ def weight_patterns(folder: Path) -> list[str]:
     return patterns
 
 
-def download(repo: str, revision: str | None = None) -> Path:
+def download(repo: str, revision: str | None = None, progress: bool = False) -> Path:
     """Fetch `repo` into the Hub cache: metadata first, then the weights it names."""
-    folder = _snapshot(repo, revision, METADATA)
-    folder = _snapshot(repo, revision, METADATA + weight_patterns(folder))
+    folder = _snapshot(repo, revision, METADATA, progress)
+    folder = _snapshot(repo, revision, METADATA + weight_patterns(folder), progress)
     if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
-        folder = _snapshot(repo, revision, [*METADATA, "adapter_model.bin"])
+        folder = _snapshot(repo, revision, [*METADATA, "adapter_model.bin"], progress)
     return folder
 
 
@@ -198,7 +210,8 @@ def push_folder(folder: Path, push: Push) -> PushResult:
             create_pr=push.create_pr,
             commit_message=push.commit_message or f"Upload {folder.name} with bonemerge",
         )
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, RuntimeError) as exc:
+        # An LFS upload that fails arrives as a RuntimeError wrapping the HTTP error.
         raise HubError(
             f"pushing {folder} to {push.repo_id} failed: {exc}; the local output is complete, run "
             f"`bonemerge push {folder} {push.repo_id}` with the same options to resume "
