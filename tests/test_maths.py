@@ -79,19 +79,33 @@ def test_bat_unmerge_refuses_singular_blocks():
         prepared.unmerge(torch.zeros(12, 8), 0)
 
 
-def test_engine_output_does_not_depend_on_chunk_size(tmp_path, monkeypatch):
-    """Tiny chunks (many read-ahead items, Bat rounded to whole tiles) give identical bytes."""
+@pytest.mark.parametrize(
+    ("chunk", "compute", "threads"),
+    [(100, 100, 1), (100, 100, 2), (4096, 640, 2), (1 << 22, 1 << 18, 2)],
+    ids=["tiny-serial", "tiny-parallel", "medium-parallel", "default-sub-chunks"],
+)
+def test_engine_output_does_not_depend_on_chunking_or_threads(tmp_path, monkeypatch, chunk, compute, threads):
+    """However chunks, sub-chunks and compute threads divide the work (Bat rounded to whole
+    tiles, two threads computing chunks side by side), the bytes written are exactly those of
+    one whole-tensor pass on one thread."""
     base = toy.write_base(tmp_path / "base", toy.base_tensors(torch.bfloat16), shards=2)
     adapters = [
         toy.write_adapter(tmp_path / "bone", seed=1),
         toy.write_adapter(tmp_path / "bat", variant="bat", r=16, seed=2),
         toy.write_adapter(tmp_path / "mini", method="MISS", variant="mini", r=8, mini_r=4, seed=3),
     ]
-    merge(base, adapters, tmp_path / "big")
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
-    merge(base, adapters, tmp_path / "small")
-    for shard in (tmp_path / "big").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "small" / shard.name).read_bytes()
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(engine, "COMPUTE_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(engine, "COMPUTE_THREADS", 1)
+    merge(base, adapters, tmp_path / "whole")
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(engine, "COMPUTE_ELEMENTS", compute)
+    monkeypatch.setattr(engine, "COMPUTE_THREADS", threads)
+    merge(base, adapters, tmp_path / "split")
+    shards = sorted((tmp_path / "whole").glob("*.safetensors"))
+    assert len(shards) == 2
+    for shard in shards:
+        assert shard.read_bytes() == (tmp_path / "split" / shard.name).read_bytes()
 
 
 def test_chunk_rows_keep_bat_tiles_whole(monkeypatch):

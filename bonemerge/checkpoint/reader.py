@@ -27,6 +27,8 @@ class RangeReader:
             except OSError as exc:
                 raise CheckpointError(f"cannot open {path}: {exc.strerror or exc}.") from None
             self._fds[path] = fd
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
     def readinto(self, path: Path, offset: int, view: memoryview) -> None:

@@ -23,7 +23,10 @@ _ALIGN = 8
 METADATA = {"format": "pt"}
 FLUSH_EVERY = 16 << 20
 WRITE_PIECE = 512 << 10
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+_DROP_BEHIND = 8  # ranges of FLUSH_EVERY bytes kept in the page cache before being dropped
 
 
 def _sync_file_range() -> object | None:
@@ -99,6 +102,7 @@ class ShardWriter:
         self._copy_file_range = hasattr(os, "copy_file_range")
         self._written = 0
         self._flushed = 0
+        self._in_flight: list[tuple[int, int]] = []
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -120,11 +124,23 @@ class ShardWriter:
 
     def _start_writeback(self) -> None:
         """Hand what was written so far to the disk now, so the final fsync has little left to
-        wait for and writing overlaps with the rest of the work (cp + sync cannot do that)."""
+        wait for and writing overlaps with the rest of the work (cp + sync cannot do that).
+
+        Older ranges are then waited for and dropped from the page cache: the output of a 70B
+        merge is larger than memory, and left cached it would evict the input still to be read.
+        Waiting also bounds how far writing can run ahead of the disk.
+        """
         self._written = os.lseek(self._fd, 0, os.SEEK_CUR)
-        if _START_WRITEBACK is not None and self._written - self._flushed >= FLUSH_EVERY:
-            _START_WRITEBACK(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
-            self._flushed = self._written
+        if _START_WRITEBACK is None or self._written - self._flushed < FLUSH_EVERY:
+            return
+        _START_WRITEBACK(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
+        self._in_flight.append((self._flushed, self._written - self._flushed))
+        self._flushed = self._written
+        if len(self._in_flight) > _DROP_BEHIND:
+            offset, size = self._in_flight.pop(0)
+            wait = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+            _START_WRITEBACK(self._fd, offset, size, wait)
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_DONTNEED)
 
     @property
     def current(self) -> str:
