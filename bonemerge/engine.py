@@ -35,11 +35,11 @@ from bonemerge.pipeline import Pool, Worker
 if TYPE_CHECKING:
     from bonemerge.plan import Plan, Step
 
-CHUNK_ELEMENTS = 4 << 20
+CHUNK_ELEMENTS = 2 << 20
 COMPUTE_ELEMENTS = 1 << 18
 COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 READ_AHEAD = 3
-WRITE_BEHIND = 8
+WRITE_BEHIND = 6
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,29 +148,53 @@ def parse_header(raw: bytes, file_size: int) -> Header:
     return Header({t.name: t for t in ordered}, metadata, data_start, file_size)
 
 
+def _decode(read: Callable[[int], bytes], file_size: int) -> Header:
+    """The length prefix, then the header it announces, read through `read(n)` only once the
+    file is known to be that long: a lying prefix never makes the parser allocate more."""
+    prefix = read(_LENGTH.size)
+    if len(prefix) < _LENGTH.size:
+        raise _Invalid(f"it is {file_size} bytes long, too short for a header")
+    (length,) = _LENGTH.unpack(prefix)
+    if length > MAX_HEADER_BYTES:
+        raise _Invalid(f"its header length {length} exceeds the limit of 100,000,000")
+    if length > file_size - _LENGTH.size:
+        raise _Invalid(
+            f"its header length {length} runs past the end of the file "
+            f"({file_size} bytes; truncated or not safetensors)"
+        )
+    raw = read(length)
+    if len(raw) != length:
+        raise _Invalid("the file shrank while its header was read")
+    return parse_header(raw, file_size)
+
+
+def _invalid(where: object, exc: _Invalid) -> CheckpointError:
+    return CheckpointError(f"{where} is not a valid safetensors file: {exc}; re-download or re-save it.")
+
+
+def header_from_bytes(data: bytes, name: str = "<bytes>") -> Header:
+    """Validate the header of a whole safetensors file held in memory (fuzzing, tests)."""
+    view = memoryview(data)
+    position = 0
+
+    def read(size: int) -> bytes:
+        nonlocal position
+        chunk = bytes(view[position : position + size])
+        position += len(chunk)
+        return chunk
+
+    try:
+        return _decode(read, len(data))
+    except _Invalid as exc:
+        raise _invalid(name, exc) from None
+
+
 def read_header(path: Path) -> Header:
     """Read and validate the header of the safetensors file at `path`."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(_LENGTH.size)
-            if len(prefix) < _LENGTH.size:
-                raise _Invalid(f"it is {file_size} bytes long, too short for a header")
-            (length,) = _LENGTH.unpack(prefix)
-            if length > MAX_HEADER_BYTES:
-                raise _Invalid(f"its header length {length} exceeds the limit of 100,000,000")
-            if length > file_size - _LENGTH.size:
-                raise _Invalid(
-                    f"its header length {length} runs past the end of the file "
-                    f"({file_size} bytes; truncated or not safetensors)"
-                )
-            raw = f.read(length)
-            if len(raw) != length:
-                raise _Invalid("the file shrank while its header was read")
-            return parse_header(raw, file_size)
+            return _decode(f.read, os.fstat(f.fileno()).st_size)
     except _Invalid as exc:
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file: {exc}; re-download or re-save it."
-        ) from None
+        raise _invalid(path, exc) from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
