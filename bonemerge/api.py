@@ -73,28 +73,55 @@ def _shard_bytes(max_shard_size: str | int | None) -> int | None:
     return layout.parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
 
 
-def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
-    """Refuse NaN/Inf in any block before the output is even created."""
+def _blocks(adapters: Sequence[Adapter]):
+    """Every block of `adapters` as a tensor, read one at a time."""
     import torch
-
-    from bonemerge.engine import all_finite
 
     with RangeReader() as reader:
         for adapter in adapters:
             for block in adapter.blocks:
                 source = block.tensor
                 if isinstance(source, MemoryTensor):
-                    values = source.tensor
-                else:
-                    raw = reader.read(source.path, source.offset, source.nbytes)
-                    values = (
-                        torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)) if raw else torch.empty(0)
-                    )
-                if not all_finite(values):
-                    raise AdapterError(
-                        f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
-                        "is broken (its training diverged), nothing was written."
-                    )
+                    yield adapter, block, source.tensor
+                    continue
+                raw = reader.read(source.path, source.offset, source.nbytes)
+                if not raw:
+                    yield adapter, block, torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
+                    continue
+                yield (
+                    adapter,
+                    block,
+                    torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).view(source.shape),
+                )
+
+
+def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
+    """Refuse NaN/Inf in any block before the output is even created."""
+    from bonemerge.engine import all_finite
+
+    for adapter, block, values in _blocks(adapters):
+        if not all_finite(values):
+            raise AdapterError(
+                f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
+                "is broken (its training diverged), nothing was written."
+            )
+
+
+def check_invertible(adapters: Sequence[Adapter]) -> None:
+    """Refuse, before any output exists, a Bat block whose I + B cannot be inverted reliably."""
+    import torch
+
+    from bonemerge import maths
+    from bonemerge.errors import MergeError
+
+    for adapter, block, values in _blocks(adapters):
+        if block.variant != "bat":
+            continue
+        r = values.shape[-1]
+        try:
+            maths.prepare("bat", values, (values.shape[0] * r, r), torch.float64, inverse=True)
+        except MergeError as exc:
+            raise MergeError(f"block {block.key} of {adapter.root}: {exc}; nothing was written.") from None
 
 
 def _input_path(checkpoint: Checkpoint) -> Path:
@@ -188,6 +215,7 @@ def _write_model(
     adapters: Sequence[Adapter],
     target: Path,
     overwrite: bool,
+    resume: bool,
     options,
     card: str,
     command: str | None,
@@ -195,21 +223,37 @@ def _write_model(
     tokenizer_from_adapters: bool,
     push: Push | None,
 ) -> Report:
-    """Stream `plan` into a staging folder with index, companions, card and manifest; publish."""
+    """Stream `plan` into the staging folder with index, companions, card and a manifest of
+    every file's SHA-256, checking that no input changes meanwhile; then publish."""
     from bonemerge import companions
+    from bonemerge.checkpoint.reader import InputWatch
+    from bonemerge.checkpoint.writer import file_sha256
     from bonemerge.engine import write_plan
 
     check_free_space(target, plan.file_bytes)
-    with Staging(target) as staging:
-        stats = write_plan(plan, staging.path, options)
-        files = [s.filename for s in plan.shards]
+    fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
+    watch = InputWatch(plan.input_files(), {s.path: (s.size, s.mtime_ns) for s in source.shards})
+    notes = list(plan.notes)
+    with Staging(target, fingerprint, resume) as staging:
+        if staging.reused:
+            notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
+
+        def shard_done(file: str, size: int, digest: str) -> None:
+            watch.check()
+            staging.record(file, size, digest)
+
+        stats = write_plan(plan, staging.path, options, skip=staging.finished, shard_done=shard_done)
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
-            files.append(plan.index_name)
         roots = [a.root for a in adapters] if tokenizer_from_adapters else []
-        files += companions.write_companions(source, roots, plan.config_updates, staging.path)
+        companions.write_companions(source, roots, plan.config_updates, staging.path)
         (staging.path / "README.md").write_text(card, encoding="utf-8")
+        files = {}
+        for path in sorted(p for p in staging.path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            name = str(path.relative_to(staging.path))
+            size, digest = staging.finished.get(name) or (path.stat().st_size, file_sha256(path))
+            files[name] = {"bytes": size, "sha256": digest}
         manifest = {
             "bonemerge": __version__,
             "operation": operation,
@@ -218,9 +262,10 @@ def _write_model(
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
             "command": command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
         }
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        files += ["README.md", MANIFEST]
+        watch.check()
         pushed = _publish(staging, overwrite, push, open_checkpoint)
     return Report(
         operation=operation,
@@ -231,8 +276,8 @@ def _write_model(
         tensors_converted=stats.converted,
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - began, 3),
-        files=sorted(files),
-        notes=list(plan.notes),
+        files=sorted([*files, MANIFEST]),
+        notes=notes,
         pushed_to=pushed,
     )
 
@@ -251,6 +296,7 @@ def merge(
     device: str = "cpu",
     precision: str = "auto",
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
@@ -296,6 +342,7 @@ def merge(
         adapters=model.adapters,
         target=target,
         overwrite=overwrite,
+        resume=resume,
         options=options,
         card=card,
         command=command,
@@ -318,6 +365,7 @@ def unmerge(
     device: str = "cpu",
     precision: str = "auto",
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
@@ -344,6 +392,7 @@ def unmerge(
         allow_lossy=allow_lossy,
     )
     check_blocks_finite(loaded)
+    check_invertible(loaded)
     name = _input_path(checkpoint).name
     card = render_card(
         heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} taken out",
@@ -363,6 +412,7 @@ def unmerge(
         adapters=loaded,
         target=target,
         overwrite=overwrite,
+        resume=resume,
         options=options,
         card=card,
         command=command,
@@ -391,6 +441,7 @@ def unload(
     dtype: str = "auto",
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
@@ -439,6 +490,7 @@ def unload(
         adapters=[],
         target=target,
         overwrite=overwrite,
+        resume=resume,
         options=options,
         card=card,
         command=command,
@@ -571,3 +623,18 @@ def verify(
     report = verify_plan(plan, merged_checkpoint, options)
     report.seconds = round(time.perf_counter() - began, 3)
     return report
+
+
+def verify_checksums(merged: PathLike):
+    """Check every file of a bonemerge output against the SHA-256 its manifest recorded."""
+    from bonemerge.checkpoint import read_json
+    from bonemerge.verify import verify_checksums as check
+
+    folder = locate(merged, None, "MERGED").path
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise BonemergeError(
+            f"{folder} has no {MANIFEST}, so there are no recorded checksums; it was not written by "
+            "bonemerge (verify it against its base instead)."
+        )
+    return check(folder, read_json(manifest))

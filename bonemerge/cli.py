@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -20,19 +21,33 @@ from bonemerge.checkpoint.layout import parse_size
 from bonemerge.errors import BonemergeError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so that the same cleanup runs; exits 143, not 130."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's errors and interrupts into one line and the documented exit code."""
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except BonemergeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            click.echo(
+                f"{'terminated' if terminated else 'interrupted'}; the output was left as it was.", err=True
+            )
+            sys.exit(143 if terminated else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return run
 
@@ -76,6 +91,12 @@ def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
 _output = click.option("-o", "--output", required=True, type=click.Path(), help="Folder to create.")
 _overwrite = click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, only on success)."
+)
+_resume = click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse the shards an interrupted or crashed run of the same command finished (checked by "
+    "SHA-256); on failure, keep this run's finished shards for the next --resume.",
 )
 _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 _as_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -194,6 +215,7 @@ def main() -> None:
     _shard,
     _compute,
     _overwrite,
+    _resume,
     _quiet,
     _as_json,
     _push_to_hub,
@@ -229,7 +251,9 @@ def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **op
     is_flag=True,
     help="Keep trained modules_to_save copies and biases, whose originals cannot be recovered.",
 )
-@_options(_output, _adapter_revision, _dtype, _shard, _compute, _overwrite, _quiet, _as_json, _push_to_hub)
+@_options(
+    _output, _adapter_revision, _dtype, _shard, _compute, _overwrite, _resume, _quiet, _as_json, _push_to_hub
+)
 @_reported
 def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
     """Take ADAPTERS back out of the merged model at MERGED.
@@ -255,7 +279,7 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     is_flag=True,
     help="Keep the original modules_to_save modules, not the trained copies.",
 )
-@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _quiet, _as_json, _push_to_hub)
+@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _resume, _quiet, _as_json, _push_to_hub)
 @_reported
 def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Write the plain base model inside a full PEFT CHECKPOINT, without merging its blocks.
@@ -341,23 +365,57 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@click.option("--base", required=True, type=click.Path(), help="The model the adapters were merged into.")
+@click.option("--base", type=click.Path(), help="The model the adapters were merged into.")
+@click.option(
+    "--checksums",
+    is_flag=True,
+    help="Check every file against the SHA-256 recorded in bonemerge.json (no base needed).",
+)
 @_options(_adapter_name, _base_revision, _adapter_revision, _as_json)
 @click.option("--device", default="cpu", show_default=True, help="Where the maths runs.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp64"]), default="auto", show_default=True)
 @_reported
-def verify(merged: str, adapters: tuple[str, ...], base: str, as_json: bool, **options: Any) -> None:
-    """Recompute the merge of ADAPTERS into --base and compare it with MERGED, tensor by tensor.
+def verify(
+    merged: str, adapters: tuple[str, ...], base: str | None, checksums: bool, as_json: bool, **options: Any
+) -> None:
+    """Check MERGED: recompute the merge of ADAPTERS into --base and compare tensor by tensor,
+    and/or (--checksums) compare its files with the checksums bonemerge recorded.
 
-    Exits 0 only when untouched tensors are identical and merged ones agree within one unit in
-    the last place of their dtype.
+    Exits 0 only when untouched tensors are identical, merged ones agree within rounding (one
+    unit in the last place of their dtype at the row's scale, plus fp32 product error for
+    Bat), and, with --checksums, every recorded file is intact.
     """
     from bonemerge.api import verify as run
+    from bonemerge.api import verify_checksums
 
-    report = run(merged, base, adapters, **options)
+    if base is None and not checksums:
+        raise click.UsageError("pass --base BASE (and the adapters) to recompute the merge, or --checksums.")
+    results = {}
+    if checksums:
+        results["checksums"] = verify_checksums(merged)
+    if base is not None:
+        results["tensors"] = run(merged, base, adapters, **options)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
     else:
+        _print_verification(results)
+    if not all(r.ok for r in results.values()):
+        sys.exit(1)
+
+
+def _print_verification(results: dict[str, Any]) -> None:
+    if "checksums" in results:
+        report = results["checksums"]
+        click.echo(
+            f"checksums: {len(report.matching)} files intact, {len(report.differing)} differing, "
+            f"{len(report.missing)} missing"
+        )
+        for name in report.differing:
+            click.echo(f"differs: {name}")
+        for name in report.missing:
+            click.echo(f"missing: {name}")
+    if "tensors" in results:
+        report = results["tensors"]
         click.echo(
             f"{report.identical} identical, {report.within_rounding} within rounding, "
             f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
@@ -374,8 +432,6 @@ def verify(merged: str, adapters: tuple[str, ...], base: str, as_json: bool, **o
             click.echo(f"extra: {name}")
         for line in report.mismatched:
             click.echo(f"mismatch: {line}")
-    if not report.ok:
-        sys.exit(1)
 
 
 @main.command()

@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from bonemerge.errors import BonemergeError, MergeError
 from bonemerge.pipeline import Pool, Worker
 
 if TYPE_CHECKING:
+    from bonemerge.checkpoint.layout import ShardPlan
     from bonemerge.plan import Plan, Step
 
 CHUNK_ELEMENTS = 2 << 20
@@ -400,23 +401,35 @@ class _Progress:
             self._bar.close()
 
 
-class _Shards:
-    """The writer thread's side: opens each shard when its first bytes arrive, in plan order."""
+ShardDone = Callable[[str, int, str], None]
 
-    def __init__(self, plan: Plan, folder: Path, progress: _Progress) -> None:
-        self._plan = plan
+
+class _Shards:
+    """The writer thread's side: opens each shard when its first bytes arrive, in plan order,
+    and reports each finished (fsynced) shard with its size and SHA-256."""
+
+    def __init__(
+        self, shards: Sequence[ShardPlan], folder: Path, progress: _Progress, done: ShardDone
+    ) -> None:
+        self._shards = list(shards)
         self._folder = folder
         self._progress = progress
-        self._index = {e.name: i for i, shard in enumerate(plan.shards) for e in shard.entries}
+        self._done = done
+        self._index = {e.name: i for i, shard in enumerate(self._shards) for e in shard.entries}
         self._writer: ShardWriter | None = None
         self._opened = -1
 
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            size, digest = self._writer.close()
+            self._writer = None
+            self._done(self._shards[self._opened].filename, size, digest)
+
     def _through(self, index: int) -> ShardWriter:
         while self._opened < index:
-            if self._writer is not None:
-                self._writer.close()
+            self._close_current()
             self._opened += 1
-            shard = self._plan.shards[self._opened]
+            shard = self._shards[self._opened]
             self._writer = ShardWriter(self._folder / shard.filename, shard.entries, METADATA)
         assert self._writer is not None
         return self._writer
@@ -434,21 +447,31 @@ class _Shards:
             release()
 
     def finish(self) -> None:
-        self._through(len(self._plan.shards) - 1).close()
-        self._writer = None
+        if self._shards:
+            self._through(len(self._shards) - 1)
+            self._close_current()
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
 
 
-def write_plan(plan: Plan, folder: Path, options: EngineOptions) -> EngineStats:
-    """Write every shard of `plan` into `folder`, each in one sequential pass, writes and
-    fsyncs on a writer thread while the next chunks are computed."""
-    steps = [plan.steps[e.name] for shard in plan.shards for e in shard.entries]
+def write_plan(
+    plan: Plan,
+    folder: Path,
+    options: EngineOptions,
+    *,
+    skip: Container[str] = (),
+    shard_done: ShardDone = lambda name, size, digest: None,
+) -> EngineStats:
+    """Write the shards of `plan` not named in `skip` into `folder`, each in one sequential pass;
+    writes and fsyncs run on a writer thread while the next chunks are computed, and
+    `shard_done(file, size, sha256)` is called as each shard becomes durable."""
+    shards = [shard for shard in plan.shards if shard.filename not in skip]
+    steps = [plan.steps[e.name] for shard in shards for e in shard.entries]
     engine = Engine(steps, options)
-    progress = _Progress(plan.total_bytes, options.progress)
-    shards = _Shards(plan, folder, progress)
+    progress = _Progress(sum(s.data_bytes for s in shards), options.progress)
+    files = _Shards(shards, folder, progress, shard_done)
     writer = Worker("bonemerge-writer", depth=WRITE_BEHIND + 1)
     stats = EngineStats()
     try:
@@ -456,20 +479,20 @@ def write_plan(plan: Plan, folder: Path, options: EngineOptions) -> EngineStats:
             step = chunk.step
             if chunk.data is None:
                 fd = engine.reader.fd(step.source.path)
-                writer.submit(lambda s=step, fd=fd: shards.copy(s.name, fd, s.source.offset, s.nbytes))
+                writer.submit(lambda s=step, fd=fd: files.copy(s.name, fd, s.source.offset, s.nbytes))
                 stats.copied += 1
                 stats.bytes_written += step.nbytes
                 continue
-            writer.submit(lambda c=chunk: shards.write(c.step.name, c.data, c.release), chunk.release)
+            writer.submit(lambda c=chunk: files.write(c.step.name, c.data, c.release), chunk.release)
             stats.bytes_written += chunk.data.numel() * chunk.data.element_size()
             if chunk.start == 0:
                 stats.merged += bool(step.ops)
                 stats.converted += not step.ops
-        writer.submit(shards.finish)
+        writer.submit(files.finish)
         writer.close()
     except BaseException:
         writer.close(discard=True)
-        shards.abort()
+        files.abort()
         raise
     finally:
         progress.close()

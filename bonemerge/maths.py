@@ -16,6 +16,7 @@ independent check used by the demo and the tests.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -71,6 +72,15 @@ class BatBlock(BlockMaths):
         self.row_multiple = self.r
         self.columns = in_features // self.r
         self._inverse: torch.Tensor | None = None
+        self._scratch = threading.local()
+
+    def _product(self, tiles: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """tiles @ factor into this thread's reused buffer (a fresh tensor per chunk would make
+        the allocator keep ever more memory across threads)."""
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.numel() < tiles.numel():
+            buffer = self._scratch.buffer = torch.empty(tiles.numel(), dtype=tiles.dtype, device=tiles.device)
+        return torch.bmm(tiles, factor, out=buffer[: tiles.numel()].view(tiles.shape))
 
     def _tiles(self, work: torch.Tensor) -> torch.Tensor:
         # (k, r*columns, r): for output block a, every row i of every tile c, as rows of a bmm.
@@ -79,7 +89,7 @@ class BatBlock(BlockMaths):
     def merge(self, work: torch.Tensor, row0: int) -> None:
         a0, k = row0 // self.r, work.shape[0] // self.r
         b = self.block[a0 : a0 + k]
-        delta = torch.bmm(self._tiles(work), b)
+        delta = self._product(self._tiles(work), b)
         delta.view(k, self.r, self.columns, self.r).add_(b.unsqueeze(2))
         work.add_(delta.view_as(work))
 
@@ -105,7 +115,7 @@ class BatBlock(BlockMaths):
         b = self.block[a0 : a0 + k]
         work.view(k, self.r, self.columns, self.r).sub_(b.unsqueeze(2))
         tiles = self._tiles(work)
-        tiles.copy_(torch.bmm(tiles, self.inverse()[a0 : a0 + k]))
+        tiles.copy_(self._product(tiles, self.inverse()[a0 : a0 + k]))
 
 
 def expand_mini(block: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -8,8 +8,11 @@ instant the path holds either the old complete result or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import shutil
 import uuid
@@ -87,26 +90,136 @@ def check_free_space(output: Path, needed: int) -> None:
         )
 
 
-class Staging:
-    """A hidden folder beside `output` that becomes `output` on `publish`, or vanishes."""
+class _Lock:
+    """An exclusive `flock` on a file beside the output: the kernel drops it when the process
+    dies, however it dies, so a crash never leaves the output locked."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, path: Path, output: Path) -> None:
+        self.path = path
         self.output = output
-        self.path = output.parent / f".{output.name}.bonemerge-{uuid.uuid4().hex[:12]}"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(
+                    f"another bonemerge run is writing {self.output} (it holds {self.path}); wait for it "
+                    "to finish, or choose another output."
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file that its last holder unlinked while we waited
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Staging:
+    """A hidden folder beside `output` that becomes `output` on `publish`, or vanishes.
+
+    The folder's name is fixed (`.NAME.bonemerge-partial`) and it records a fingerprint of the
+    plan and, as each shard becomes durable, its size and SHA-256. A run started with `resume`
+    finds the folder an interrupted or crashed run left, and if the fingerprint is the same
+    keeps every shard whose bytes still match its record; anything else there is discarded.
+    Without `resume`, a failed run removes the folder; with it, the finished shards stay.
+    """
+
+    _PLAN = ".bonemerge-plan"
+    _PROGRESS = ".bonemerge-progress.jsonl"
+
+    def __init__(self, output: Path, fingerprint: str = "", resume: bool = False) -> None:
+        self.output = output
+        self.path = output.parent / f".{output.name}.bonemerge-partial"
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self.finished: dict[str, tuple[int, str]] = {}
+        self.reused: list[str] = []
         self.published = False
+        self._lock = _Lock(output.parent / f".{output.name}.bonemerge-lock", output)
 
     def __enter__(self) -> Staging:
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            self.path.mkdir()
         except OSError as exc:
             raise OutputError(
-                f"cannot create {self.path}: {exc.strerror or exc}; check the output location."
+                f"cannot create {self.output.parent}: {exc.strerror or exc}; check the output location."
             ) from None
+        self._lock.acquire()
+        try:
+            if self.path.exists() and self.resume:
+                self._reuse()
+            elif self.path.exists():
+                shutil.rmtree(self.path)  # left by a crashed run; we hold the lock, so no one owns it
+            self.path.mkdir(exist_ok=True)
+            (self.path / self._PLAN).write_text(self.fingerprint, encoding="utf-8")
+            fsync_path(self.path / self._PLAN)
+            fsync_path(self.path)
+        except BaseException as exc:
+            # Also on Ctrl-C here: `with` never runs __exit__ when __enter__ fails.
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, OSError):
+                raise OutputError(
+                    f"cannot prepare {self.path}: {exc.strerror or exc}; check the output location."
+                ) from None
+            raise
         return self
 
+    def _reuse(self) -> None:
+        """Keep the shards a previous run of the same plan finished and fsynced, if intact."""
+        from bonemerge.checkpoint.writer import file_sha256
+
+        plan = self.path / self._PLAN
+        if not plan.is_file() or plan.read_text(encoding="utf-8") != self.fingerprint:
+            shutil.rmtree(self.path)
+            return
+        records: dict[str, tuple[int, str]] = {}
+        progress = self.path / self._PROGRESS
+        if progress.is_file():
+            for line in progress.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    entry = json.loads(line)
+                    records[entry["file"]] = (int(entry["bytes"]), str(entry["sha256"]))
+        for file, (size, digest) in records.items():
+            path = self.path / file
+            if path.is_file() and path.stat().st_size == size and file_sha256(path) == digest:
+                self.finished[file] = (size, digest)
+        for path in self.path.iterdir():
+            if path.name not in self.finished and path.name not in (self._PLAN, self._PROGRESS):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.reused = sorted(self.finished)
+        progress.write_text(
+            "".join(
+                json.dumps({"file": f, "bytes": n, "sha256": d}) + "\n" for f, (n, d) in self.finished.items()
+            ),
+            encoding="utf-8",
+        )
+
+    def record(self, file: str, size: int, digest: str) -> None:
+        """Note a shard as durable (it was fsynced before this is called)."""
+        self.finished[file] = (size, digest)
+        with open(self.path / self._PROGRESS, "a", encoding="utf-8") as progress:
+            progress.write(json.dumps({"file": file, "bytes": size, "sha256": digest}) + "\n")
+            progress.flush()
+            os.fsync(progress.fileno())
+
     def publish(self, overwrite: bool) -> None:
-        """fsync everything, then move the folder into place in one step."""
+        """Drop the bookkeeping, fsync everything, then move the folder into place in one step."""
+        for name in (self._PLAN, self._PROGRESS):
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
         fsync_tree(self.path)
         if self.output.exists() and overwrite:
             if not _renameat2(self.path, self.output, _RENAME_EXCHANGE):
@@ -132,5 +245,8 @@ class Staging:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if not self.published:
-            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            if not self.published and not self.resume:
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._lock.release()

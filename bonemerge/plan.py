@@ -12,10 +12,13 @@ backwards with inverted blocks; unloading applies the saved full tensors and no 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from bonemerge.adapters import Adapter, Block, PrefixRule, closest, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
@@ -80,6 +83,44 @@ class Plan:
     def file_bytes(self) -> int:
         """Bytes the weight files will take on disk, headers included."""
         return sum(len(encode_header(s.entries, METADATA)) + s.data_bytes for s in self.shards)
+
+    def input_files(self) -> set[Path]:
+        """Every file the plan reads tensor bytes from."""
+        sources = [s.source for s in self.steps.values()] + [
+            op.block for s in self.steps.values() for op in s.ops
+        ]
+        return {source.path for source in sources if isinstance(source, TensorRef)}
+
+    def fingerprint(self, **settings: object) -> str:
+        """A digest of everything that decides the output's bytes: layout, recipes, the input
+        files as they are now (size and modification time), and `settings`. Two plans with the
+        same fingerprint write the same files, which is what makes resuming safe."""
+
+        def describe(source: Source) -> list:
+            if isinstance(source, TensorRef):
+                stat = source.path.stat()
+                return [str(source.path), source.offset, source.nbytes, stat.st_size, stat.st_mtime_ns]
+            return [
+                "memory",
+                hashlib.sha256(source.tensor.contiguous().view(-1).numpy().tobytes()).hexdigest(),
+            ]
+
+        described = {
+            "shards": [
+                [s.filename, [[e.name, e.dtype, list(e.shape)] for e in s.entries]] for s in self.shards
+            ],
+            "steps": [
+                [
+                    s.name,
+                    s.dtype,
+                    describe(s.source),
+                    [[o.variant, o.inverse, describe(o.block)] for o in s.ops],
+                ]
+                for s in self.steps.values()
+            ],
+            "settings": settings,
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def main_dtype(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -158,4 +159,37 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
                 Difference(name, tally.max_abs, round(tally.max_ulp, 2), allowed[name], tally.elements)
             )
     report.mismatched.sort()
+    return report
+
+
+@dataclass
+class ChecksumReport:
+    """`verify --checksums`: every file the manifest lists, compared by size and SHA-256."""
+
+    folder: str
+    matching: list[str] = field(default_factory=list)
+    differing: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.matching) and not (self.differing or self.missing)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def verify_checksums(folder: Path, manifest: dict) -> ChecksumReport:
+    """Hash every file named in `manifest["files"]`; no base model is needed."""
+    from bonemerge.checkpoint.writer import file_sha256
+
+    report = ChecksumReport(str(folder))
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        path = folder / name
+        if not path.is_file():
+            report.missing.append(name)
+        elif path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
+            report.differing.append(name)
+        else:
+            report.matching.append(name)
     return report

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import oracle
+from tests import oracle, toy
 
 oracle.quiet_transformers()
 
@@ -61,6 +61,18 @@ def llama_factory(path: Path):
     from transformers import LlamaForCausalLM
 
     return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    """A tiny hand-written Llama-named checkpoint (see toy.py)."""
+    return toy.write_base(tmp_path / "base")
+
+
+@pytest.fixture
+def adapter(tmp_path) -> Path:
+    """A Bone adapter for `base` (q_proj and up_proj, r=8)."""
+    return toy.write_adapter(tmp_path / "adapter")
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

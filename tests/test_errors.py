@@ -2,53 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import struct
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
-from bonemerge.cli import main
 from tests import toy
-from tests.conftest import tree_digest
-
-
-@pytest.fixture
-def base(tmp_path) -> Path:
-    return toy.write_base(tmp_path / "base")
-
-
-@pytest.fixture
-def adapter(tmp_path) -> Path:
-    return toy.write_adapter(tmp_path / "adapter")
-
-
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def fails(tmp_path: Path, *args: object, expect: tuple[str, ...], code: int = 1) -> str:
-    """Run, require the exit code and a one-line message holding every `expect` fragment,
-    and require that neither the output nor a staging folder exists afterwards."""
-    inputs = {p: tree_digest(p) for p in tmp_path.iterdir() if p.is_dir()}
-    result = run(*args)
-    assert result.exit_code == code, result.output
-    message = result.stderr.strip()
-    assert "Traceback" not in result.output
-    if code == 1:
-        assert message.startswith("error: ") and "\n" not in message, message
-    for fragment in expect:
-        assert fragment in message, message
-    assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".*bonemerge*")), "a staging folder survived"
-    for folder, digest in inputs.items():
-        if folder.exists():
-            assert tree_digest(folder) == digest, f"{folder} was modified"
-    return message
+from tests.cliutil import fails, run
 
 
 def test_missing_base_folder(tmp_path, adapter):
@@ -84,48 +44,6 @@ def test_adapter_passed_as_base(tmp_path, adapter, base):
     )
 
 
-def corrupt(path: Path, how: str) -> None:
-    data = path.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    if how == "truncated":
-        path.write_bytes(data[:-100])
-    elif how == "garbage":
-        path.write_bytes(b"\x00" * 64)
-    elif how == "duplicate":
-        text = data[8 : 8 + length].decode()
-        first = next(k for k in header if k != "__metadata__")
-        entry = json.dumps(header[first], separators=(",", ":"))
-        text = text[:-1].rstrip() + f',"{first}":{entry}' + "}"
-        raw = text.encode()
-        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
-    elif how == "trailing":
-        path.write_bytes(data + b"\x00" * 16)
-
-
-@pytest.mark.parametrize(
-    ("how", "fragment"),
-    [
-        ("truncated", "truncated"),
-        ("garbage", "does not start with"),
-        ("duplicate", "appears twice"),
-        ("trailing", "follow the last tensor"),
-    ],
-)
-def test_broken_base_safetensors(tmp_path, base, adapter, how, fragment):
-    corrupt(base / "model.safetensors", how)
-    message = fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=(fragment,))
-    assert "model.safetensors is not a valid safetensors file" in message
-
-
-def test_index_names_missing_shard(tmp_path, adapter):
-    base = toy.write_base(tmp_path / "sharded", shards=3)
-    (base / "model-00002-of-00003.safetensors").unlink()
-    fails(
-        tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("model-00002-of-00003", "missing")
-    )
-
-
 def test_adapter_without_config(tmp_path, base, adapter):
     (adapter / "adapter_config.json").unlink()
     fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("has no adapter_config.json",))
@@ -135,85 +53,6 @@ def test_adapter_folder_with_named_subfolders(tmp_path, base):
     toy.write_adapter(tmp_path / "run" / "bone_a")
     toy.write_adapter(tmp_path / "run" / "bone_b")
     fails(tmp_path, "merge", base, tmp_path / "run", "-o", tmp_path / "out", expect=("bone_a, bone_b",))
-
-
-def test_lora_adapter_is_named(tmp_path, base, adapter):
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    fails(
-        tmp_path,
-        "merge",
-        base,
-        adapter,
-        "-o",
-        tmp_path / "out",
-        expect=("is a LORA adapter", "Bone and MiSS"),
-    )
-
-
-def test_config_of_other_method_than_weights(tmp_path, base):
-    adapter = toy.write_adapter(tmp_path / "adapter", method="MISS")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "BONE"}))
-    fails(
-        tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("miss_block", "different adapters")
-    )
-
-
-def test_lora_tensor_inside_bone_adapter(tmp_path, base):
-    extra = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}
-    adapter = toy.write_adapter(tmp_path / "adapter", extra=extra)
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("lora_A", "another PEFT method"))
-
-
-def test_unmatched_adapter_tensor_lists_candidates(tmp_path, base):
-    blocks = {"model.layers.7.self_attn.q_proj": torch.zeros(8, 64)}
-    adapter = toy.write_adapter(tmp_path / "adapter", blocks=blocks)
-    fails(
-        tmp_path,
-        "merge",
-        base,
-        adapter,
-        "-o",
-        tmp_path / "out",
-        expect=("model.layers.7.self_attn.q_proj.bone_block", "no matching weight", "closest: model.layers."),
-    )
-
-
-def test_block_shape_contradicts_base(tmp_path, base):
-    blocks = {"model.layers.0.self_attn.q_proj": torch.zeros(8, 48)}
-    adapter = toy.write_adapter(tmp_path / "adapter", blocks=blocks)
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("[8, 48]", "needs [8, 64]"))
-
-
-def test_config_variant_contradicts_block_shape(tmp_path, base):
-    adapter = toy.write_adapter(tmp_path / "adapter", variant="bat")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(config | {"init_weights": True}))
-    fails(
-        tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("bat shape", "declares the default")
-    )
-
-
-def test_r_contradicts_block_shape(tmp_path, base):
-    adapter = toy.write_adapter(tmp_path / "adapter")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 16}))
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("r=16", "disagree"))
-
-
-def test_bat_on_weight_not_divisible_by_r(tmp_path, base):
-    blocks = {"model.layers.0.mlp.down_proj": torch.zeros(64 // 32, 32, 32)}  # 96 inputs % 32 == 0 ...
-    blocks = {"model.layers.0.mlp.up_proj": torch.zeros(96 // 48, 48, 48)}  # ... 64 inputs % 48 != 0
-    adapter = toy.write_adapter(tmp_path / "adapter", blocks=blocks, variant="bat", r=48)
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("Bat block with r=48", "64"))
-
-
-def test_nan_in_adapter_block_is_caught_before_any_output(tmp_path, base, adapter):
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    key = next(iter(tensors))
-    tensors[key][3, 5] = float("nan")
-    save_file(tensors, adapter / "adapter_model.safetensors")
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=(key, "NaN or Inf"))
 
 
 def test_non_finite_merged_tensor_removes_partial_output(tmp_path, adapter):

@@ -61,7 +61,7 @@ def test_verify_catches_a_double_merge(setup, tmp_path):
     report = verify(tmp_path / "twice", base, [bat])
     assert not report.ok and len(report.differing) == 2 * len(TARGETS)
     result = run("verify", tmp_path / "twice", bat, "--base", base, "--json")
-    assert result.exit_code == 1 and json.loads(result.stdout)["ok"] is False
+    assert result.exit_code == 1 and json.loads(result.stdout)["tensors"]["ok"] is False
 
 
 def test_verify_catches_the_wrong_adapter(setup):

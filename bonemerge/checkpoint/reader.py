@@ -8,6 +8,7 @@ need no seeking, so a read-ahead thread and the writer can share descriptors saf
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from bonemerge.errors import CheckpointError
@@ -62,3 +63,32 @@ class RangeReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InputWatch:
+    """Detects input files that change while bonemerge reads them.
+
+    A checkpoint rewritten under a running merge would give an output that mixes two inputs;
+    comparing each file's size and modification time with what they were when the work was
+    planned turns that into an error instead.
+    """
+
+    def __init__(self, paths: Iterable[Path], seen: dict[Path, tuple[int, int]] | None = None) -> None:
+        self._expected = {path: (seen or {}).get(path) or _stat(path) for path in paths}
+
+    def check(self) -> None:
+        for path, expected in self._expected.items():
+            try:
+                now = _stat(path)
+            except FileNotFoundError:
+                now = None
+            if now != expected:
+                raise CheckpointError(
+                    f"{path} changed while bonemerge was reading it (its size or modification time "
+                    "differs from when the work started); nothing was written, rerun once it is stable."
+                )
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bonemerge.errors import OutputError
 
@@ -70,6 +72,31 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+def hash_source(digest: Any, fd: int, offset: int, size: int) -> None:
+    """Feed `size` bytes of `fd` from `offset` into `digest`, a buffer at a time."""
+    buf = memoryview(bytearray(min(size, _COPY_BUFFER)))
+    while size:
+        got = os.preadv(fd, [buf[: min(size, len(buf))]], offset)
+        if got == 0:
+            raise OutputError(
+                "an input file ended early while it was copied; it changed while bonemerge ran."
+            )
+        digest.update(buf[:got])
+        offset += got
+        size -= got
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole file, read in buffers."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hash_source(digest, fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
 def output_failure(path: Path, exc: OSError) -> OutputError:
     """One sentence for a failed write, with the fix for the usual causes."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -91,10 +118,16 @@ def write_all(fd: int, view: memoryview, path: Path) -> None:
 
 
 class ShardWriter:
-    """Streams one shard: `write` and `copy_from` must supply each tensor's bytes in order."""
+    """Streams one shard: `write` and `copy_from` must supply each tensor's bytes in order.
+
+    Every byte written also goes through SHA-256, so that `close` can say exactly what the
+    file holds (recorded in the output's manifest, checked by `verify --checksums` and by
+    `--resume` before it trusts a shard an interrupted run finished).
+    """
 
     def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]) -> None:
         self.path = path
+        self._hash = hashlib.sha256()
         self._sizes = [e.nbytes for e in entries]
         self._names = [e.name for e in entries]
         self._index = 0
@@ -107,7 +140,9 @@ class ShardWriter:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise output_failure(path, exc) from None
-        write_all(self._fd, memoryview(encode_header(entries, metadata)), path)
+        header = memoryview(encode_header(entries, metadata))
+        self._hash.update(header)
+        write_all(self._fd, header, path)
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -149,12 +184,15 @@ class ShardWriter:
 
     def write(self, view: memoryview) -> None:
         self._advance(len(view))
+        self._hash.update(view)
         write_all(self._fd, view, self.path)
         self._start_writeback()
 
     def copy_from(self, src_fd: int, offset: int, size: int) -> None:
-        """Append `size` bytes from `src_fd` at `offset`, in the kernel where it can."""
+        """Append `size` bytes from `src_fd` at `offset`, in the kernel where it can (the bytes
+        are then read once more, from the page cache, for the checksum)."""
         self._advance(size)
+        start, total = offset, size
         while size and self._copy_file_range:
             try:
                 got = os.copy_file_range(src_fd, self._fd, size, offset)
@@ -167,6 +205,7 @@ class ShardWriter:
                 break
             offset += got
             size -= got
+        hash_source(self._hash, src_fd, start, total - size)
         if size:
             self._copy_buffered(src_fd, offset, size)
         self._start_writeback()
@@ -180,21 +219,24 @@ class ShardWriter:
                     f"an input file ended early while copying into {self.path}; it was changed "
                     "or truncated while bonemerge ran."
                 )
+            self._hash.update(buf[:got])
             write_all(self._fd, buf[:got], self.path)
             offset += got
             size -= got
 
-    def close(self) -> None:
-        """Check every promised byte arrived, then make the file durable."""
+    def close(self) -> tuple[int, str]:
+        """Check every promised byte arrived, make the file durable; returns its size and SHA-256."""
         try:
             if self._left or self._index < len(self._sizes) - 1:
                 raise AssertionError(f"{self.path}: closed before {self.current} was complete")
             try:
                 os.fsync(self._fd)
+                size = os.fstat(self._fd).st_size
             except OSError as exc:
                 raise output_failure(self.path, exc) from None
         finally:
             self.abort()
+        return size, self._hash.hexdigest()
 
     def abort(self) -> None:
         if self._fd >= 0:

@@ -1,0 +1,58 @@
+"""Every output file's SHA-256 is recorded in bonemerge.json; `verify --checksums` checks them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+from tests import toy
+from tests.reliability.test_interrupts import SCRIPT
+
+
+def verify(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), "verify", *map(str, args)], capture_output=True, text=True)
+
+
+def test_manifest_records_every_file(tmp_path):
+    base = toy.write_base(tmp_path / "base", shards=3)
+    (base / "tokenizer_config.json").write_text("{}")
+    adapter = toy.write_adapter(tmp_path / "adapter")
+    assert subprocess.run([str(SCRIPT), "merge", base, adapter, "-o", tmp_path / "out"]).returncode == 0
+    out = tmp_path / "out"
+    files = json.loads((out / "bonemerge.json").read_text())["files"]
+    on_disk = {p.name for p in out.iterdir() if p.name != "bonemerge.json"}
+    assert set(files) == on_disk and len(on_disk) == 7
+    for name, record in files.items():
+        content = (out / name).read_bytes()
+        assert record == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    result = verify(out, "--checksums")
+    assert result.returncode == 0 and "7 files intact" in result.stdout
+
+
+def test_checksums_catch_damage_and_loss(tmp_path):
+    base = toy.write_base(tmp_path / "base", shards=2)
+    adapter = toy.write_adapter(tmp_path / "adapter")
+    subprocess.run([str(SCRIPT), "merge", base, adapter, "-o", tmp_path / "out"], check=True)
+    out = tmp_path / "out"
+    shard = out / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    (out / "config.json").unlink()
+    result = verify(out, "--checksums", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)["checksums"]
+    assert report["differing"] == ["model-00002-of-00002.safetensors"] and report["missing"] == [
+        "config.json"
+    ]
+    both = verify(out, adapter, "--base", base, "--checksums")
+    assert both.returncode == 1 and "differs: model-00002-of-00002.safetensors" in both.stdout
+
+
+def test_checksums_need_a_manifest(tmp_path):
+    base = toy.write_base(tmp_path / "base")
+    result = verify(base, "--checksums")
+    assert result.returncode == 1 and "has no bonemerge.json" in result.stderr
+    usage = verify(base)
+    assert usage.returncode == 2 and "--checksums" in usage.stderr
