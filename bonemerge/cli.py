@@ -6,6 +6,7 @@ print one line and exit 1; usage errors exit 2 (click's convention); Ctrl-C exit
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
 import signal
@@ -29,6 +30,20 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+# Commands that never need torch, which keeps them quick to start.
+_WITHOUT_TORCH = frozenset({"inspect", "push"})
+
+
+def _load_torch() -> None:
+    """Import torch with Ctrl-C and SIGTERM held back: raised inside torch's C++ start-up they
+    abort the process; held, they arrive a moment later and end it cleanly."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        importlib.import_module("torch")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's errors and interrupts into one line and the documented exit code."""
 
@@ -36,6 +51,8 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
+            if command.__name__ not in _WITHOUT_TORCH:
+                _load_torch()
             return command(*args, **kwargs)
         except BonemergeError as exc:
             click.echo(f"error: {exc}", err=True)
