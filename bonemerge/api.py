@@ -196,6 +196,19 @@ def _card_adapters(adapters: Sequence[Adapter]):
     return [AppliedAdapter(a.label, a.config.describe(), a.config.tag) for a in adapters]
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where and how a command writes: the same for every command that makes a model."""
+
+    path: Path
+    overwrite: bool
+    resume: bool
+    options: object
+    command: str | None
+    began: float
+    push: Push | None
+
+
 def _publish(staging: Staging, overwrite: bool, push: Push | None, check: object) -> str | None:
     """Rename the finished output into place, re-read it as a user would, then push it."""
     from bonemerge.hub import push_folder
@@ -210,18 +223,12 @@ def _publish(staging: Staging, overwrite: bool, push: Push | None, check: object
 def _write_model(
     operation: str,
     plan,
+    target: _Target,
     *,
     source: Checkpoint,
     adapters: Sequence[Adapter],
-    target: Path,
-    overwrite: bool,
-    resume: bool,
-    options,
     card: str,
-    command: str | None,
-    began: float,
     tokenizer_from_adapters: bool,
-    push: Push | None,
 ) -> Report:
     """Stream `plan` into the staging folder with index, companions, card and a manifest of
     every file's SHA-256, checking that no input changes meanwhile; then publish."""
@@ -230,11 +237,12 @@ def _write_model(
     from bonemerge.checkpoint.writer import file_sha256
     from bonemerge.engine import write_plan
 
-    check_free_space(target, plan.file_bytes)
+    check_free_space(target.path, plan.file_bytes)
+    options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
     watch = InputWatch(plan.input_files(), {s.path: (s.size, s.mtime_ns) for s in source.shards})
     notes = list(plan.notes)
-    with Staging(target, fingerprint, resume) as staging:
+    with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
 
@@ -260,22 +268,22 @@ def _write_model(
             "inputs": [str(_input_path(source)), *(str(a.root) for a in adapters)],
             "adapters": [a.label for a in adapters],
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
-            "command": command,
+            "command": target.command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "files": files,
         }
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         watch.check()
-        pushed = _publish(staging, overwrite, push, open_checkpoint)
+        pushed = _publish(staging, target.overwrite, target.push, open_checkpoint)
     return Report(
         operation=operation,
-        output=str(target),
+        output=str(target.path),
         inputs=manifest["inputs"],
         tensors_merged=stats.merged,
         tensors_copied=stats.copied,
         tensors_converted=stats.converted,
         bytes_written=stats.bytes_written,
-        seconds=round(time.perf_counter() - began, 3),
+        seconds=round(time.perf_counter() - target.began, 3),
         files=sorted([*files, MANIFEST]),
         notes=notes,
         pushed_to=pushed,
@@ -338,17 +346,11 @@ def merge(
     return _write_model(
         "merge",
         plan,
+        _Target(target, overwrite, resume, options, command, began, push),
         source=model.base,
         adapters=model.adapters,
-        target=target,
-        overwrite=overwrite,
-        resume=resume,
-        options=options,
         card=card,
-        command=command,
-        began=began,
         tokenizer_from_adapters=True,
-        push=push,
     )
 
 
@@ -408,17 +410,11 @@ def unmerge(
     return _write_model(
         "unmerge",
         plan,
+        _Target(target, overwrite, resume, options, command, began, push),
         source=checkpoint,
         adapters=loaded,
-        target=target,
-        overwrite=overwrite,
-        resume=resume,
-        options=options,
         card=card,
-        command=command,
-        began=began,
         tokenizer_from_adapters=False,
-        push=push,
     )
 
 
@@ -486,17 +482,11 @@ def unload(
     return _write_model(
         "unload",
         plan,
+        _Target(target, overwrite, resume, options, command, began, push),
         source=training.base,
         adapters=[],
-        target=target,
-        overwrite=overwrite,
-        resume=resume,
-        options=options,
         card=card,
-        command=command,
-        began=began,
         tokenizer_from_adapters=False,
-        push=push,
     )
 
 

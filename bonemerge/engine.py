@@ -409,28 +409,31 @@ class _Shards:
     and reports each finished (fsynced) shard with its size and SHA-256."""
 
     def __init__(
-        self, shards: Sequence[ShardPlan], folder: Path, progress: _Progress, done: ShardDone
+        self, shards: Sequence[ShardPlan], folder: Path, progress: _Progress, done: ShardDone, hasher: Worker
     ) -> None:
         self._shards = list(shards)
         self._folder = folder
         self._progress = progress
         self._done = done
+        self._hasher = hasher
         self._index = {e.name: i for i, shard in enumerate(self._shards) for e in shard.entries}
         self._writer: ShardWriter | None = None
         self._opened = -1
 
     def _close_current(self) -> None:
         if self._writer is not None:
-            size, digest = self._writer.close()
+            file = self._shards[self._opened].filename
+            self._writer.close(lambda size, digest: self._done(file, size, digest))
             self._writer = None
-            self._done(self._shards[self._opened].filename, size, digest)
 
     def _through(self, index: int) -> ShardWriter:
         while self._opened < index:
             self._close_current()
             self._opened += 1
             shard = self._shards[self._opened]
-            self._writer = ShardWriter(self._folder / shard.filename, shard.entries, METADATA)
+            self._writer = ShardWriter(
+                self._folder / shard.filename, shard.entries, METADATA, self._hasher.submit
+            )
         assert self._writer is not None
         return self._writer
 
@@ -439,12 +442,14 @@ class _Shards:
         self._progress.update(size)
 
     def write(self, name: str, data: torch.Tensor, release: Callable[[], None]) -> None:
+        """Write a chunk; its buffer goes back to the pool once it is written and hashed."""
         try:
             view = memoryview(data.view(-1).view(torch.uint8).numpy())
-            self._through(self._index[name]).write(view)
-            self._progress.update(len(view))
-        finally:
+            self._through(self._index[name]).write(view, release)
+        except BaseException:
             release()
+            raise
+        self._progress.update(len(view))
 
     def finish(self) -> None:
         if self._shards:
@@ -471,7 +476,8 @@ def write_plan(
     steps = [plan.steps[e.name] for shard in shards for e in shard.entries]
     engine = Engine(steps, options)
     progress = _Progress(sum(s.data_bytes for s in shards), options.progress)
-    files = _Shards(shards, folder, progress, shard_done)
+    hasher = Worker("bonemerge-hasher", depth=WRITE_BEHIND + 2)
+    files = _Shards(shards, folder, progress, shard_done, hasher)
     writer = Worker("bonemerge-writer", depth=WRITE_BEHIND + 1)
     stats = EngineStats()
     try:
@@ -490,8 +496,10 @@ def write_plan(
                 stats.converted += not step.ops
         writer.submit(files.finish)
         writer.close()
+        hasher.close()
     except BaseException:
         writer.close(discard=True)
+        hasher.close(discard=True)
         files.abort()
         raise
     finally:

@@ -30,8 +30,6 @@ MAX_CONDITION = 1e5
 class BlockMaths:
     """One adapter block prepared for one weight, applied to row chunks in place."""
 
-    row_multiple = 1
-
     def merge(self, work: torch.Tensor, row0: int) -> None:
         raise NotImplementedError
 
@@ -69,7 +67,6 @@ class BatBlock(BlockMaths):
     def __init__(self, block: torch.Tensor, in_features: int) -> None:
         self.block = block
         self.r = block.shape[-1]
-        self.row_multiple = self.r
         self.columns = in_features // self.r
         self._inverse: torch.Tensor | None = None
         self._scratch = threading.local()

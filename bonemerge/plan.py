@@ -75,11 +75,6 @@ class Plan:
     notes: tuple[str, ...] = ()
 
     @property
-    def total_bytes(self) -> int:
-        """Bytes of tensor data (what an index calls total_size)."""
-        return sum(s.data_bytes for s in self.shards)
-
-    @property
     def file_bytes(self) -> int:
         """Bytes the weight files will take on disk, headers included."""
         return sum(len(encode_header(s.entries, METADATA)) + s.data_bytes for s in self.shards)

@@ -14,7 +14,6 @@ from bonemerge.checkpoint import read_json
 from bonemerge.errors import AdapterError, CheckpointError
 
 METHODS = {"BONE": "bone_block", "MISS": "miss_block"}
-VARIANTS = ("default", "bat", "mini")
 
 
 @dataclass(frozen=True)

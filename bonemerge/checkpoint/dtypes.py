@@ -73,11 +73,6 @@ def nbytes(dtype: str, numel: int) -> int | None:
     return total_bits // 8
 
 
-def itemsize(dtype: str) -> int:
-    """Bytes per element for computable dtypes (rows are always whole bytes for these)."""
-    return BITS[dtype] // 8
-
-
 def to_torch(dtype: str) -> torch.dtype:
     import torch
 

@@ -94,10 +94,6 @@ class Checkpoint:
         name = self.index_name or self.shards[0].name
         return name.split(".safetensors")[0].split("-0000")[0]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
     def config(self) -> dict | None:
         """The folder's config.json, or None when there is none (or a lone file was given)."""
         path = self.root / "config.json"

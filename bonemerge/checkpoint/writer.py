@@ -14,7 +14,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,17 +117,30 @@ def write_all(fd: int, view: memoryview, path: Path) -> None:
             raise output_failure(path, exc) from None
 
 
+Job = Callable[[], None]
+Feed = Callable[[Job, "Job | None"], None]
+
+
+def run_now(job: Job, on_skip: Job | None = None) -> None:
+    job()
+
+
 class ShardWriter:
     """Streams one shard: `write` and `copy_from` must supply each tensor's bytes in order.
 
     Every byte written also goes through SHA-256, so that `close` can say exactly what the
     file holds (recorded in the output's manifest, checked by `verify --checksums` and by
-    `--resume` before it trusts a shard an interrupted run finished).
+    `--resume` before it trusts a shard an interrupted run finished). Hashing is handed to
+    `feed` in order, which may run it on another thread: `feed(job, on_skip)` must run the
+    jobs in order, or `on_skip` in place of a job it drops.
     """
 
-    def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, entries: Sequence[Entry], metadata: dict[str, str], feed: Feed = run_now
+    ) -> None:
         self.path = path
         self._hash = hashlib.sha256()
+        self._feed = feed
         self._sizes = [e.nbytes for e in entries]
         self._names = [e.name for e in entries]
         self._index = 0
@@ -141,8 +154,8 @@ class ShardWriter:
         except OSError as exc:
             raise output_failure(path, exc) from None
         header = memoryview(encode_header(entries, metadata))
-        self._hash.update(header)
         write_all(self._fd, header, path)
+        self._feed(lambda: self._hash.update(header), None)
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -182,11 +195,18 @@ class ShardWriter:
         """Name of the tensor whose bytes are expected next."""
         return self._names[self._index]
 
-    def write(self, view: memoryview) -> None:
+    def write(self, view: memoryview, release: Job | None = None) -> None:
+        """Append `view`; `release` runs once its bytes are written and hashed."""
         self._advance(len(view))
-        self._hash.update(view)
         write_all(self._fd, view, self.path)
         self._start_writeback()
+
+        def digest() -> None:
+            self._hash.update(view)
+            if release is not None:
+                release()
+
+        self._feed(digest, release)
 
     def copy_from(self, src_fd: int, offset: int, size: int) -> None:
         """Append `size` bytes from `src_fd` at `offset`, in the kernel where it can (the bytes
@@ -205,7 +225,8 @@ class ShardWriter:
                 break
             offset += got
             size -= got
-        hash_source(self._hash, src_fd, start, total - size)
+        copied = total - size
+        self._feed(lambda: hash_source(self._hash, src_fd, start, copied), None)
         if size:
             self._copy_buffered(src_fd, offset, size)
         self._start_writeback()
@@ -219,13 +240,15 @@ class ShardWriter:
                     f"an input file ended early while copying into {self.path}; it was changed "
                     "or truncated while bonemerge ran."
                 )
-            self._hash.update(buf[:got])
-            write_all(self._fd, buf[:got], self.path)
+            piece = bytes(buf[:got])
+            write_all(self._fd, memoryview(piece), self.path)
+            self._feed(lambda piece=piece: self._hash.update(piece), None)
             offset += got
             size -= got
 
-    def close(self) -> tuple[int, str]:
-        """Check every promised byte arrived, make the file durable; returns its size and SHA-256."""
+    def close(self, done: Callable[[int, str], None] | None = None) -> None:
+        """Check every promised byte arrived and make the file durable; then, after the last
+        hashing job, `done(size, sha256)`."""
         try:
             if self._left or self._index < len(self._sizes) - 1:
                 raise AssertionError(f"{self.path}: closed before {self.current} was complete")
@@ -236,7 +259,8 @@ class ShardWriter:
                 raise output_failure(self.path, exc) from None
         finally:
             self.abort()
-        return size, self._hash.hexdigest()
+        if done is not None:
+            self._feed(lambda: done(size, self._hash.hexdigest()), None)
 
     def abort(self) -> None:
         if self._fd >= 0:
