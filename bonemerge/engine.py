@@ -4,8 +4,9 @@ The engine decides nothing about *what* to compute; it only moves bytes as fast 
 
 - tensors the plan leaves untouched go file-to-file (`copy_file_range`), never into Python;
 - other tensors stream in row chunks of about `CHUNK_ELEMENTS` elements: a read-ahead thread
-  `pread`s raw rows into a small pool of buffers, the main thread converts and transforms
-  them, and a writer thread writes finished chunks, so the disk and the CPU work at once;
+  `pread`s raw rows into a small pool of buffers, compute threads convert and transform them,
+  a writer thread writes finished chunks and a hasher thread checksums them, so the disk and
+  the CPU work at once;
 - the maths runs on sub-chunks of about `COMPUTE_ELEMENTS` elements, small enough that
   conversion, block maths, rounding and the NaN/Inf check all happen in the CPU's L2 cache
   rather than in four passes over main memory;

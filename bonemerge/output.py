@@ -3,7 +3,9 @@
 An output is built in a hidden sibling folder of its final path and renamed into place only
 when every file is written and fsynced. A previous output is swapped out atomically
 (`renameat2(RENAME_EXCHANGE)` where the kernel has it) and only then deleted, so at every
-instant the path holds either the old complete result or the new one.
+instant the path holds either the old complete result or the new one. A lock beside the
+output keeps a second run away, and the staging folder records enough (the plan's
+fingerprint, each finished shard's SHA-256) for `--resume` to continue a killed run safely.
 """
 
 from __future__ import annotations
