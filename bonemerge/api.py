@@ -12,7 +12,7 @@ import datetime
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,7 +209,9 @@ class _Target:
     push: Push | None
 
 
-def _publish(staging: Staging, overwrite: bool, push: Push | None, check: object) -> str | None:
+def _publish(
+    staging: Staging, overwrite: bool, push: Push | None, check: Callable[[Path], object]
+) -> str | None:
     """Rename the finished output into place, re-read it as a user would, then push it."""
     from bonemerge.hub import push_folder
 
