@@ -89,14 +89,3 @@ def test_signal_leaves_the_output_as_it_was(tmp_path, slow_inputs, sig, code, mo
         assert not out.exists()
     assert not staging(out).exists(), "the staging folder survived"
     assert not (tmp_path / ".merged.bonemerge-lock").exists()
-
-
-def test_interrupted_resume_run_keeps_finished_shards(tmp_path, slow_inputs):
-    base, adapter = slow_inputs
-    out = tmp_path / "merged"
-    process = start("merge", base, adapter, "-o", out, "-q", "--resume")
-    wait_for(lambda: finished_shards(out) >= 2, process)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(120) == 130
-    assert not out.exists()
-    assert finished_shards(out) >= 2, "--resume keeps what was finished"

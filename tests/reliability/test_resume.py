@@ -107,6 +107,7 @@ def test_resume_after_an_interrupted_resume_run(tmp_path, slow_inputs, reference
     wait_for(lambda: finished_shards(out) >= 2, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(120) == 130
+    assert not out.exists() and finished_shards(out) >= 2, "an interrupted --resume run keeps its shards"
     report = run_json("merge", base, adapter, "-o", out, "--resume")
     assert [n for n in report["notes"] if n.startswith("reused")]
     assert same_weights(out, reference)
