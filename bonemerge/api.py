@@ -19,7 +19,7 @@ from pathlib import Path
 from bonemerge import __version__
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
-from bonemerge.checkpoint import Checkpoint, MemoryTensor, RangeReader, dtypes, layout, open_checkpoint
+from bonemerge.checkpoint import Checkpoint, RangeReader, dtypes, layout, open_checkpoint
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
 from bonemerge.output import Staging, check_free_space, check_output
@@ -73,55 +73,43 @@ def _shard_bytes(max_shard_size: str | int | None) -> int | None:
     return layout.parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
 
 
-def _blocks(adapters: Sequence[Adapter]):
-    """Every block of `adapters` as a tensor, read one at a time."""
-    import torch
+def _parts(adapters: Sequence[Adapter]):
+    """Every tensor of every block of `adapters`, read one at a time."""
+    from bonemerge.checkpoint.reader import read_tensor
 
     with RangeReader() as reader:
         for adapter in adapters:
             for block in adapter.blocks:
-                source = block.tensor
-                if isinstance(source, MemoryTensor):
-                    yield adapter, block, source.tensor
-                    continue
-                raw = reader.read(source.path, source.offset, source.nbytes)
-                if not raw:
-                    yield adapter, block, torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
-                    continue
-                yield (
-                    adapter,
-                    block,
-                    torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).view(source.shape),
-                )
+                for part, source in block.parts.items():
+                    yield adapter, block, part, read_tensor(reader, source)
 
 
 def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
     """Refuse NaN/Inf in any block before the output is even created."""
     from bonemerge.engine import all_finite
 
-    for adapter, block, values in _blocks(adapters):
+    for adapter, block, part, values in _parts(adapters):
         if not all_finite(values):
+            key = block.keys.get(part, block.key)
             raise AdapterError(
-                f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
+                f"block {key} of {adapter.root} holds NaN or Inf values; the adapter "
                 "is broken (its training diverged), nothing was written."
             )
 
 
 def check_invertible(adapters: Sequence[Adapter]) -> None:
-    """Refuse, before any output exists, a Bat block whose I + B cannot be inverted reliably."""
-    import torch
-
-    from bonemerge import maths
+    """Refuse, before any output exists, a block whose merge cannot be undone reliably."""
+    from bonemerge.checkpoint.reader import load_whole
     from bonemerge.errors import MergeError
 
-    for adapter, block, values in _blocks(adapters):
-        if block.variant != "bat":
-            continue
-        r = values.shape[-1]
-        try:
-            maths.prepare("bat", values, (values.shape[0] * r, r), torch.float64, inverse=True)
-        except MergeError as exc:
-            raise MergeError(f"block {block.key} of {adapter.root}: {exc}; nothing was written.") from None
+    for adapter in adapters:
+        for block in adapter.blocks:
+            try:
+                block.method.check_inverse(block, lambda part, b=block: load_whole(b.parts[part]))
+            except MergeError as exc:
+                raise MergeError(
+                    f"block {block.key} of {adapter.root}: {exc}; nothing was written."
+                ) from None
 
 
 def _input_path(checkpoint: Checkpoint) -> Path:
@@ -424,8 +412,8 @@ def _training(location: Location) -> tuple[Checkpoint, TrainingCheckpoint]:
     checkpoint = open_checkpoint(location.path)
     if not is_training_checkpoint(checkpoint):
         raise BonemergeError(
-            f"{location.hub_id or location.path} is not a full PEFT checkpoint (no base_layer or Bone/MiSS "
-            "block tensors); unload works on checkpoints saved from a PeftModel's state_dict."
+            f"{location.hub_id or location.path} is not a full PEFT checkpoint (no base_layer or adapter "
+            "tensors); unload works on checkpoints saved from a PeftModel's state_dict."
         )
     return checkpoint, read_training_checkpoint(checkpoint)
 
@@ -474,7 +462,7 @@ def unload(
     card = render_card(
         heading=f"Base model of {name}",
         summary=f"This model is the base inside the PEFT training checkpoint `{name}`, "
-        f"with its Bone/MiSS blocks left out (not merged) and {kept}.",
+        f"with its adapter blocks left out (not merged) and {kept}.",
         adapters=[],
         closing="It loads like any `transformers` model.",
         command=command,
@@ -510,7 +498,7 @@ def strip(
     """Write a reduced adapter (adapter_config.json + adapter_model.safetensors) that PEFT loads."""
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
-    from bonemerge.strip import StripOptions, build_strip_plan, parse_layers
+    from bonemerge.strip import StripOptions, build_strip_plan, kept_modules, parse_layers
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
@@ -533,7 +521,7 @@ def strip(
     )
     plan, config = build_strip_plan(adapter, strip_options)
     check_free_space(target, plan.file_bytes)
-    kept = sum(1 for name in plan.steps if name.endswith("_block"))
+    kept = len(kept_modules(adapter, strip_options))
     name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
@@ -550,7 +538,7 @@ def strip(
             base_hub_id=_hub_id_of(adapter),
             relation="adapter",
             library="peft",
-            tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]]],
+            tags=[config["peft_type"].lower()],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
         pushed = _publish(staging, overwrite, push, load_adapter)

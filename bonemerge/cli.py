@@ -20,6 +20,7 @@ import click
 from bonemerge import __version__
 from bonemerge.checkpoint.layout import parse_size
 from bonemerge.errors import BonemergeError
+from bonemerge.methods import conversion_names
 
 
 class Terminated(KeyboardInterrupt):
@@ -328,7 +329,9 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 )
 @click.option("--drop-modules-to-save", is_flag=True, help="Leave out modules_to_save copies.")
 @click.option(
-    "--to", type=click.Choice(["miss", "bone"]), help="Convert Bone to MiSS or back (not MiSS mini)."
+    "--to",
+    type=click.Choice(conversion_names()),
+    help="Convert the adapter: Bone to MiSS or back (not MiSS mini).",
 )
 @_options(_output, _adapter_name, _overwrite, _quiet, _as_json, _push_to_hub)
 @_reported

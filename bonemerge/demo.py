@@ -2,7 +2,7 @@
 
 It writes a sharded bf16 Llama-shaped base and a Bone adapter (fixed seeds, plain safetensors
 files, as transformers and PEFT would lay them out), merges them with the real command path,
-then recomputes every merged tensor in memory with `maths.reference_merge` and requires the
+then recomputes every merged tensor in memory with `reference_merge` and requires the
 streamed result to match bit for bit. No network, no PEFT, no transformers needed.
 """
 
@@ -138,7 +138,7 @@ def run_demo(output: str | Path, echo: Callable[[str], None] = print) -> None:
     from safetensors import safe_open
 
     from bonemerge.api import merge
-    from bonemerge.maths import reference_merge
+    from bonemerge.methods.bone import reference_merge
 
     root = Path(output).resolve()
     _prepare_folder(root)

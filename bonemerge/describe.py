@@ -43,7 +43,7 @@ def _dtypes(sources) -> dict[str, int]:
 
 
 def describe_adapter(adapter: Adapter) -> dict:
-    """Method, variant, sizes, and the targeted modules grouped by their leaf name."""
+    """Method, its settings, sizes, and the targeted modules grouped by their leaf name."""
     groups: dict[str, set[int]] = defaultdict(set)
     counts: Counter[str] = Counter()
     layers: set[int] = set()
@@ -56,14 +56,12 @@ def describe_adapter(adapter: Adapter) -> dict:
             layers.add(found[1])
     config = adapter.config
     return {
-        "method": config.method,
-        "variant": config.variant,
+        "method": config.peft_type,
         "adapter": config.describe(),
-        "r": config.r,
-        "mini_r": config.mini_r,
+        **config.summary(),
         "base_model": config.base_model,
         "blocks": len(adapter.blocks),
-        "parameters": sum(math.prod(b.tensor.shape) for b in adapter.blocks),
+        "parameters": sum(b.parameters for b in adapter.blocks),
         "modules": {
             leaf: {"count": counts[leaf], "layers": ranges(groups[leaf]) if groups[leaf] else None}
             for leaf in sorted(counts)
@@ -71,7 +69,9 @@ def describe_adapter(adapter: Adapter) -> dict:
         "layers": ranges(layers) if layers else None,
         "full_tensors": sorted(adapter.replacements),
         "modules_to_save": list(config.modules_to_save),
-        "dtypes": _dtypes([b.tensor for b in adapter.blocks] + list(adapter.replacements.values())),
+        "dtypes": _dtypes(
+            [p for b in adapter.blocks for p in b.parts.values()] + list(adapter.replacements.values())
+        ),
     }
 
 

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bonemerge import maths
 from bonemerge.checkpoint import MemoryTensor, RangeReader, ShardWriter, TensorRef, dtypes
+from bonemerge.checkpoint.reader import read_tensor
 from bonemerge.checkpoint.writer import METADATA
 from bonemerge.errors import BonemergeError, MergeError
+from bonemerge.methods import BlockOp, RowMaths
 from bonemerge.pipeline import Pool, Worker
 
 if TYPE_CHECKING:
@@ -70,8 +71,7 @@ def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
 def _row_multiple(step: Step) -> int:
     multiple = 1
     for op in step.ops:
-        if op.variant == "bat":
-            multiple = math.lcm(multiple, op.block.shape[-1])
+        multiple = math.lcm(multiple, op.block.method.row_multiple(op))
     return multiple
 
 
@@ -124,6 +124,18 @@ class Chunk:
     stop: int
     data: torch.Tensor | None
     release: Callable[[], None] = field(default=lambda: None)
+
+
+@dataclass(frozen=True)
+class _Computing:
+    """A chunk handed to a compute thread: rows [start, stop) land in `typed`, a view of the
+    pooled `buffer`, once `job` is done."""
+
+    start: int
+    stop: int
+    typed: torch.Tensor
+    buffer: torch.Tensor
+    job: Future[None]
 
 
 @dataclass(frozen=True)
@@ -257,16 +269,11 @@ class Engine:
     def _transform(self, step: Step, ahead: _ReadAhead) -> Iterator[Chunk]:
         """Chunks of one step, computed on the compute threads, yielded in order."""
         compute = compute_dtype(step, self.options.precision)
-        prepared = [
-            (
-                maths.prepare(op.variant, self.load(op.block), step.shape, compute, self.device, op.inverse),
-                op.inverse,
-            )
-            for op in step.ops
-        ]
+        prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
+        self._first_pass(step, prepared, compute)
         out_dtype = dtypes.to_torch(step.dtype)
         _, cols = _rows_cols(step.shape)
-        pending: deque[tuple[int, int, torch.Tensor, torch.Tensor, Future[None]]] = deque()
+        pending: deque[_Computing] = deque()
         try:
             for start, stop in _chunks(step):
                 rows, buf = self._rows(step, start, stop, ahead)
@@ -277,29 +284,28 @@ class Engine:
                 job = self._threads.submit(
                     self._fill, step, prepared, compute, rows, typed, start, buf, ahead
                 )
-                pending.append((start, stop, typed, out, job))
+                pending.append(_Computing(start, stop, typed, out, job))
                 if len(pending) >= self._parallel:
                     yield self._finished(step, pending.popleft())
             while pending:
                 yield self._finished(step, pending.popleft())
         finally:
-            for _, _, _, out, job in pending:
-                job.exception()
-                self._out.give(out)
+            for item in pending:
+                item.job.exception()
+                self._out.give(item.buffer)
 
-    def _finished(self, step: Step, item: tuple[int, int, torch.Tensor, torch.Tensor, Future[None]]) -> Chunk:
-        start, stop, typed, out, job = item
+    def _finished(self, step: Step, item: _Computing) -> Chunk:
         try:
-            job.result()
+            item.job.result()
         except BaseException:
-            self._out.give(out)
+            self._out.give(item.buffer)
             raise
-        return Chunk(step, start, stop, typed, lambda: self._out.give(out))
+        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer))
 
     def _fill(
         self,
         step: Step,
-        prepared: list[tuple[maths.BlockMaths, bool]],
+        prepared: list[tuple[RowMaths, bool]],
         compute: torch.dtype,
         rows: torch.Tensor,
         typed: torch.Tensor,
@@ -329,14 +335,38 @@ class Engine:
             if buf is not None:
                 ahead.release(buf)
 
+    def _prepare(self, op: BlockOp, step: Step, compute: torch.dtype) -> RowMaths:
+        def load(part: str) -> torch.Tensor:
+            return self.load(op.block.parts[part])
+
+        return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
+
+    def _first_pass(self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype) -> None:
+        """Stream the tensor once for every op whose maths needs a whole-tensor statistic
+        (DoRA's column norms), applying the ops before it, so that it sees what it will merge into."""
+        for index, (block, _) in enumerate(prepared):
+            if not block.needs_pass:
+                continue
+            for start, stop in _chunks(step):
+                rows = self._read_rows(step.source, start, stop)
+                work = rows.to(device=self.device, dtype=compute, copy=True)
+                for earlier, inverse in prepared[:index]:
+                    (earlier.unmerge if inverse else earlier.merge)(work, start)
+                block.observe(work, start)
+            block.finish()
+
+    def _read_rows(self, source: TensorRef | MemoryTensor, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `source`, read now (outside the read-ahead's order)."""
+        rows, cols = _rows_cols(source.shape)
+        if isinstance(source, MemoryTensor):
+            return source.tensor.reshape(rows, cols)[start:stop]
+        row_bytes = cols * dtypes.BITS[source.dtype] // 8
+        raw = self.reader.read(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
+        return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).view(stop - start, cols)
+
     def load(self, source: TensorRef | MemoryTensor) -> torch.Tensor:
         """A whole (small) tensor such as an adapter block, in its own dtype."""
-        if isinstance(source, MemoryTensor):
-            return source.tensor
-        raw = self.reader.read(source.path, source.offset, source.nbytes)
-        if not raw:
-            return torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
-        return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).reshape(source.shape)
+        return read_tensor(self.reader, source)
 
     def _rows(
         self, step: Step, start: int, stop: int, ahead: _ReadAhead
@@ -353,7 +383,7 @@ class Engine:
     def _compute(
         self,
         rows: torch.Tensor,
-        prepared: list[tuple[maths.BlockMaths, bool]],
+        prepared: list[tuple[RowMaths, bool]],
         dtype: torch.dtype,
         start: int,
     ) -> torch.Tensor:

@@ -25,19 +25,12 @@ from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
 from bonemerge.checkpoint.layout import ShardPlan
 from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
 from bonemerge.errors import AdapterError
+from bonemerge.methods import BlockOp, Target
+
+__all__ = ["BlockOp", "Plan", "Step", "build_plan"]
 
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
-
-
-@dataclass(frozen=True)
-class BlockOp:
-    """Merge (or with `inverse`, unmerge) one adapter block into the tensor being built."""
-
-    block: Source
-    variant: str
-    adapter: str
-    inverse: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ class Plan:
     def input_files(self) -> set[Path]:
         """Every file the plan reads tensor bytes from."""
         sources = [s.source for s in self.steps.values()] + [
-            op.block for s in self.steps.values() for op in s.ops
+            part for s in self.steps.values() for op in s.ops for part in op.block.parts.values()
         ]
         return {source.path for source in sources if isinstance(source, TensorRef)}
 
@@ -109,7 +102,16 @@ class Plan:
                     s.name,
                     s.dtype,
                     describe(s.source),
-                    [[o.variant, o.inverse, describe(o.block)] for o in s.ops],
+                    [
+                        [
+                            o.block.method.name,
+                            o.block.method.settings_digest(o.block),
+                            o.target.suffix,
+                            o.inverse,
+                            [[part, describe(source)] for part, source in sorted(o.block.parts.items())],
+                        ]
+                        for o in s.ops
+                    ],
                 ]
                 for s in self.steps.values()
             ],
@@ -130,35 +132,6 @@ def _module(name: str) -> str:
 
 def _leaf(name: str) -> str:
     return _module(name).rsplit(".", 1)[-1]
-
-
-def _check_block(block: Block, target: str, shape: tuple[int, ...], adapter: Adapter) -> None:
-    """The block must fit the weight it merges into, by the rules of its variant."""
-    where = f"block {block.key} of {adapter.root}"
-    if len(shape) != 2:
-        raise AdapterError(f"{where} targets {target} of shape {list(shape)}, which is not a Linear weight.")
-    out_features, in_features = shape
-    b = block.tensor.shape
-    if block.variant == "bat":
-        if in_features % block.r or out_features % block.r:
-            raise AdapterError(
-                f"{where} is a Bat block with r={block.r}, but {target} is {out_features} x "
-                f"{in_features}, which does not split into {block.r} x {block.r} tiles."
-            )
-        expected: tuple[int, ...] = (out_features // block.r, block.r, block.r)
-    elif block.variant == "mini":
-        if out_features % b[1]:
-            raise AdapterError(
-                f"{where} has mini_r={b[1]}, which does not divide the {out_features} outputs of {target}."
-            )
-        expected = b
-    else:
-        expected = (block.r, out_features)
-    if tuple(b) != expected:
-        raise AdapterError(
-            f"{where} has shape {list(b)} but {target} of shape {list(shape)} needs {list(expected)}; "
-            "is this adapter for this base model?"
-        )
 
 
 class _Builder:
@@ -222,21 +195,29 @@ class _Builder:
 
     def _blocks(self, adapter: Adapter, rule: PrefixRule, inverse: bool, skip: set[str]) -> None:
         for block in adapter.blocks:
-            target = rule.apply(block.module) + ".weight"
-            if target in skip:
-                continue
-            step = self.steps.get(target)
-            if step is None and _leaf(target) in OUTPUT_EMBEDDINGS and not inverse:
-                step = self._tied_embedding(target, block, adapter)
-            if step is None:
-                raise AdapterError(
-                    f"adapter tensor {block.key} of {adapter.root} has no matching weight "
-                    f"{target} in {self.base.root} ({closest(target, self.steps)}); "
-                    "is this adapter for this model?"
+            for target in block.method.targets(block):
+                self._block(
+                    adapter, block, target, rule.apply(block.module) + "." + target.suffix, inverse, skip
                 )
-            _check_block(block, target, step.shape, adapter)
-            op = BlockOp(block.tensor, block.variant, adapter.label, inverse)
-            self.steps[target] = replace(step, ops=(*step.ops, op))
+
+    def _block(
+        self, adapter: Adapter, block: Block, target: Target, name: str, inverse: bool, skip: set[str]
+    ) -> None:
+        if name in skip:
+            return
+        step = self.steps.get(name)
+        if step is None and target.part == "weight" and _leaf(name) in OUTPUT_EMBEDDINGS and not inverse:
+            step = self._tied_embedding(name, block, adapter)
+        if step is None:
+            raise AdapterError(
+                f"adapter tensor {block.keys.get(target.part, block.key)} of {adapter.root} has no matching "
+                f"{target.suffix} {name} in {self.base.root} ({closest(name, self.steps)}); "
+                "is this adapter for this model?"
+            )
+        where = f"block {block.key} of {adapter.root}"
+        block.method.check_target(block, target, name, step.shape, where, inverse)
+        op = BlockOp(block, target, adapter.label, inverse)
+        self.steps[name] = replace(step, ops=(*step.ops, op))
 
     def merge(self, adapter: Adapter, blocks: bool = True) -> None:
         """Apply `adapter`: its saved full tensors replace, then its blocks merge (unless `blocks` is off)."""

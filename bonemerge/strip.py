@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 
 from bonemerge.adapters import Adapter
-from bonemerge.adapters.config import METHODS
-from bonemerge.adapters.loader import PREFIX
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError
@@ -22,7 +20,6 @@ from bonemerge.plan import Plan, Step
 
 WEIGHTS = "adapter_model.safetensors"
 _LAYER = re.compile(r"(?:^|\.)([^.]+)\.(\d+)(?:\.|$)")
-_MISS_ONLY = ("mini_r", "miss_dropout")
 
 
 def parse_layers(text: str) -> frozenset[int]:
@@ -66,7 +63,7 @@ def _pattern(text: str | None, flag: str) -> re.Pattern[str] | None:
         raise BonemergeError(f"{flag} {text!r} is not a valid regular expression ({exc}).") from None
 
 
-def _kept_modules(adapter: Adapter, options: StripOptions) -> list[str]:
+def kept_modules(adapter: Adapter, options: StripOptions) -> list[str]:
     include = _pattern(options.include, "--include")
     exclude = _pattern(options.exclude, "--exclude")
     kept = []
@@ -86,22 +83,22 @@ def _kept_modules(adapter: Adapter, options: StripOptions) -> list[str]:
     return kept
 
 
-def _method(adapter: Adapter, to: str | None) -> str:
-    method = {"miss": "MISS", "bone": "BONE", None: adapter.config.method}[to]
-    if method == "BONE" and adapter.config.variant == "mini":
-        raise AdapterError(
-            f"{adapter.root} is a MiSS mini adapter, which Bone cannot express; it stays MiSS."
-        )
-    return method
+def _peft_type(adapter: Adapter, to: str | None) -> str:
+    """The `peft_type` of the written adapter: its own, or what `--to` converts it to."""
+    config = adapter.config
+    if to is None:
+        return config.peft_type
+    found = config.method.conversions(config).get(to)
+    if found is None:
+        raise AdapterError(config.method.refuse_conversion(config, to, adapter.root))
+    return found
 
 
-def stripped_config(adapter: Adapter, kept: list[str], options: StripOptions, method: str) -> dict:
+def stripped_config(adapter: Adapter, kept: list[str], options: StripOptions, peft_type: str) -> dict:
     """The adapter_config.json of the reduced adapter."""
     config = dict(adapter.config.raw)
-    config["peft_type"] = method
-    if method == "BONE":
-        for key in _MISS_ONLY:
-            config.pop(key, None)
+    if peft_type != adapter.config.peft_type:
+        config = adapter.config.method.converted_config(config, peft_type)
     if len(kept) != len(adapter.blocks):
         config["target_modules"] = sorted(kept)
         config["exclude_modules"] = None
@@ -117,15 +114,15 @@ def stripped_config(adapter: Adapter, kept: list[str], options: StripOptions, me
 
 def build_strip_plan(adapter: Adapter, options: StripOptions) -> tuple[Plan, dict]:
     """The reduced adapter's tensors (one file, PEFT's key names) and its config."""
-    kept = _kept_modules(adapter, options)
-    method = _method(adapter, options.to)
-    suffix = METHODS[method]
+    kept = kept_modules(adapter, options)
+    peft_type = _peft_type(adapter, options.to)
     steps: dict[str, Step] = {}
     kept_set = set(kept)
     for block in adapter.blocks:
         if block.module in kept_set:
-            name = f"{PREFIX}{block.module}.{suffix}"
-            steps[name] = Step(name, block.tensor.dtype, tuple(block.tensor.shape), block.tensor)
+            for part, name in block.method.file_keys(block, peft_type).items():
+                source = block.parts[part]
+                steps[name] = Step(name, source.dtype, tuple(source.shape), source)
     block_modules = {b.module for b in adapter.blocks}
     for name, source in adapter.replacements.items():
         module = name.rsplit(".", 1)[0]
@@ -143,4 +140,4 @@ def build_strip_plan(adapter: Adapter, options: StripOptions) -> tuple[Plan, dic
         }
     shard = ShardPlan(WEIGHTS, write_order([s.entry() for s in steps.values()]))
     plan = Plan((shard,), steps, write_index=False, index_name="")
-    return plan, stripped_config(adapter, kept, options, method)
+    return plan, stripped_config(adapter, kept, options, peft_type)

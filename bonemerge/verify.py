@@ -5,9 +5,9 @@ instead of being written each chunk is compared with the same rows of the merged
 Untouched tensors must be identical. Merged ones may differ by what rounding in another
 order explains, measured in units in the last place (ulp) of the output dtype at the scale
 of the row (the largest magnitude in it): PEFT rounds intermediate results of that scale, so
-one such unit is its worst case for the default and mini variants; a Bat tile product adds
-the error of an fp32 inner product over r terms. A model merged twice, merged with the
-wrong adapter or edited afterwards is far outside that.
+one such unit is its worst case for a plain addition; each fp32 inner product in the merge
+(a Bat tile, a LoRA product) adds the error of its terms, which its method counts. A model
+merged twice, merged with the wrong adapter or edited afterwards is far outside that.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def row_ulps(expected: torch.Tensor, got: torch.Tensor, dtype: str) -> torch.Ten
 
 
 def allowed_ulps(step: Step) -> float:
-    """Rounding another implementation may add: one unit, plus an fp32 product per Bat term."""
+    """Rounding another implementation may add: one unit, plus the fp32 products' terms."""
     if step.dtype not in _MANTISSA:
         return 0.0
-    terms = sum(op.block.shape[-1] for op in step.ops if op.variant == "bat")
+    terms = sum(op.block.method.product_terms(op) for op in step.ops)
     return (1.0 if step.ops else 0.0) + terms * 2.0 ** (_MANTISSA[step.dtype] - 23)
 
 

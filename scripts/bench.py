@@ -6,10 +6,11 @@
 
 Checkpoints are Llama-shaped bf16 with random weights, real tensor names, shapes and 1 GB
 shards; adapters are made with PEFT (on a meta-device model, so no weights are built) for
-Bone r=64, Bat r=64 and MiSS mini on all seven projections. Everything is generated once into
-`--cache`. Each round runs every contender once, in turn (A/B alternation), after reading the
-base once to warm the page cache; the table reports medians. Wall time and peak RSS are whole
-process figures (interpreter start and imports included), from `wait4` on each child.
+Bone r=64, Bat r=64, MiSS mini, LoRA r=16 and r=128 and DoRA r=16 on all seven projections.
+Everything is generated once into `--cache`. Each round runs every contender once, in turn
+(A/B alternation), after reading the base once to warm the page cache; the table reports
+medians. Wall time and peak RSS are whole process figures (interpreter start and imports
+included), from `wait4` on each child.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ ADAPTERS = {
     "bone": {"peft_type": "BONE", "r": 64, "init_weights": True},
     "bat": {"peft_type": "BONE", "r": 64, "init_weights": "bat"},
     "mini": {"peft_type": "MISS", "r": 64, "init_weights": "mini", "mini_r": 64},
+    "lora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32},
+    "lora128": {"peft_type": "LORA", "r": 128, "lora_alpha": 256},
+    "dora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_dora": True},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 10**9
@@ -125,7 +129,7 @@ def make_base(cache: Path, size: str) -> Path:
 def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
     """An adapter with PEFT's names and config, built on a meta-device model (no weights)."""
     import torch
-    from peft import BoneConfig, MissConfig, get_peft_model, get_peft_model_state_dict
+    from peft import BoneConfig, LoraConfig, MissConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -134,7 +138,7 @@ def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
         return folder
     settings = dict(ADAPTERS[kind])
     method = settings.pop("peft_type")
-    cls = BoneConfig if method == "BONE" else MissConfig
+    cls = {"BONE": BoneConfig, "MISS": MissConfig, "LORA": LoraConfig}[method]
     with torch.device("meta"):
         model = LlamaForCausalLM(
             LlamaConfig(**{k: v for k, v in config(size).items() if k != "architectures"})
@@ -215,7 +219,11 @@ def main() -> None:
         "--cache", type=Path, default=Path("bench-cache"), help="where checkpoints are generated"
     )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of A/B alternation")
-    parser.add_argument("--variants", default="bone,bat,mini", help="comma-separated: bone, bat, mini")
+    parser.add_argument(
+        "--variants",
+        default="bone,bat,mini,lora16,lora128,dora16",
+        help=f"comma-separated, of: {', '.join(ADAPTERS)}",
+    )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's own route")
     parser.add_argument("--extra", default="", help="extra options passed to every bonemerge merge")
     parser.add_argument("--prepare", choices=sorted(SIZES), help=argparse.SUPPRESS)
@@ -249,7 +257,7 @@ def main() -> None:
             merge = [bonemerge, "merge", str(base), str(adapters[kind]), "-o", OUT, "-q", *args.extra.split()]
             contenders[f"bonemerge {kind}"] = merge
         if not args.no_peft and 2.2 * total < 0.8 * memory:
-            for kind in [k for k in ("bone", "bat") if k in variants]:
+            for kind in [k for k in ("bone", "bat", "lora16", "dora16") if k in variants]:
                 route = [sys.executable, "-c", PEFT_ROUTE, str(base), str(adapters[kind]), OUT]
                 contenders[f"PEFT {kind}"] = route
         samples: dict[str, list[Sample]] = {name: [] for name in contenders}

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonemerge import engine, maths, merge
+from bonemerge import engine, merge
 from bonemerge.checkpoint import TensorRef
 from bonemerge.errors import MergeError
-from bonemerge.plan import BlockOp, Step
+from bonemerge.methods import Block, BlockOp, Target
+from bonemerge.methods import bone as maths
+from bonemerge.plan import Step
 from tests import toy
 
 CASES = [
@@ -25,7 +27,7 @@ CASES = [
 def chunked(
     variant: str, weight: torch.Tensor, block: torch.Tensor, sizes: list[int], inverse=False
 ) -> torch.Tensor:
-    prepared = maths.prepare(variant, block, tuple(weight.shape), weight.dtype)
+    prepared = maths.prepare_block(variant, block, tuple(weight.shape), weight.dtype)
     work = weight.clone()
     start = 0
     for size in sizes:
@@ -74,7 +76,7 @@ def test_bat_definition_by_hand():
 def test_bat_unmerge_refuses_singular_blocks():
     block = torch.zeros(3, 4, 4)
     block[1] = -torch.eye(4)
-    prepared = maths.prepare("bat", block, (12, 8), torch.float32)
+    prepared = maths.prepare_block("bat", block, (12, 8), torch.float32)
     with pytest.raises(MergeError, match="singular or ill-conditioned for Bat block 1"):
         prepared.unmerge(torch.zeros(12, 8), 0)
 
@@ -111,9 +113,11 @@ def test_engine_output_does_not_depend_on_chunking_or_threads(tmp_path, monkeypa
 def test_chunk_rows_keep_bat_tiles_whole(monkeypatch):
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
     weight = TensorRef("w", Path("w"), 0, "BF16", (96, 64), 96 * 64 * 2)
-    block = TensorRef("b", Path("b"), 0, "F32", (6, 16, 16), 6 * 16 * 16 * 4)
+    tensor = TensorRef("b", Path("b"), 0, "F32", (6, 16, 16), 6 * 16 * 16 * 4)
+    block = Block("w", maths.BONE, {"block": tensor}, {"block": "b"}, maths.BoneSettings("bat", 16, None))
+    op = BlockOp(block, Target("weight"), "a")
     assert engine.chunk_rows(Step("w", "BF16", (96, 64), weight)) == 1
-    assert engine.chunk_rows(Step("w", "BF16", (96, 64), weight, (BlockOp(block, "bat", "a"),))) == 16
+    assert engine.chunk_rows(Step("w", "BF16", (96, 64), weight, (op,))) == 16
 
 
 def test_all_finite_is_exact_despite_the_fast_path():

@@ -136,7 +136,7 @@ def test_bf16_base_to_float32_keeps_exact_merge(tmp_path, llama):
     merged = oracle.read_folder(tmp_path / "merged")
     base = oracle.read_folder(llama)
     block = oracle.adapter_blocks(adapter)["model.layers.1.mlp.down_proj"]
-    from bonemerge.maths import reference_merge
+    from bonemerge.methods.bone import reference_merge
 
     expected = reference_merge(
         base["model.layers.1.mlp.down_proj.weight"].double(), block.double(), "default"

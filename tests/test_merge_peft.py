@@ -13,7 +13,7 @@ import torch
 from peft import BoneConfig, MissConfig
 
 from bonemerge import merge
-from bonemerge.maths import reference_merge
+from bonemerge.methods.bone import reference_merge
 from tests import oracle
 from tests.conftest import llama_factory, minilm_factory, tree_digest
 

@@ -8,31 +8,15 @@ error, because silently skipping part of an adapter is how merges go quietly wro
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bonemerge.adapters.config import METHODS, AdapterConfig, read_adapter_config
+from bonemerge.adapters.config import AdapterConfig, read_adapter_config
 from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, read_header
 from bonemerge.errors import AdapterError
+from bonemerge.methods import PEFT_TENSOR, PREFIX, Block
 
-PREFIX = "base_model.model."
-OTHER_METHOD = re.compile(
-    r"(?:^|\.)(lora|ia3|oft|boft|vera|hra|bone|miss|fourierft|vblora|hada|lokr|randlora|c3a|"
-    r"shira|road|delora|gralora|waveft|osf|adaption)_\w*(?:\.|$)"
-)
-
-
-@dataclass(frozen=True)
-class Block:
-    """One trained block and the module it belongs to (`model.layers.0.self_attn.q_proj`)."""
-
-    module: str
-    key: str
-    tensor: Source
-    variant: str
-    r: int
-    mini_r: int | None
+__all__ = ["PREFIX", "Adapter", "Block", "load_adapter", "load_pickle", "replaced_name"]
 
 
 @dataclass(frozen=True)
@@ -62,38 +46,6 @@ class Adapter:
         if self.name:
             return f"{self.root.name} ({self.name})"
         return self.root.name or str(self.root)
-
-
-def block_variant(config: AdapterConfig, key: str, shape: tuple[int, ...], where: Path) -> str:
-    """The variant a block's shape implies, which must be the one its config declares."""
-    r, mini_r = config.r, config.mini_r
-    if len(shape) == 3:
-        implied = "bat"
-        fits = shape[1] == shape[2] == r
-    elif len(shape) == 2:
-        implied = config.variant if config.variant in ("default", "mini") else "default"
-        fits = shape[0] == r and (implied != "mini" or shape[1] == mini_r)
-    else:
-        raise AdapterError(
-            f"block {key} in {where} has shape {list(shape)}; Bone/MiSS blocks are 2-D or 3-D."
-        )
-    if implied != config.variant:
-        raise AdapterError(
-            f"block {key} in {where} has the {implied} shape {list(shape)} but adapter_config.json "
-            f"declares the {config.variant} variant; the config and weights disagree."
-        )
-    if not fits:
-        expected = {
-            "bat": f"[out/{r}, {r}, {r}]",
-            "default": f"[{r}, out]",
-            "mini": f"[{r}, {mini_r}]",
-        }[implied]
-        raise AdapterError(
-            f"block {key} in {where} has shape {list(shape)}, but r={r}"
-            + (f" and mini_r={mini_r}" if implied == "mini" else "")
-            + f" in adapter_config.json call for {expected}; the config and weights disagree."
-        )
-    return implied
 
 
 def replaced_name(key: str) -> str:
@@ -152,27 +104,29 @@ def load_adapter(path: str | Path) -> Adapter:
         raise AdapterError(f"{folder} {what}; pass the folder that PEFT's save_pretrained wrote.")
     config = read_adapter_config(folder)
     weights, tensors = _read_tensors(folder)
-    suffix = "." + config.block_suffix
-    other_suffix = {v for v in METHODS.values() if v != config.block_suffix}.pop()
+    method = config.method
 
-    blocks: list[Block] = []
+    parts: dict[str, dict[str, Source]] = {}
+    keys: dict[str, dict[str, str]] = {}
     replacements: dict[str, Source] = {}
     frozen: set[str] = set()
     saved_as: dict[str, str] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        if name.endswith(suffix):
-            module = name[: -len(suffix)]
-            variant = block_variant(config, key, tensor.shape, weights)
-            blocks.append(Block(module, key, tensor, variant, config.r, config.mini_r))
-        elif name.endswith("." + other_suffix):
+        try:
+            claim = method.claim(name, config)
+        except AdapterError as exc:
+            raise AdapterError(f"{weights} {exc}") from None
+        if claim is not None:
+            if claim.part in parts.setdefault(claim.module, {}):
+                raise AdapterError(
+                    f"{weights} holds two {claim.part} tensors for {claim.module}; remove one."
+                )
+            parts[claim.module][claim.part] = tensor
+            keys.setdefault(claim.module, {})[claim.part] = key
+        elif PEFT_TENSOR.search(name) or ".modules_to_save." in name or ".original_module." in name:
             raise AdapterError(
-                f"{weights} holds {key}, a {other_suffix} of the other method, but its config says "
-                f"{config.method}; the config and weights belong to different adapters."
-            )
-        elif OTHER_METHOD.search(name) or ".modules_to_save." in name or ".original_module." in name:
-            raise AdapterError(
-                f"{weights} holds {key}, which is not part of a {config.method} adapter file; "
+                f"{weights} holds {key}, which is not part of a {config.peft_type} adapter file; "
                 "this is another PEFT method's tensor or a full training checkpoint."
             )
         else:
@@ -183,8 +137,11 @@ def load_adapter(path: str | Path) -> Adapter:
             saved_as[target] = key
             if name.endswith(".base_layer.weight"):
                 frozen.add(target)
+    blocks = tuple(
+        method.make_block(module, found, keys[module], config, weights) for module, found in parts.items()
+    )
     if not blocks:
         raise AdapterError(
-            f"{weights} holds no {config.block_suffix} tensors; it is empty or not a {config.method} adapter."
+            f"{weights} holds no {method.name} tensors; it is empty or not a {config.peft_type} adapter."
         )
-    return Adapter(folder, weights, config, tuple(blocks), replacements, frozenset(frozen), saved_as=saved_as)
+    return Adapter(folder, weights, config, blocks, replacements, frozenset(frozen), saved_as=saved_as)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bonemerge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RangeReader:
@@ -92,3 +96,24 @@ class InputWatch:
 def _stat(path: Path) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns
+
+
+def read_tensor(reader: RangeReader, source) -> torch.Tensor:
+    """A whole (small) tensor such as an adapter block, in its own dtype."""
+    import torch
+
+    from bonemerge.checkpoint import dtypes
+    from bonemerge.checkpoint.folder import MemoryTensor
+
+    if isinstance(source, MemoryTensor):
+        return source.tensor
+    raw = reader.read(source.path, source.offset, source.nbytes)
+    if not raw:
+        return torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
+    return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).reshape(source.shape)
+
+
+def load_whole(source) -> torch.Tensor:
+    """`read_tensor` with a reader of its own, for one-off reads."""
+    with RangeReader() as reader:
+        return read_tensor(reader, source)

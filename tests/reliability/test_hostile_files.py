@@ -164,8 +164,8 @@ def test_index_names_missing_shard(tmp_path, adapter):
     )
 
 
-def test_lora_adapter_is_named(tmp_path, base, adapter):
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+def test_unknown_method_is_named(tmp_path, base, adapter):
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 8}))
     fails(
         tmp_path,
         "merge",
@@ -173,7 +173,7 @@ def test_lora_adapter_is_named(tmp_path, base, adapter):
         adapter,
         "-o",
         tmp_path / "out",
-        expect=("is a LORA adapter", "Bone and MiSS"),
+        expect=("is a IA3 adapter", "Bone/MiSS and LoRA"),
     )
 
 

@@ -1,0 +1,79 @@
+"""The adapter methods bonemerge knows, found by PEFT's `peft_type`.
+
+Every method-specific decision lives in one `Method` object (see `base.py`); the rest of
+bonemerge asks this registry for the method of a config or a tensor key and never names a
+method itself. Adding a method is a module beside these and one entry in `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bonemerge.methods.base import (
+    PREFIX,
+    AdapterConfig,
+    Block,
+    BlockOp,
+    KeyClaim,
+    Method,
+    RowMaths,
+    Target,
+)
+from bonemerge.methods.bone import BONE
+from bonemerge.methods.lora import LORA
+
+REGISTRY: tuple[Method, ...] = (BONE, LORA)
+
+# Tensor names of PEFT's tuners: a key like these that the adapter's own method does not
+# claim belongs to another method (or to a training checkpoint), and is never taken for a
+# full tensor that replaces a base weight.
+PEFT_TENSOR = re.compile(
+    r"(?:^|\.)(lora|ia3|oft|boft|vera|hra|bone|miss|fourierft|vblora|hada|lokr|randlora|c3a|"
+    r"shira|road|delora|gralora|waveft|osf|adaption)_\w*(?:\.|$)|(?:^|\.)token_adapter\."
+)
+
+
+def method_for(peft_type: object) -> Method | None:
+    """The method that reads adapters of `peft_type`, or None."""
+    for method in REGISTRY:
+        if peft_type in method.peft_types:
+            return method
+    return None
+
+
+def supported() -> str:
+    """`Bone/MiSS and LoRA`: the methods, as messages name them."""
+    names = [method.name for method in REGISTRY]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def claim_training(name: str) -> tuple[Method, KeyClaim] | None:
+    """The method and part of a full PeftModel state-dict key, if any method knows it."""
+    for method in REGISTRY:
+        claim = method.claim_training(name)
+        if claim is not None:
+            return method, claim
+    return None
+
+
+def conversion_names() -> tuple[str, ...]:
+    """Every `strip --to` name some method offers."""
+    return tuple(dict.fromkeys(name for method in REGISTRY for name in method.conversion_names()))
+
+
+__all__ = [
+    "PEFT_TENSOR",
+    "PREFIX",
+    "REGISTRY",
+    "AdapterConfig",
+    "Block",
+    "BlockOp",
+    "KeyClaim",
+    "Method",
+    "RowMaths",
+    "Target",
+    "claim_training",
+    "conversion_names",
+    "method_for",
+    "supported",
+]

@@ -1,0 +1,242 @@
+"""The interface every adapter method implements, and the typed pieces it hands around.
+
+A method (Bone/MiSS, LoRA, ...) is one object that knows everything specific to its PEFT
+format and maths; the rest of bonemerge is written against this interface only. Adding a
+method is one module with a `Method` subclass and one line in the registry.
+
+The split of work: the loader finds a method by `peft_type`, lets it read the config and
+claim tensor keys; the planner asks it which base tensors a block changes and whether the
+shapes fit; the engine asks it for `RowMaths` on row chunks; strip, inspect and verify ask it
+for file names, descriptions and error bounds. Methods never do I/O: tensors reach them as
+`Source`s (where the bytes are) or, in the engine, as loaded tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from bonemerge.checkpoint import Source
+
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter's config: its method, the method's parsed settings, and the raw JSON."""
+
+    method: Method
+    peft_type: str
+    settings: Any
+    raw: dict
+
+    @property
+    def base_model(self) -> str | None:
+        value = self.raw.get("base_model_name_or_path")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def modules_to_save(self) -> tuple[str, ...]:
+        value = self.raw.get("modules_to_save") or ()
+        return tuple(value) if isinstance(value, list | tuple) else ()
+
+    @property
+    def tag(self) -> str:
+        """The Hub tag for this kind of adapter (`bone`, `bat`, `miss`, `lora`, `dora`...)."""
+        return self.method.tag(self)
+
+    def describe(self) -> str:
+        """`MiSS mini (r=16, mini_r=4)`, `LoRA (r=16, alpha=32)`: how reports name the adapter."""
+        return self.method.describe(self)
+
+    def summary(self) -> dict[str, object]:
+        """The settings `inspect --json` shows, by their PEFT names."""
+        return self.method.summary(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One module's trained tensors (`parts`, by the method's names) and its per-module
+    settings (`params`: variant and sizes for Bone, rank and scale for LoRA)."""
+
+    module: str
+    method: Method
+    parts: Mapping[str, Source]
+    keys: Mapping[str, str]
+    params: Any
+
+    @property
+    def key(self) -> str:
+        """The key of the block's main tensor in its file, for messages."""
+        return next(iter(self.keys.values()))
+
+    @property
+    def parameters(self) -> int:
+        import math
+
+        return sum(math.prod(source.shape) for source in self.parts.values())
+
+
+@dataclass(frozen=True)
+class Target:
+    """A base tensor a block changes: `suffix` names it beside the module (`weight`, `bias`)."""
+
+    suffix: str
+    part: str = "weight"
+
+
+@dataclass(frozen=True, eq=False)
+class BlockOp:
+    """Merge (or with `inverse`, unmerge) one block into one tensor being built."""
+
+    block: Block
+    target: Target
+    adapter: str
+    inverse: bool = False
+
+
+class RowMaths:
+    """A block prepared for one weight, applied in place to row chunks in the compute dtype.
+
+    Rows are the weight's first dimension; `row0` is the index of the chunk's first row.
+    A method whose maths needs a statistic over the whole tensor first (DoRA's column norms)
+    sets `needs_pass`; the engine then streams the rows once through `observe` before merging.
+    """
+
+    needs_pass = False
+
+    def observe(self, work: torch.Tensor, row0: int) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once the first pass has observed every row."""
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        raise NotImplementedError
+
+    def unmerge(self, work: torch.Tensor, row0: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class KeyClaim:
+    """A tensor key a method recognises: the module it belongs to and which part it is."""
+
+    module: str
+    part: str
+    adapter_name: str | None = None
+    peft_type: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    """One adapter family. Subclasses override what their format and maths need."""
+
+    #: how messages and docs name the family
+    name: str = ""
+    #: the `peft_type` values it reads
+    peft_types: tuple[str, ...] = ()
+
+    # -- configs and files ---------------------------------------------------------------
+    def read_config(self, peft_type: str, raw: dict, path: Path) -> Any:
+        """Parse the settings the maths depends on; one clear sentence for anything unusable."""
+        raise NotImplementedError
+
+    def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
+        """The module and part of an adapter-file key (`base_model.model.` removed), if it is
+        one of this method's tensors."""
+        raise NotImplementedError
+
+    def claim_training(self, name: str) -> KeyClaim | None:
+        """Same for a full PeftModel state dict key, which carries the adapter name."""
+        raise NotImplementedError
+
+    def make_block(
+        self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
+    ) -> Block:
+        """A block from its tensors, checked against the config (shapes, ranks)."""
+        raise NotImplementedError
+
+    def infer_config(
+        self,
+        peft_type: str,
+        blocks: list[tuple[str, dict[str, Source]]],
+        base_shapes: dict,
+        saved: list[str],
+        where: Path,
+    ) -> AdapterConfig:
+        """The config of a full PEFT checkpoint saved without its adapter_config.json."""
+        raise NotImplementedError
+
+    # -- planning -------------------------------------------------------------------------
+    def targets(self, block: Block) -> tuple[Target, ...]:
+        return (Target("weight"),)
+
+    def check_target(
+        self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
+    ) -> None:
+        """The block must fit the tensor `name` it changes; refuse what cannot be done."""
+        raise NotImplementedError
+
+    def row_multiple(self, op: BlockOp) -> int:
+        """Rows that must stay together in one chunk."""
+        return 1
+
+    def settings_digest(self, block: Block) -> str:
+        """What, beside the tensors, decides the block's result (for resume fingerprints)."""
+        return repr(block.params)
+
+    # -- maths ----------------------------------------------------------------------------
+    def prepare(
+        self,
+        op: BlockOp,
+        load: Callable[[str], torch.Tensor],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        precision: str,
+    ) -> RowMaths:
+        """Ready `op` for a tensor of `shape`, loading the parts it needs with `load`."""
+        raise NotImplementedError
+
+    def check_inverse(self, block: Block, load: Callable[[str], torch.Tensor]) -> None:
+        """Refuse, before anything is written, a block whose merge cannot be undone reliably."""
+
+    def product_terms(self, op: BlockOp) -> int:
+        """Terms of the fp32 inner products in the merge, which bound its rounding error."""
+        return 0
+
+    # -- describing and converting --------------------------------------------------------
+    def describe(self, config: AdapterConfig) -> str:
+        raise NotImplementedError
+
+    def summary(self, config: AdapterConfig) -> dict[str, object]:
+        raise NotImplementedError
+
+    def tag(self, config: AdapterConfig) -> str:
+        raise NotImplementedError
+
+    def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
+        """Each part's key in an adapter file PEFT writes for `peft_type` (no adapter name)."""
+        raise NotImplementedError
+
+    def conversions(self, config: AdapterConfig) -> dict[str, str]:
+        """`strip --to` names this adapter can become, with the `peft_type` each gives."""
+        return {}
+
+    def converted_config(self, raw: dict, peft_type: str) -> dict:
+        """The adapter_config.json of a converted adapter."""
+        return dict(raw, peft_type=peft_type)
+
+    def conversion_names(self) -> tuple[str, ...]:
+        """Every `--to` name this method can offer, for the CLI's choices."""
+        return ()
+
+    def refuse_conversion(self, config: AdapterConfig, name: str, where: Path) -> str:
+        """Why `strip --to name` cannot convert this adapter, in one sentence."""
+        return f"{where} is a {self.describe(config)} adapter, which cannot be converted to {name}."

@@ -1,0 +1,474 @@
+"""LoRA, rsLoRA and DoRA (PEFT `LORA`): low-rank updates `ΔW = s · B @ A`.
+
+Storage decides which way the rows run. A Linear weight is `out x in` and row o of ΔW is
+`s · B[o] @ A`; GPT-2's Conv1D (`fan_in_fan_out`) stores `in x out` and an Embedding
+`num_embeddings x dim`, so their row i is `s · A[:, i]ᵀ @ Bᵀ`. Either way a chunk of rows
+needs only A and B, which keeps LoRA streaming in bounded memory.
+
+Precision follows PEFT's default `merge_and_unload()` (safe_merge=False): the product in
+fp32 (fp64 with `--precision fp64`), scaled, added to the weight and rounded once, so Linear
+merges match PEFT bit for bit. PEFT rounds an Embedding's delta to the weight dtype before
+adding it; bonemerge rounds once, which is never further from the exact result.
+
+DoRA rescales each output by `m / ‖W + ΔW‖`, the norm taken over the inputs. For Linear that
+is a row of the stored weight, so it streams as is; for Conv1D and Embedding it is a column,
+so the engine first streams the tensor once to collect the column norms (`needs_pass`).
+The norm of the original `W + ΔW` is not recoverable from the merged weight, so a DoRA merge
+cannot be undone from the files: unmerge refuses it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bonemerge.errors import AdapterError
+from bonemerge.methods.base import (
+    PREFIX,
+    AdapterConfig,
+    Block,
+    BlockOp,
+    KeyClaim,
+    Method,
+    RowMaths,
+    Target,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from bonemerge.checkpoint import Source
+
+_FILE_PARTS = {
+    "lora_A.weight": ("A", "linear"),
+    "lora_B.weight": ("B", "linear"),
+    "lora_B.bias": ("bias", "linear"),
+    "lora_embedding_A": ("A", "embedding"),
+    "lora_embedding_B": ("B", "embedding"),
+    "lora_magnitude_vector": ("magnitude", None),
+    "lora_magnitude_vector.weight": ("magnitude", None),
+}
+_TRAINING = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"\.(?P<name>[^.]+)(?P<tail>\.weight|\.bias)?$"
+)
+_TRAINING_PARTS = {
+    ("lora_A", ".weight"): ("A", "linear"),
+    ("lora_B", ".weight"): ("B", "linear"),
+    ("lora_B", ".bias"): ("bias", "linear"),
+    ("lora_embedding_A", None): ("A", "embedding"),
+    ("lora_embedding_B", None): ("B", "embedding"),
+    ("lora_magnitude_vector", ".weight"): ("magnitude", None),
+}
+# Initialisations that rewrite the base weights while training starts: the adapter is then a
+# delta against a base that no longer exists on disk, unless PEFT converted it when saving.
+_BASE_CHANGING = ("pissa", "olora", "corda", "eva", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What a LoRA config says about the maths."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    dora: bool
+    fan_in_fan_out: bool
+    lora_bias: bool
+    rank_pattern: tuple[tuple[str, int], ...]
+    alpha_pattern: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """One module's LoRA: how it is stored (`kind`, `transposed`), its rank and its scale."""
+
+    kind: str
+    transposed: bool
+    r: int
+    scale: float
+    dora: bool
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern_key(patterns: tuple[tuple[str, object], ...], module: str) -> str | None:
+    """The pattern PEFT applies to `module`: the first key matching a dotted suffix of it."""
+    for key, _ in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def _flag(raw: dict, key: str, path: Path) -> bool:
+    value = raw.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise AdapterError(f"{path} has {key}={value!r}; it must be true or false.")
+    return value
+
+
+def _pattern(raw: dict, key: str, path: Path, check: Callable[[object], bool]) -> tuple:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
+        raise AdapterError(f"{path} has a malformed {key}; it must map module names to numbers.")
+    return tuple(value.items())
+
+
+def _refuse_unmergeable(raw: dict, path: Path) -> None:
+    """One sentence for every LoRA variant whose maths is not `W + s·B@A` on the saved base."""
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING):
+        raise AdapterError(
+            f'{path} was trained with init_lora_weights "{init}", which changed the base weights '
+            "when training began, so it cannot be merged into the original base; re-save it with "
+            "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain "
+            "LoRA adapter."
+        )
+    if raw.get("alora_invocation_tokens"):
+        raise AdapterError(
+            f"{path} is an aLoRA adapter (alora_invocation_tokens), which acts only after its "
+            "invocation tokens and has no merged form; serve it with the adapter instead."
+        )
+    if raw.get("target_parameters"):
+        raise AdapterError(
+            f"{path} puts LoRA on raw parameters (target_parameters, e.g. fused MoE experts), "
+            "which bonemerge does not merge; use PEFT's merge_and_unload for it."
+        )
+    unsupported = {
+        "layer_replication": "layer_replication (it changes the model's layers)",
+        "use_qalora": "QA-LoRA (use_qalora)",
+        "arrow_config": "Arrow routing (arrow_config)",
+        "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    }
+    for key, what in unsupported.items():
+        if raw.get(key):
+            raise AdapterError(
+                f"{path} uses {what}, which bonemerge does not merge; use PEFT's merge_and_unload for it."
+            )
+
+
+class DeltaRows(RowMaths):
+    """Plain LoRA: add (or subtract) `s · left[rows] @ right` to each chunk of rows."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+        self.left = left.to(dtype).contiguous()
+        self.right = right.to(dtype).contiguous()
+        self.scale = scale
+        self._scratch = threading.local()
+
+    def delta(self, rows: int, row0: int) -> torch.Tensor:
+        """`s · left[row0:row0+rows] @ right` in this thread's reused buffer."""
+        import torch
+
+        size = rows * self.right.shape[1]
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._scratch.buffer = torch.empty(
+                size, dtype=self.right.dtype, device=self.right.device
+            )
+        out = buffer[:size].view(rows, self.right.shape[1])
+        torch.mm(self.left[row0 : row0 + rows], self.right, out=out)
+        return out.mul_(self.scale)
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        work.add_(self.delta(work.shape[0], row0))
+
+    def unmerge(self, work: torch.Tensor, row0: int) -> None:
+        work.sub_(self.delta(work.shape[0], row0))
+
+
+class DoraRows(DeltaRows):
+    """DoRA with the norm along the stored rows (Linear): each row becomes m · v / ‖v‖."""
+
+    def __init__(self, left, right, scale, dtype, magnitude: torch.Tensor) -> None:
+        super().__init__(left, right, scale, dtype)
+        self.magnitude = magnitude
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        import torch
+
+        work.add_(self.delta(work.shape[0], row0))
+        norm = torch.linalg.norm(work, dim=1)
+        factor = self.magnitude[row0 : row0 + work.shape[0]].to(work.dtype) / norm
+        work.mul_(factor.unsqueeze(1))
+
+
+class DoraColumns(DeltaRows):
+    """DoRA with the norm along the stored columns (Conv1D, Embedding): a first pass over the
+    whole tensor sums the squares of `W + ΔW` per column; the merge then scales every row."""
+
+    needs_pass = True
+
+    def __init__(self, left, right, scale, dtype, magnitude: torch.Tensor) -> None:
+        import torch
+
+        super().__init__(left, right, scale, dtype)
+        self.magnitude = magnitude
+        self._squares = torch.zeros(right.shape[1], dtype=torch.float64, device=right.device)
+        self._factor = magnitude
+
+    def observe(self, work: torch.Tensor, row0: int) -> None:
+        summed = work + self.delta(work.shape[0], row0)
+        self._squares += summed.double().square().sum(dim=0)
+
+    def finish(self) -> None:
+        dtype = self.magnitude.dtype
+        self._factor = self.magnitude / self._squares.sqrt().to(dtype)
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        work.add_(self.delta(work.shape[0], row0))
+        work.mul_(self._factor)
+
+
+class BiasRows(RowMaths):
+    """`lora_bias`: the layer's bias gains `s · lora_B.bias` (its rows are its elements)."""
+
+    def __init__(self, bias: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+        self.delta = (bias.float() * scale).to(dtype).unsqueeze(1)
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        work.add_(self.delta[row0 : row0 + work.shape[0]])
+
+    def unmerge(self, work: torch.Tensor, row0: int) -> None:
+        work.sub_(self.delta[row0 : row0 + work.shape[0]])
+
+
+class LoraMethod(Method):
+    name = "LoRA"
+    peft_types = ("LORA",)
+
+    def read_config(self, peft_type: str, raw: dict, path: Path) -> LoraSettings:
+        _refuse_unmergeable(raw, path)
+        r = raw.get("r", 8)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise AdapterError(f"{path} has r={r!r}; r must be a positive integer.")
+        alpha = raw.get("lora_alpha", 8)
+        if not _number(alpha):
+            raise AdapterError(f"{path} has lora_alpha={alpha!r}; it must be a number.")
+        return LoraSettings(
+            r=r,
+            alpha=alpha,
+            rslora=_flag(raw, "use_rslora", path),
+            dora=_flag(raw, "use_dora", path),
+            fan_in_fan_out=_flag(raw, "fan_in_fan_out", path),
+            lora_bias=_flag(raw, "lora_bias", path),
+            rank_pattern=_pattern(
+                raw, "rank_pattern", path, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+            ),
+            alpha_pattern=_pattern(raw, "alpha_pattern", path, _number),
+        )
+
+    def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
+        for suffix, (part, kind) in _FILE_PARTS.items():
+            if name.endswith("." + suffix):
+                return KeyClaim(name[: -len(suffix) - 1], part, extra={"kind": kind})
+        return None
+
+    def claim_training(self, name: str) -> KeyClaim | None:
+        found = _TRAINING.match(name)
+        if not found:
+            return None
+        known = _TRAINING_PARTS.get((found["part"], found["tail"]))
+        if known is None:
+            return None
+        part, kind = known
+        return KeyClaim(found["module"], part, found["name"], "LORA", extra={"kind": kind})
+
+    def make_block(
+        self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
+    ) -> Block:
+        settings: LoraSettings = config.settings
+        missing = [p for p in ("A", "B") if p not in parts]
+        if missing:
+            raise AdapterError(
+                f"{where} holds {next(iter(keys.values()))} but no lora_{missing[0]} for {module}; "
+                "the adapter was not saved completely."
+            )
+        kind = (
+            "embedding"
+            if keys["A"].endswith("lora_embedding_A") or ".lora_embedding_A." in keys["A"]
+            else "linear"
+        )
+        a, b = tuple(parts["A"].shape), tuple(parts["B"].shape)
+        if len(a) != 2 or len(b) != 2:
+            raise AdapterError(
+                f"{keys['A']} in {where} has shape {list(a)}: a Conv2d/Conv3d LoRA, which bonemerge "
+                "does not merge (Linear, Conv1D and Embedding only); use PEFT's merge_and_unload for it."
+            )
+        r_key = _pattern_key(settings.rank_pattern, module)
+        alpha_key = _pattern_key(settings.alpha_pattern, module)
+        r = dict(settings.rank_pattern)[r_key] if r_key is not None else settings.r
+        alpha = dict(settings.alpha_pattern)[alpha_key] if alpha_key is not None else settings.alpha
+        if a[0] != r or b[1] != r:
+            raise AdapterError(
+                f"{keys['A']} and {keys['B']} in {where} have shapes {list(a)} and {list(b)}, but "
+                f"adapter_config.json gives {module} rank {r}; the config and weights disagree."
+            )
+        if settings.dora and "magnitude" not in parts:
+            raise AdapterError(
+                f"{where} is a DoRA adapter (use_dora) without a lora_magnitude_vector for {module}; "
+                "the adapter was not saved completely."
+            )
+        if "magnitude" in parts and not settings.dora:
+            raise AdapterError(
+                f"{where} holds {keys['magnitude']} but adapter_config.json does not set use_dora; "
+                "the config and weights disagree."
+            )
+        if "bias" in parts and not settings.lora_bias:
+            raise AdapterError(
+                f"{where} holds {keys['bias']} but adapter_config.json does not set lora_bias; "
+                "the config and weights disagree."
+            )
+        scale = alpha / math.sqrt(r) if settings.rslora else alpha / r
+        transposed = kind == "embedding" or settings.fan_in_fan_out
+        return Block(module, self, parts, keys, LoraParams(kind, transposed, r, scale, settings.dora))
+
+    def infer_config(
+        self,
+        peft_type: str,
+        blocks: list[tuple[str, dict[str, Source]]],
+        base_shapes: dict,
+        saved: list[str],
+        where: Path,
+    ) -> AdapterConfig:
+        raise AdapterError(
+            f"{where} holds LoRA tensors but no adapter_config.json beside it; lora_alpha is not in "
+            "the weights, so put the adapter's adapter_config.json next to the checkpoint."
+        )
+
+    def targets(self, block: Block) -> tuple[Target, ...]:
+        if "bias" in block.parts:
+            return (Target("weight"), Target("bias", "bias"))
+        return (Target("weight"),)
+
+    def _dims(self, block: Block) -> tuple[int, int]:
+        """(rows, columns) the stored weight must have."""
+        a, b = block.parts["A"].shape, block.parts["B"].shape
+        return (a[1], b[0]) if block.params.transposed else (b[0], a[1])
+
+    def check_target(
+        self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
+    ) -> None:
+        params: LoraParams = block.params
+        if inverse and params.dora:
+            raise AdapterError(
+                f"{where} is DoRA, whose merge rescales each output by m / ‖W + ΔW‖ of the original "
+                f"W; that norm is not in the merged {name}, so the merge cannot be undone from the files."
+            )
+        if target.part == "bias":
+            out = self._dims(block)[1 if params.transposed else 0]
+            if tuple(shape) != (out,):
+                raise AdapterError(
+                    f"{where} trains a bias of {out} values, but {name} has shape {list(shape)}; "
+                    "is this adapter for this base model?"
+                )
+            return
+        if len(shape) != 2:
+            raise AdapterError(
+                f"{where} targets {name} of shape {list(shape)}, which is not a Linear, Conv1D or "
+                "Embedding weight (Conv2d/Conv3d LoRA is not merged by bonemerge)."
+            )
+        if tuple(shape) != self._dims(block):
+            layout = {
+                "embedding": "an Embedding (lora_embedding_A is r x vocab, lora_embedding_B dim x r)",
+                "linear": "a Conv1D weight stored in x out (fan_in_fan_out)"
+                if params.transposed
+                else "a Linear weight out x in",
+            }[params.kind]
+            raise AdapterError(
+                f"{where} has lora_A {list(block.parts['A'].shape)} and lora_B "
+                f"{list(block.parts['B'].shape)}, which as {layout} need {name} to be "
+                f"{list(self._dims(block))}, but it is {list(shape)}; is this adapter for this base model?"
+            )
+        if params.dora:
+            columns = shape[1] if params.transposed else shape[0]
+            magnitude = tuple(block.parts["magnitude"].shape)
+            if magnitude != (columns,):
+                raise AdapterError(
+                    f"{where} has a DoRA magnitude of shape {list(magnitude)}, but {name} needs "
+                    f"[{columns}]; the adapter is damaged."
+                )
+
+    def settings_digest(self, block: Block) -> str:
+        p: LoraParams = block.params
+        return f"{p.kind} transposed={p.transposed} scale={p.scale!r} dora={p.dora}"
+
+    def prepare(
+        self,
+        op: BlockOp,
+        load: Callable[[str], torch.Tensor],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        precision: str,
+    ) -> RowMaths:
+        import torch
+
+        params: LoraParams = op.block.params
+        # PEFT's product runs in fp32; fp64 only when asked for, so that default merges match it.
+        product = torch.float64 if precision == "fp64" else torch.float32
+        if op.target.part == "bias":
+            return BiasRows(load("bias").to(device), params.scale, dtype)
+        a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
+        left, right = (a.t(), b.t()) if params.transposed else (b, a)
+        if not params.dora:
+            return DeltaRows(left, right, params.scale, product)
+        magnitude = load("magnitude").to(device=device, dtype=dtype)
+        kind = DoraColumns if params.transposed else DoraRows
+        return kind(left, right, params.scale, product, magnitude)
+
+    def product_terms(self, op: BlockOp) -> int:
+        return op.block.params.r if op.target.part == "weight" else 0
+
+    def describe(self, config: AdapterConfig) -> str:
+        s: LoraSettings = config.settings
+        name = "DoRA" if s.dora else "LoRA"
+        details = [f"r={s.r}", f"alpha={s.alpha:g}"]
+        if s.rslora:
+            name = "rsLoRA" if not s.dora else "DoRA, rsLoRA scaling"
+        if s.rank_pattern or s.alpha_pattern:
+            details.append("per-module ranks")
+        if s.lora_bias:
+            details.append("bias")
+        return f"{name} ({', '.join(details)})"
+
+    def summary(self, config: AdapterConfig) -> dict[str, object]:
+        s: LoraSettings = config.settings
+        return {
+            "r": s.r,
+            "lora_alpha": s.alpha,
+            "use_rslora": s.rslora,
+            "use_dora": s.dora,
+            "fan_in_fan_out": s.fan_in_fan_out,
+            "lora_bias": s.lora_bias,
+            "rank_pattern": dict(s.rank_pattern),
+            "alpha_pattern": dict(s.alpha_pattern),
+        }
+
+    def tag(self, config: AdapterConfig) -> str:
+        return "dora" if config.settings.dora else "lora"
+
+    def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
+        stem = PREFIX + block.module
+        names = (
+            {"A": "lora_embedding_A", "B": "lora_embedding_B"}
+            if block.params.kind == "embedding"
+            else {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"}
+        )
+        names["magnitude"] = "lora_magnitude_vector"
+        return {part: f"{stem}.{names[part]}" for part in block.parts}
+
+
+LORA = LoraMethod()
