@@ -47,6 +47,7 @@ class Report:
     files: list[str]
     notes: list[str] = field(default_factory=list)
     pushed_to: str | None = None
+    conversion: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -491,26 +492,29 @@ def strip(
     dtype: str = "auto",
     drop_modules_to_save: bool = False,
     to: str | None = None,
+    base: PathLike | None = None,
+    rank: int | str | None = None,
+    max_error: float | None = None,
     overwrite: bool = False,
     command: str | None = None,
     push: Push | None = None,
 ) -> Report:
-    """Write a reduced adapter (adapter_config.json + adapter_model.safetensors) that PEFT loads."""
+    """Write a reduced or converted adapter (adapter_config.json + adapter_model.safetensors)
+    that PEFT loads. Converting to LoRA needs the base model (`base`, else the one the adapter's
+    config names); an approximate conversion (Bat) needs `rank` (K, or "auto" with `max_error`)."""
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
-    from bonemerge.strip import StripOptions, build_strip_plan, kept_modules, parse_layers
+    from bonemerge.strip import StripOptions, build_strip_plan, kept_modules, needs_base, parse_layers
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
     path = location.path
+    training = None
     if _is_adapter_folder(path):
         adapter = load_adapter(path)
     else:
         _, training = _training(location)
         adapter = training.adapter(adapter_name)
-    target = check_output(output, [path], overwrite)
-    if push is not None:
-        push.check()
     strip_options = StripOptions(
         include=include,
         exclude=exclude,
@@ -518,8 +522,18 @@ def strip(
         dtype=parse_dtype(dtype),
         drop_modules_to_save=drop_modules_to_save,
         to=to,
+        rank=parse_rank(rank, max_error),
     )
-    plan, config = build_strip_plan(adapter, strip_options)
+    base_checkpoint = None
+    if needs_base(adapter, strip_options):
+        base_checkpoint = training.base if training and base is None else _conversion_base(adapter, base, to)
+    elif base is not None:
+        raise BonemergeError("--base is only used when converting to another method (--to lora).")
+    inputs = [path] + ([_input_path(base_checkpoint)] if base_checkpoint and not training else [])
+    target = check_output(output, inputs, overwrite)
+    if push is not None:
+        push.check()
+    plan, config, conversion = build_strip_plan(adapter, strip_options, base_checkpoint)
     check_free_space(target, plan.file_bytes)
     kept = len(kept_modules(adapter, strip_options))
     name = location.hub_id or path.name
@@ -529,9 +543,9 @@ def strip(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
         card = render_card(
-            heading=f"Reduced adapter from {name}",
+            heading=f"{'Converted' if conversion else 'Reduced'} adapter from {name}",
             summary=f"A {config['peft_type']} adapter with {kept} of the {len(adapter.blocks)} "
-            f"blocks of `{name}`.",
+            f"blocks of `{name}`" + (f", {conversion_note(conversion)}." if conversion else "."),
             adapters=[],
             closing="Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
             command=command,
@@ -552,8 +566,70 @@ def strip(
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - began, 3),
         files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
-        notes=[f"kept {kept} of {len(adapter.blocks)} blocks"],
+        notes=[f"kept {kept} of {len(adapter.blocks)} blocks"]
+        + ([conversion_note(conversion)] if conversion else []),
         pushed_to=pushed,
+        conversion=conversion.to_dict() if conversion else None,
+    )
+
+
+def parse_rank(rank: int | str | None, max_error: float | None):
+    """`--rank K` or `--rank auto --max-error E` as a `RankRequest`."""
+    from bonemerge.methods import RankRequest
+
+    if rank is None:
+        if max_error is not None:
+            raise BonemergeError("--max-error goes with --rank auto; pass both.")
+        return RankRequest()
+    if rank == "auto":
+        if max_error is None or not 0 < max_error < 1:
+            raise BonemergeError(
+                "--rank auto needs --max-error E, a relative error between 0 and 1 (e.g. 0.01)."
+            )
+        return RankRequest(max_error=max_error)
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        raise BonemergeError(f"--rank {rank!r} is neither a positive integer nor auto.") from None
+    if value <= 0:
+        raise BonemergeError(f"--rank {rank!r} is neither a positive integer nor auto.")
+    if max_error is not None:
+        raise BonemergeError("--max-error goes with --rank auto, not with a fixed --rank.")
+    return RankRequest(rank=value)
+
+
+def _conversion_base(adapter: Adapter, base: PathLike | None, to: str | None) -> Checkpoint:
+    """The model a conversion reads shapes (and, for Bat, weights) from: `base`, else the one
+    the adapter's config names (a path is taken relative to the adapter folder)."""
+    named = adapter.config.base_model
+    if base is None and named and not Path(named).is_absolute() and (adapter.root / named).is_dir():
+        base = adapter.root / named
+    base = base or named
+    if not base:
+        raise BonemergeError(
+            f"converting {adapter.root} to {to} needs its base model, and its config names none; "
+            "pass --base BASE."
+        )
+    revision = adapter.config.raw.get("revision") or None
+    return open_checkpoint(locate(base, revision, "--base").path)
+
+
+def conversion_note(conversion) -> str:
+    """`converted to LORA exactly (rank 64)`, or with its ranks and error, for reports and cards."""
+    ranks = sorted(set(conversion.ranks.values()))
+    shown = (
+        ""
+        if not ranks
+        else f" at rank {ranks[0]}"
+        if len(ranks) == 1
+        else f" at ranks {ranks[0]}-{ranks[-1]}"
+    )
+    if not conversion.errors:
+        return f"converted to {conversion.peft_type} exactly{shown}"
+    worst = max(conversion.errors, key=conversion.errors.get)
+    return (
+        f"converted to {conversion.peft_type}{shown}, approximately: relative Frobenius error "
+        f"{conversion.error:.3g} overall, at most {conversion.errors[worst]:.3g} ({worst})"
     )
 
 

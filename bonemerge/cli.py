@@ -331,7 +331,26 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 @click.option(
     "--to",
     type=click.Choice(conversion_names()),
-    help="Convert the adapter: Bone to MiSS or back (not MiSS mini).",
+    help="Convert the adapter: Bone to MiSS or back (not MiSS mini), or Bone/MiSS to LoRA "
+    "(exact for default and mini; Bat needs --rank).",
+)
+@click.option(
+    "--base",
+    type=click.Path(),
+    help="For --to lora: the base model (default: the one the adapter's config names); its shapes "
+    "size LoRA's factors, and Bat's update is computed from its weights.",
+)
+@click.option(
+    "--rank",
+    metavar="K|auto",
+    help="For --to lora from Bat: keep the best rank-K approximation of each update (truncated "
+    "SVD), or with auto the smallest rank per module that meets --max-error.",
+)
+@click.option(
+    "--max-error",
+    type=float,
+    metavar="E",
+    help="With --rank auto: the largest relative Frobenius error allowed per module (e.g. 0.01).",
 )
 @_options(_output, _adapter_name, _overwrite, _quiet, _as_json, _push_to_hub)
 @_reported
@@ -342,6 +361,8 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     Examples:
       bonemerge strip ./adapter --layers 0-11 --output ./adapter-first-half
       bonemerge strip ./bone-adapter --to miss --dtype bfloat16 --output ./miss-adapter
+      bonemerge strip ./miss-adapter --to lora --base ./Llama-3.2-1B --output ./lora-adapter
+      bonemerge strip ./bat-adapter --to lora --rank auto --max-error 0.01 --output ./lora-adapter
       bonemerge strip ./trainer/checkpoint-500 --output ./adapter
     """
     from bonemerge.api import strip as run

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bonemerge.checkpoint import MemoryTensor, RangeReader, ShardWriter, TensorRef, dtypes
+from bonemerge.checkpoint import ComputedTensor, RangeReader, ShardWriter, Source, TensorRef, dtypes
 from bonemerge.checkpoint.reader import read_tensor
 from bonemerge.checkpoint.writer import METADATA
 from bonemerge.errors import BonemergeError, MergeError
@@ -293,6 +293,8 @@ class Engine:
             for item in pending:
                 item.job.exception()
                 self._out.give(item.buffer)
+            if isinstance(step.source, ComputedTensor):
+                step.source.release()
 
     def _finished(self, step: Step, item: _Computing) -> Chunk:
         try:
@@ -355,16 +357,16 @@ class Engine:
                 block.observe(work, start)
             block.finish()
 
-    def _read_rows(self, source: TensorRef | MemoryTensor, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, source: Source, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `source`, read now (outside the read-ahead's order)."""
         rows, cols = _rows_cols(source.shape)
-        if isinstance(source, MemoryTensor):
+        if not isinstance(source, TensorRef):
             return source.tensor.reshape(rows, cols)[start:stop]
         row_bytes = cols * dtypes.BITS[source.dtype] // 8
         raw = self.reader.read(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
         return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).view(stop - start, cols)
 
-    def load(self, source: TensorRef | MemoryTensor) -> torch.Tensor:
+    def load(self, source: Source) -> torch.Tensor:
         """A whole (small) tensor such as an adapter block, in its own dtype."""
         return read_tensor(self.reader, source)
 
@@ -373,7 +375,7 @@ class Engine:
     ) -> tuple[torch.Tensor, bytearray | None]:
         source = step.source
         rows, cols = _rows_cols(source.shape)
-        if isinstance(source, MemoryTensor):
+        if not isinstance(source, TensorRef):
             return source.tensor.reshape(rows, cols)[start:stop], None
         read, buf = ahead.next()
         assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"

@@ -10,12 +10,14 @@ that are gone nor warns about missing keys.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from bonemerge.adapters import Adapter
-from bonemerge.checkpoint import dtypes
+from bonemerge.adapters import Adapter, infer_rule
+from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError
+from bonemerge.methods import Converted, RankRequest, Target
 from bonemerge.plan import Plan, Step
 
 WEIGHTS = "adapter_model.safetensors"
@@ -52,6 +54,7 @@ class StripOptions:
     dtype: str | None = None
     drop_modules_to_save: bool = False
     to: str | None = None
+    rank: RankRequest = field(default_factory=RankRequest)
 
 
 def _pattern(text: str | None, flag: str) -> re.Pattern[str] | None:
@@ -94,11 +97,17 @@ def _peft_type(adapter: Adapter, to: str | None) -> str:
     return found
 
 
-def stripped_config(adapter: Adapter, kept: list[str], options: StripOptions, peft_type: str) -> dict:
+def stripped_config(
+    adapter: Adapter,
+    kept: list[str],
+    options: StripOptions,
+    peft_type: str,
+    converted: Mapping[str, Converted],
+) -> dict:
     """The adapter_config.json of the reduced adapter."""
     config = dict(adapter.config.raw)
     if peft_type != adapter.config.peft_type:
-        config = adapter.config.method.converted_config(config, peft_type)
+        config = adapter.config.method.converted_config(config, peft_type, converted)
     if len(kept) != len(adapter.blocks):
         config["target_modules"] = sorted(kept)
         config["exclude_modules"] = None
@@ -112,17 +121,49 @@ def stripped_config(adapter: Adapter, kept: list[str], options: StripOptions, pe
     return config
 
 
-def build_strip_plan(adapter: Adapter, options: StripOptions) -> tuple[Plan, dict]:
-    """The reduced adapter's tensors (one file, PEFT's key names) and its config."""
+def needs_base(adapter: Adapter, options: StripOptions) -> bool:
+    """Whether this strip converts the adapter in a way that needs its base model."""
+    peft_type = _peft_type(adapter, options.to)
+    return peft_type != adapter.config.peft_type and adapter.config.method.conversion_needs_base(
+        adapter.config, peft_type
+    )
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What converting did: to which `peft_type`, and per module the rank and the error."""
+
+    peft_type: str
+    ranks: dict[str, int]
+    errors: dict[str, float]
+    error: float
+
+    def to_dict(self) -> dict:
+        return {"to": self.peft_type, "ranks": self.ranks, "errors": self.errors, "error": self.error}
+
+
+def build_strip_plan(
+    adapter: Adapter,
+    options: StripOptions,
+    base: Checkpoint | None = None,
+) -> tuple[Plan, dict, Conversion | None]:
+    """The reduced adapter's tensors (one file, PEFT's key names), its config and, when it was
+    converted to another method, what the conversion did. `base` is required when `needs_base`
+    says so; conversions that need its values read them one tensor at a time."""
+    from bonemerge.checkpoint.reader import load_whole
+
     kept = kept_modules(adapter, options)
     peft_type = _peft_type(adapter, options.to)
-    steps: dict[str, Step] = {}
     kept_set = set(kept)
-    for block in adapter.blocks:
-        if block.module in kept_set:
-            for part, name in block.method.file_keys(block, peft_type).items():
-                source = block.parts[part]
-                steps[name] = Step(name, source.dtype, tuple(source.shape), source)
+    blocks = [block for block in adapter.blocks if block.module in kept_set]
+    converted = {
+        block.module: block.method.convert(block, peft_type, base=target, load=load_whole, rank=options.rank)
+        for block, target in zip(blocks, _base_weights(adapter, blocks, base), strict=True)
+    }
+    steps: dict[str, Step] = {}
+    for result in converted.values():
+        for name, source in result.tensors.items():
+            steps[name] = Step(name, source.dtype, tuple(source.shape), source)
     block_modules = {b.module for b in adapter.blocks}
     for name, source in adapter.replacements.items():
         module = name.rsplit(".", 1)[0]
@@ -140,4 +181,35 @@ def build_strip_plan(adapter: Adapter, options: StripOptions) -> tuple[Plan, dic
         }
     shard = ShardPlan(WEIGHTS, write_order([s.entry() for s in steps.values()]))
     plan = Plan((shard,), steps, write_index=False, index_name="")
-    return plan, stripped_config(adapter, kept, options, peft_type)
+    config = stripped_config(adapter, kept, options, peft_type, converted)
+    conversion = None
+    if peft_type != adapter.config.peft_type:
+        discarded = sum(c.discarded for c in converted.values())
+        total = sum(c.total for c in converted.values())
+        conversion = Conversion(
+            peft_type,
+            {m: c.rank for m, c in converted.items() if c.rank is not None},
+            {m: c.error for m, c in converted.items() if c.total},
+            (discarded / total) ** 0.5 if total else 0.0,
+        )
+    return plan, config, conversion
+
+
+def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
+    """The base weight each block merges into, checked to fit, or None without a base."""
+    if base is None:
+        return [None] * len(blocks)
+    rule = infer_rule([b.module for b in blocks], base.tensors.keys(), str(adapter.root))
+    found = []
+    for block in blocks:
+        name = rule.apply(block.module) + ".weight"
+        source = base.tensors.get(name)
+        if source is None:
+            raise AdapterError(
+                f"block {block.key} of {adapter.root} has no matching weight {name} in {base.root}; "
+                "is this the adapter's base model?"
+            )
+        where = f"block {block.key} of {adapter.root}"
+        block.method.check_target(block, Target("weight"), name, tuple(source.shape), where, False)
+        found.append(source)
+    return found

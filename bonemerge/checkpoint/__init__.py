@@ -2,6 +2,7 @@
 
 from bonemerge.checkpoint.folder import (
     Checkpoint,
+    ComputedTensor,
     MemoryTensor,
     Shard,
     Source,
@@ -15,6 +16,7 @@ from bonemerge.checkpoint.writer import Entry, ShardWriter
 
 __all__ = [
     "Checkpoint",
+    "ComputedTensor",
     "Entry",
     "Header",
     "MemoryTensor",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +61,39 @@ class MemoryTensor:
         return self.tensor.numel() * self.tensor.element_size()
 
 
-Source = TensorRef | MemoryTensor
+class ComputedTensor:
+    """A tensor made on demand (a converted adapter's factors), standing in where a TensorRef
+    would: its dtype and shape are promised up front so that headers can be planned, and
+    `compute` runs only when the engine reaches it, so a thousand of them cost no memory."""
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor]):
+        self.name = name
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self._compute = compute
+        self._cached: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        import math
+
+        return dtypes.nbytes(self.dtype, math.prod(self.shape)) or 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The values, computed once and kept until `release()`."""
+        if self._cached is None:
+            value = self._compute()
+            if tuple(value.shape) != self.shape or dtypes.from_torch(value.dtype) != self.dtype:
+                raise AssertionError(f"{self.name} was computed as {value.dtype} {list(value.shape)}")
+            self._cached = value
+        return self._cached
+
+    def release(self) -> None:
+        self._cached = None
+
+
+Source = TensorRef | MemoryTensor | ComputedTensor
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,9 @@ def read_tensor(reader: RangeReader, source) -> torch.Tensor:
     import torch
 
     from bonemerge.checkpoint import dtypes
-    from bonemerge.checkpoint.folder import MemoryTensor
+    from bonemerge.checkpoint.folder import TensorRef
 
-    if isinstance(source, MemoryTensor):
+    if not isinstance(source, TensorRef):
         return source.tensor
     raw = reader.read(source.path, source.offset, source.nbytes)
     if not raw:

@@ -123,6 +123,34 @@ class RowMaths:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Converted:
+    """A block as another method's adapter file holds it: tensors by file key, and for a
+    conversion to LoRA the rank it was written at and, when it is not exact, its relative
+    Frobenius error (`sqrt(discarded / total)`, both squared norms, so errors can be pooled)."""
+
+    tensors: dict[str, Source]
+    rank: int | None = None
+    discarded: float = 0.0
+    total: float = 0.0
+
+    @property
+    def error(self) -> float:
+        return (self.discarded / self.total) ** 0.5 if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """`strip --rank K` or `--rank auto --max-error E`, for conversions that approximate."""
+
+    rank: int | None = None
+    max_error: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.rank is not None or self.max_error is not None
+
+
 @dataclass
 class KeyClaim:
     """A tensor key a method recognises: the module it belongs to and which part it is."""
@@ -229,8 +257,24 @@ class Method:
         """`strip --to` names this adapter can become, with the `peft_type` each gives."""
         return {}
 
-    def converted_config(self, raw: dict, peft_type: str) -> dict:
-        """The adapter_config.json of a converted adapter."""
+    def conversion_needs_base(self, config: AdapterConfig, peft_type: str) -> bool:
+        """Whether converting needs the base model (its shapes, or its values)."""
+        return False
+
+    def convert(
+        self,
+        block: Block,
+        peft_type: str,
+        *,
+        base: Source | None,
+        load: Callable[[Source], torch.Tensor],
+        rank: RankRequest,
+    ) -> Converted:
+        """`block` as a `peft_type` file holds it; `base` is the weight it merges into."""
+        return Converted({self.file_keys(block, peft_type)[part]: src for part, src in block.parts.items()})
+
+    def converted_config(self, raw: dict, peft_type: str, converted: Mapping[str, Converted]) -> dict:
+        """The adapter_config.json of a converted adapter (`converted` by module)."""
         return dict(raw, peft_type=peft_type)
 
     def conversion_names(self) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +32,10 @@ from bonemerge.methods.base import (
     AdapterConfig,
     Block,
     BlockOp,
+    Converted,
     KeyClaim,
     Method,
+    RankRequest,
     RowMaths,
     Target,
 )
@@ -408,12 +411,40 @@ class BoneMethod(Method):
         return {"block": f"{PREFIX}{block.module}.{SUFFIX[peft_type]}"}
 
     def conversions(self, config: AdapterConfig) -> dict[str, str]:
-        found = {"miss": "MISS"}
+        found = {"miss": "MISS", "lora": "LORA"}
         if config.settings.variant != "mini":
             found["bone"] = "BONE"
         return found
 
-    def converted_config(self, raw: dict, peft_type: str) -> dict:
+    def conversion_needs_base(self, config: AdapterConfig, peft_type: str) -> bool:
+        # A block does not know the width of its weight, which LoRA's A must span.
+        return peft_type == "LORA"
+
+    def convert(
+        self,
+        block: Block,
+        peft_type: str,
+        *,
+        base: Source | None,
+        load: Callable[[Source], torch.Tensor],
+        rank: RankRequest,
+    ) -> Converted:
+        if peft_type != "LORA":
+            return super().convert(block, peft_type, base=base, load=load, rank=rank)
+        assert base is not None
+        settings: BoneSettings = block.params
+        if settings.variant == "bat":
+            return _bat_to_lora(block, base, load, rank)
+        if rank.given:
+            raise AdapterError(
+                f"{block.key} is a {settings.variant} block, which converts to LoRA exactly at its own "
+                "rank; --rank and --max-error apply to Bat adapters only."
+            )
+        return _exact_lora(block, tuple(base.shape), load)
+
+    def converted_config(self, raw: dict, peft_type: str, converted: Mapping[str, Converted]) -> dict:
+        if peft_type == "LORA":
+            return lora_config(raw, {module: c.rank or 0 for module, c in converted.items()})
         raw = dict(raw, peft_type=peft_type)
         if peft_type == "BONE":
             for key in _MISS_ONLY:
@@ -421,12 +452,176 @@ class BoneMethod(Method):
         return raw
 
     def conversion_names(self) -> tuple[str, ...]:
-        return ("miss", "bone")
+        return ("miss", "bone", "lora")
 
     def refuse_conversion(self, config: AdapterConfig, name: str, where: Path) -> str:
         if name == "bone" and config.settings.variant == "mini":
             return f"{where} is a MiSS mini adapter, which Bone cannot express; it stays MiSS."
         return f"{where} is a {self.describe(config)} adapter, which cannot be converted to {name}."
+
+
+# Keys of a LoRA config that describe where the adapter sits rather than its maths: a
+# converted adapter sits where the original did.
+_PLACEMENT = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+)
+
+
+def lora_config(raw: dict, ranks: Mapping[str, int]) -> dict:
+    """A PEFT LoRA config whose every module has scale 1 (`lora_alpha == r`), so that the
+    written factors are the update itself; modules of another rank go to `rank_pattern`
+    (and `alpha_pattern`, to keep their scale 1), keyed by their escaped full path."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(module): k for module, k in sorted(ranks.items()) if k != common}
+    config = {
+        "peft_type": "LORA",
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    config |= {key: raw.get(key) for key in _PLACEMENT}
+    config["bias"] = config["bias"] or "none"
+    return config
+
+
+def _selection(r: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """S (r x width): S[k, i] = 1 where i mod r == k, so (X @ S)[:, i] = X[:, i mod r]."""
+    import torch
+
+    return (torch.arange(width) % r == torch.arange(r).unsqueeze(1)).to(dtype)
+
+
+def _exact_lora(block: Block, shape: tuple[int, ...], load: Callable[[Source], torch.Tensor]) -> Converted:
+    """Default and mini as LoRA at scale 1, exactly: ΔW[o, i] = B[i mod r, o mod mini_r] is a
+    product of one-hot selections and B, so every element of B @ A is a single term."""
+    import torch
+
+    from bonemerge.checkpoint import dtypes
+
+    settings: BoneSettings = block.params
+    source = block.parts["block"]
+    out_features, in_features = shape
+    r, dtype = settings.r, source.dtype
+    mini_r = settings.mini_r if settings.variant == "mini" else None
+
+    def values() -> torch.Tensor:
+        return load(source)
+
+    if mini_r is not None and mini_r < r:
+        # rank mini_r: B = P (outputs -> their mini_r column), A[j, i] = B[i mod r, j]
+        rank = mini_r
+
+        def a() -> torch.Tensor:
+            return values()[torch.arange(in_features) % r, :].t().contiguous()
+
+        def b() -> torch.Tensor:
+            return _selection(mini_r, out_features, dtypes.to_torch(dtype)).t().contiguous()
+
+    else:
+        rank = r
+
+        def a() -> torch.Tensor:
+            return _selection(r, in_features, dtypes.to_torch(dtype))
+
+        def b() -> torch.Tensor:
+            block_values = values()
+            if mini_r is not None:
+                block_values = block_values[:, torch.arange(out_features) % mini_r]
+            return block_values.t().contiguous()
+
+    return Converted(_lora_pair(block, dtype, rank, shape, a, b), rank=rank)
+
+
+def _lora_pair(
+    block: Block,
+    dtype: str,
+    rank: int,
+    shape: tuple[int, ...],
+    a: Callable[[], torch.Tensor],
+    b: Callable[[], torch.Tensor],
+) -> dict[str, Source]:
+    """lora_A (rank x in) and lora_B (out x rank) under PEFT's keys, computed when written."""
+    from bonemerge.checkpoint import ComputedTensor
+
+    out_features, in_features = shape
+    stem = f"{PREFIX}{block.module}"
+    return {
+        f"{stem}.lora_A.weight": ComputedTensor(f"{stem}.lora_A.weight", dtype, (rank, in_features), a),
+        f"{stem}.lora_B.weight": ComputedTensor(f"{stem}.lora_B.weight", dtype, (out_features, rank), b),
+    }
+
+
+def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """ΔW of a Bat block on `weight` in float64: W_ac · B_a + B_a on every r x r tile."""
+    out_features, in_features = weight.shape
+    r = block.shape[-1]
+    weight, block = weight.double(), block.double()
+    tiles = weight.reshape(out_features // r, r, in_features // r, r).permute(0, 2, 1, 3)
+    delta = tiles @ block.unsqueeze(1) + block.unsqueeze(1)
+    return delta.permute(0, 2, 1, 3).reshape(out_features, in_features)
+
+
+def _bat_to_lora(
+    block: Block, base: Source, load: Callable[[Source], torch.Tensor], rank: RankRequest
+) -> Converted:
+    """Bat's ΔW depends on the base, and has full rank in general: keep its best rank-K
+    approximation (truncated SVD in float64). The singular values are computed now, to choose
+    K and know the error; the factors are computed again when the engine writes them."""
+    import torch
+
+    if not rank.given:
+        raise AdapterError(
+            f"{block.key} is a Bat block, whose update depends on the base and is approximated as "
+            "LoRA; pass --rank K, or --rank auto with --max-error E."
+        )
+    values = torch.linalg.svdvals(bat_delta(load(base), load(block.parts["block"])))
+    squares = values.square()
+    total = float(squares.sum())
+    # tail[k] = what keeping k singular values leaves out
+    tail = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
+    if rank.rank is not None:
+        k = min(rank.rank, values.numel())
+    else:
+        assert rank.max_error is not None
+        allowed = rank.max_error**2 * total
+        k = next(k for k in range(1, values.numel() + 1) if float(tail[k]) <= allowed)
+    out_features, in_features = base.shape
+    cache: dict[str, torch.Tensor] = {}
+
+    def factor(which: str) -> Callable[[], torch.Tensor]:
+        def compute() -> torch.Tensor:
+            if not cache:
+                delta = bat_delta(load(base), load(block.parts["block"]))
+                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+                root = s[:k].sqrt()
+                cache["A"] = (root.unsqueeze(1) * vh[:k]).float()
+                cache["B"] = (u[:, :k] * root).float()
+            return cache.pop(which)
+
+        return compute
+
+    return Converted(
+        _lora_pair(block, "F32", k, (out_features, in_features), factor("A"), factor("B")),
+        rank=k,
+        discarded=float(tail[k]),
+        total=total,
+    )
 
 
 BONE = BoneMethod()
