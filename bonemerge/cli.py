@@ -19,6 +19,8 @@ import click
 
 from bonemerge import __version__
 from bonemerge.checkpoint.layout import parse_size
+from bonemerge.dtype_names import HELP as DTYPE_HELP
+from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError
 
 
@@ -120,12 +122,13 @@ _as_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON su
 _adapter_name = click.option(
     "--adapter-name", help="Which adapter of a full PEFT checkpoint to use, when it holds several."
 )
+_dtype_type = _Checked("dtype", parse_dtype)
 _dtype = click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=_dtype_type,
     default="auto",
     show_default=True,
-    help="Dtype of every float tensor in the output; auto keeps each tensor's own.",
+    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own.",
 )
 _shard = click.option(
     "--max-shard-size",
@@ -223,6 +226,12 @@ def main() -> None:
 @main.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
+@click.option(
+    "--allow-remerge",
+    is_flag=True,
+    help="Merge an adapter even though BASE's bonemerge.json history says it is merged already "
+    "(or it is given twice); without it that is refused, since it would apply the adapter twice.",
+)
 @_options(
     _output,
     _adapter_name,
@@ -321,10 +330,10 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=_dtype_type,
     default="auto",
     show_default=True,
-    help="Dtype of the written blocks.",
+    help=f"Dtype of the written tensors: {DTYPE_HELP}; auto keeps each tensor's own.",
 )
 @click.option("--drop-modules-to-save", is_flag=True, help="Leave out modules_to_save copies.")
 @click.option(
@@ -348,19 +357,6 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     _print_report(report, quiet, as_json)
 
 
-def _print_inspection(info: dict, indent: str = "") -> None:
-    for key, value in info.items():
-        if isinstance(value, dict) and value and key != "dtypes":
-            click.echo(f"{indent}{key}:")
-            _print_inspection(value, indent + "  ")
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            click.echo(f"{indent}{key}:")
-            for item in value:
-                click.echo(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items()))
-        elif value not in (None, [], {}):
-            click.echo(f"{indent}{key}: {value}")
-
-
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--base", type=click.Path(), help="Check the adapter at PATH against this base model.")
@@ -374,7 +370,9 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        _print_inspection(info)
+        from bonemerge.inspect_text import render_inspection
+
+        click.echo("\n".join(render_inspection(info)))
     if info.get("against_base", {}).get("ok") is False:
         sys.exit(1)
 
@@ -433,22 +431,35 @@ def _print_verification(results: dict[str, Any]) -> None:
             click.echo(f"missing: {name}")
     if "tensors" in results:
         report = results["tensors"]
+        click.echo(f"mode: {report.mode} ({report.reason})")
         click.echo(
             f"{report.identical} identical, {report.within_rounding} within rounding, "
             f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
             f"{len(report.mismatched)} of another shape or dtype"
         )
-        for diff in report.differing:
-            click.echo(
-                f"differs: {diff.name}: {diff.elements} elements, "
-                f"max abs {diff.max_abs:.3g}, {diff.max_ulp:g} ulp (allowed {diff.allowed_ulp:g})"
-            )
-        for name in report.missing:
-            click.echo(f"missing: {name}")
-        for name in report.extra:
-            click.echo(f"extra: {name}")
-        for line in report.mismatched:
-            click.echo(f"mismatch: {line}")
+        allowed = "no difference allowed" if report.mode == "exact" else "beyond their rounding bound"
+        _listed(
+            "differing tensors",
+            [
+                f"differs: {d.name}: {d.elements} elements {allowed}, largest {d.max_abs:.3g} "
+                f"({d.max_ulp:g} ulp of the element)"
+                for d in report.differing
+            ],
+        )
+        _listed("missing tensors", [f"missing: {name}" for name in report.missing])
+        _listed("extra tensors", [f"extra: {name}" for name in report.extra])
+        _listed("mismatched tensors", [f"mismatch: {line}" for line in report.mismatched])
+
+
+# Text reports list this many items of a kind, then how many more (--json lists all).
+_SHOWN = 10
+
+
+def _listed(what: str, lines: list[str]) -> None:
+    for line in lines[:_SHOWN]:
+        click.echo(line)
+    if len(lines) > _SHOWN:
+        click.echo(f"… and {len(lines) - _SHOWN} more {what} (--json lists all)")
 
 
 @main.command()
