@@ -171,7 +171,7 @@ def _push(options: dict[str, Any], repo_id: str | None = None) -> Any:
         if used:
             raise click.UsageError(f"{', '.join(used)} only apply with --push-to-hub.")
         return None
-    return Push(repo_id, **settings)
+    return Push(repo_id, **settings, progress=sys.stderr.isatty())
 
 
 _compute = _options(
