@@ -49,6 +49,19 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
     return match.group("repo"), pinned or revision
 
 
+def looks_local(text: str) -> bool:
+    """True when `text`, which does not exist, can only have meant a local path: it starts with
+    `.`, `/` or `~`, ends with `/`, has more than one `/` before any `@revision`, or its first
+    component is a local folder (`models/llama` where `./models` exists). Such a path is
+    reported as missing instead of being looked up on the Hub."""
+    if text.startswith((".", "/", "~")) or text.endswith("/"):
+        return True
+    name = text.split("@", 1)[0]
+    if name.count("/") != 1:
+        return name.count("/") > 1
+    return Path(name.split("/", 1)[0]).is_dir()
+
+
 def locate(
     reference: str | os.PathLike[str],
     revision: str | None = None,
@@ -62,6 +75,8 @@ def locate(
         if revision:
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
         return Location(path)
+    if looks_local(text):
+        raise BonemergeError(f"{text} does not exist locally; check the path.")
     parsed = parse_reference(text, revision)
     if parsed is None:
         return Location(path)
@@ -93,10 +108,11 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
     if isinstance(exc, RevisionNotFoundError):
         return HubError(f"{repo} has no revision {revision!r} on {where}; check the branch, tag or commit.")
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} cannot be reached"
         return HubError(
-            f"{repo}{'@' + revision if revision else ''} is not in the local Hub cache "
-            f"({constants.HF_HUB_CACHE}) and the Hub cannot be reached (HF_HUB_OFFLINE is set or the "
-            "network is down); download it once online, or pass a local folder."
+            f"{repo}{'@' + revision if revision else ''} is not a local path, and as a Hub id it is not in "
+            f"the local Hub cache ({constants.HF_HUB_CACHE}) while {why}; check the path, or download "
+            "it once online."
         )
     return HubError(f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.")
 
