@@ -51,15 +51,9 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
 
 def looks_local(text: str) -> bool:
     """True when `text`, which does not exist, can only have meant a local path: it starts with
-    `.`, `/` or `~`, ends with `/`, has more than one `/` before any `@revision`, or its first
-    component is a local folder (`models/llama` where `./models` exists). Such a path is
-    reported as missing instead of being looked up on the Hub."""
-    if text.startswith((".", "/", "~")) or text.endswith("/"):
-        return True
-    name = text.split("@", 1)[0]
-    if name.count("/") != 1:
-        return name.count("/") > 1
-    return Path(name.split("/", 1)[0]).is_dir()
+    `.`, `/` or `~`, ends with `/`, or has more than one `/` before any `@revision`. Such a
+    path is reported as missing instead of being looked up on the Hub."""
+    return text.startswith((".", "/", "~")) or text.endswith("/") or text.split("@", 1)[0].count("/") > 1
 
 
 def locate(
@@ -81,7 +75,17 @@ def locate(
     if parsed is None:
         return Location(path)
     repo, rev = parsed
-    return Location(download(repo, rev, progress), repo, rev)
+    try:
+        return Location(download(repo, rev, progress), repo, rev)
+    except HubError as exc:
+        folder, rest = repo.split("/", 1)
+        if not Path(folder).is_dir():
+            raise
+        # `models/llama` next to a local `models/`: most likely a mistyped local path.
+        raise HubError(
+            f"{text} does not exist locally (the local folder {folder} has no {rest}), and looked up "
+            f"as a Hub id: {str(exc).rstrip('.')}."
+        ) from None
 
 
 def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:

@@ -64,11 +64,10 @@ def test_a_training_checkpoint_given_as_adapter(tmp_path, base):
     assert done.exit_code == 0, done.output
 
 
-@pytest.mark.parametrize("typed", ["./foo/bar", "foo/bar/baz", "models/llama-3", "models/llama@main"])
+@pytest.mark.parametrize("typed", ["./foo/bar", "foo/bar/baz", "../models/llama", "/nowhere/x", "out/"])
 @pytest.mark.parametrize("position", ["base", "adapter"])
 def test_a_mistyped_local_path_is_reported_as_missing(tmp_path, base, adapter, monkeypatch, typed, position):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models").mkdir()
     args = [typed, adapter] if position == "base" else [base, typed]
     message = fails(
         tmp_path,
@@ -79,6 +78,23 @@ def test_a_mistyped_local_path_is_reported_as_missing(tmp_path, base, adapter, m
         expect=(f"{typed} does not exist locally; check the path",),
     )
     assert "Hub" not in message and "HF_HUB_OFFLINE" not in message
+
+
+@pytest.mark.parametrize("typed", ["models/llama-3", "models/llama-3@main"])
+def test_an_org_name_beside_a_local_folder_says_first_it_is_not_local(tmp_path, adapter, typed):
+    (tmp_path / "models").mkdir()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    environment |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [str(SCRIPT), "merge", typed, str(adapter), "-o", "out"],
+        capture_output=True, text=True, env=environment, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        f"error: {typed} does not exist locally (the local folder models has no llama-3), and looked up "
+        "as a Hub id: models/llama-3"
+    ), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unreachable_hub_id_does_not_blame_offline_mode(tmp_path, adapter):
