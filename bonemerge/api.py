@@ -600,12 +600,13 @@ def strip(
     """Write a reduced adapter (adapter_config.json + adapter_model.safetensors) that PEFT loads."""
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
-    from bonemerge.strip import StripOptions, build_strip_plan, parse_layers
+    from bonemerge.strip import StripOptions, build_strip_plan, parse_layers, summarize
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
     path = location.path
-    if _is_adapter_folder(path):
+    from_folder = _is_adapter_folder(path)
+    if from_folder:
         adapter = load_adapter(path)
     else:
         _, training = _training(location)
@@ -623,7 +624,9 @@ def strip(
     )
     plan, config = build_strip_plan(adapter, strip_options)
     check_free_space(target, plan.file_bytes)
-    kept = sum(1 for name in plan.steps if name.endswith("_block"))
+    summary = summarize(adapter, plan, config["peft_type"], strip_options, extracted=not from_folder)
+    lineage = history.read_history(path if path.is_dir() else None)
+    prints = _fingerprints([source], [adapter])
     name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
@@ -631,32 +634,62 @@ def strip(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
         card = render_card(
-            heading=f"Reduced adapter from {name}",
-            summary=f"A {config['peft_type']} adapter with {kept} of the {len(adapter.blocks)} "
-            f"blocks of `{name}`.",
+            heading=summary.heading(name),
+            summary=f"A {config['peft_type']} adapter made from `{name}`; the notes say what was done.",
             adapters=[],
             closing="Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
             command=command,
+            notes=summary.actions(),
             base_hub_id=_hub_id_of(adapter),
             relation="adapter",
             library="peft",
-            tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]]],
+            tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]], "strip"],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
+        entry = _entry("strip", [adapter], prints, command)
+        result = load_adapter(staging.path)
+        entry["result"] = history.record(result, history.fingerprint(result))
+        files = _write_adapter_manifest(staging.path, lineage, entry, config)
         pushed = _publish(staging, overwrite, push, load_adapter)
     return Report(
         operation="strip",
         output=str(target),
         inputs=[str(path)],
         tensors_merged=0,
-        tensors_copied=stats.copied,
-        tensors_converted=stats.converted,
+        tensors_copied=len(plan.steps) - summary.changed,
+        tensors_converted=summary.changed,
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - began, 3),
-        files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
-        notes=[f"kept {kept} of {len(adapter.blocks)} blocks"],
+        files=files,
+        notes=summary.actions(),
         pushed_to=pushed,
     )
+
+
+def _write_adapter_manifest(
+    folder: Path, lineage: Sequence[dict] | None, entry: dict, config: dict
+) -> list[str]:
+    """bonemerge.json for an adapter bonemerge wrote: every file's size and SHA-256 (so that
+    `verify --checksums` works on it) and its history. Returns every file name."""
+    from bonemerge.checkpoint.writer import file_sha256
+
+    created = _now()
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+    manifest = {
+        "bonemerge": __version__,
+        "operation": entry["operation"],
+        "adapter": config["peft_type"],
+        "command": entry["command"],
+        "created": created,
+        "files": files,
+        "history": [*(lineage or []), entry | {"created": created}],
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return sorted([*files, MANIFEST])
 
 
 def push(folder: PathLike, target: Push) -> str:

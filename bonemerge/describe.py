@@ -132,7 +132,7 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
         adapter = load_adapter(path)
         info = {"path": str(path), "kind": "adapter"} | describe_adapter(adapter)
         info["bytes"] = adapter.weights.stat().st_size
-        info |= _made_by_bonemerge(path)
+        info |= {k: v for k, v in _made_by_bonemerge(path).items() if k == "made_by_bonemerge"}
         if base is not None:
             info["against_base"] = _against_base([adapter], Path(base))
         return info

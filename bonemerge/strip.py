@@ -144,3 +144,79 @@ def build_strip_plan(adapter: Adapter, options: StripOptions) -> tuple[Plan, dic
     shard = ShardPlan(WEIGHTS, write_order([s.entry() for s in steps.values()]))
     plan = Plan((shard,), steps, write_index=False, index_name="")
     return plan, stripped_config(adapter, kept, options, method)
+
+
+@dataclass(frozen=True)
+class StripSummary:
+    """What a strip did, counted from its plan, so that the report and the card say exactly
+    that: blocks filtered, full tensors left out, tensors cast, method converted."""
+
+    blocks_kept: int
+    blocks_total: int
+    full_left_out: int
+    cast: int
+    dtype: str | None
+    method_from: str
+    method_to: str
+    extracted: bool
+    changed: int  # tensors written differently from the source: cast, or renamed to the other method
+
+    @property
+    def converted(self) -> bool:
+        return self.method_from != self.method_to
+
+    def actions(self) -> list[str]:
+        """One line per thing done, for the report's notes and the card."""
+        names = {"BONE": "Bone", "MISS": "MiSS"}
+        done = []
+        if self.extracted:
+            done.append("extracted the adapter from a full PEFT training checkpoint")
+        done.append(f"kept {self.blocks_kept} of {self.blocks_total} blocks")
+        if self.full_left_out:
+            done.append(f"left out {self.full_left_out} full tensors (modules_to_save or biases)")
+        if self.cast:
+            done.append(f"cast {self.cast} tensors to {dtypes.TORCH_NAME[self.dtype or 'F32']}")
+        if self.converted:
+            done.append(
+                f"converted {names[self.method_from]} to {names[self.method_to]}: {self.blocks_kept} block "
+                f"keys renamed and peft_type {self.method_to} (the maths is identical)"
+            )
+        return done
+
+    def heading(self, name: str) -> str:
+        """The card's title: `Reduced and converted adapter from X in bfloat16`, and so on."""
+        words = [
+            word
+            for word, done in (
+                ("reduced", self.blocks_kept < self.blocks_total or self.full_left_out),
+                ("converted", self.converted),
+            )
+            if done
+        ]
+        kind = " and ".join(words) or ("extracted" if self.extracted else "copied")
+        cast = f" in {dtypes.TORCH_NAME[self.dtype or 'F32']}" if self.cast else ""
+        return f"{kind.capitalize()} adapter from {name}{cast}"
+
+
+def summarize(
+    adapter: Adapter, plan: Plan, method: str, options: StripOptions, extracted: bool
+) -> StripSummary:
+    """Count what `plan` (made by `build_strip_plan`) does to `adapter`."""
+    suffix = f".{METHODS[method]}"
+    kept = sum(1 for name in plan.steps if name.endswith(suffix))
+    renamed = method != adapter.config.method
+    return StripSummary(
+        blocks_kept=kept,
+        blocks_total=len(adapter.blocks),
+        full_left_out=len(adapter.replacements) - (len(plan.steps) - kept),
+        cast=sum(1 for step in plan.steps.values() if step.dtype != step.source.dtype),
+        dtype=options.dtype,
+        method_from=adapter.config.method,
+        method_to=method,
+        extracted=extracted,
+        changed=sum(
+            1
+            for name, step in plan.steps.items()
+            if step.dtype != step.source.dtype or (renamed and name.endswith(suffix))
+        ),
+    )
