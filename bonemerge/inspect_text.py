@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 
 from bonemerge.describe import ranges
+from bonemerge.history import short
 from bonemerge.units import format_count, format_size
 
 _WIDTH = 16
@@ -96,7 +97,7 @@ def _history(info: dict) -> list[str]:
     entries = []
     for number, op in enumerate(manifest.get("history") or [], start=1):
         adapters = ", ".join(
-            f"{a.get('name')} ({a.get('kind')}, {str(a.get('fingerprint'))[:12]})"
+            f"{a.get('name')} ({a.get('kind')}, {short(str(a.get('fingerprint')))})"
             for a in op.get("adapters", [])
         )
         entries.append(f"{number}. {op.get('created')}  {op.get('operation'):<8} {adapters or '-'}")
@@ -123,9 +124,10 @@ def _against(against: dict) -> list[str]:
 def render_inspection(info: dict) -> list[str]:
     """The lines `bonemerge inspect` prints for the description `info`."""
     kind = info["kind"]
+    shown = {"adapter": "PEFT adapter", "peft-checkpoint": "full PEFT training checkpoint"}.get(kind, kind)
     lines = [
         info["path"],
-        _line("kind", kind + (f" ({info['architecture']})" if info.get("architecture") else "")),
+        _line("kind", shown + (f" ({info['architecture']})" if info.get("architecture") else "")),
     ]
     if kind == "adapter":
         lines += _adapter(info)

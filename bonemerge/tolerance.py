@@ -13,6 +13,9 @@ weight:
   ≤ γ_(r+2)·(|W| + Σₖ|W_ik||B_kj| + |B_ij|) (the classic γₙ = n·u/(1 − n·u) bound), plus
   half an ulp in `q` of the delta's magnitude, because PEFT rounds the delta to the weight's
   dtype before adding it; the input error is carried through (I + B_a): ε·|I + B_a|;
+- with several adapters, PEFT rounds the weight to `q` between them and loads every adapter
+  after the first in `q`: half an ulp of each intermediate weight, and the effect of each
+  later block rounded to `q`;
 - the final rounding to `q` adds half an ulp of the value rounded (`final_allowance`).
 
 γ is doubled to cover the error of verify's own float64 recomputation as well. The bound is
@@ -55,11 +58,13 @@ def merge_error(
     row0: int,
     carried: torch.Tensor,
     dtype: str,
+    block_rounded: bool = False,
 ) -> torch.Tensor:
     """The error bound after merging `block` into `rows` (rows `row0…` of a weight of `shape`,
     the exact float64 input of this merge, whose own error bound is `carried`), for a weight
-    stored as `dtype`. The layout of |B| over the weight comes from the merge maths itself,
-    applied to magnitudes, so the bound follows the maths wherever it is defined."""
+    stored as `dtype`; `block_rounded` allows for the block having been rounded to `dtype`
+    first. The layout of |B| over the weight comes from the merge maths itself, applied to
+    magnitudes, so the bound follows the maths wherever it is defined."""
     magnitudes = maths.prepare(variant, block.abs(), shape, torch.float64)
     total = rows.abs()
     magnitudes.merge(total, row0)  # |W| + Σ|W||B| + |B| for Bat, |W| + |B| for default/mini
@@ -68,6 +73,11 @@ def merge_error(
     through = carried.clone()
     magnitudes.merge(through, row0)  # ε·|I + B| + |B| for Bat, ε + |B| otherwise
     through -= spread
+    if block_rounded:
+        # A block off by δ changes the result by exactly the merge of δ: |W|·δ + δ for Bat.
+        moved = rows.abs()
+        maths.prepare(variant, 0.5 * ulp(block.double(), dtype), shape, torch.float64).merge(moved, row0)
+        through += moved - rows.abs()
     if variant == "bat":
         delta = total - rows.abs()
         return through + _gamma(block.shape[-1] + 2, dtype) * total + 0.5 * ulp(delta, dtype)
@@ -76,7 +86,9 @@ def merge_error(
 
 def between_merges(rows: torch.Tensor, carried: torch.Tensor, dtype: str) -> torch.Tensor:
     """A second adapter merged by another tool starts from a weight rounded to `dtype` (PEFT
-    merges adapter after adapter in place): half an ulp more."""
+    merges adapter after adapter in place): half an ulp more. PEFT also loads every adapter
+    after the first in the model's dtype, so those blocks arrive rounded to it
+    (`merge_error(..., block_rounded=True)`)."""
     return carried + 0.5 * ulp(rows.abs() + carried, dtype)
 
 

@@ -151,7 +151,9 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         for number, ((op, block), merge) in enumerate(zip(blocks, prepared, strict=True)):
             if number:
                 carried = tolerance.between_merges(values, carried, step.dtype)
-            carried = tolerance.merge_error(op.variant, block, shape, values, start, carried, step.dtype)
+            carried = tolerance.merge_error(
+                op.variant, block, shape, values, start, carried, step.dtype, block_rounded=number > 0
+            )
             merge.merge(values, start)
         allowance = tolerance.final_allowance(values, carried, step.dtype)
         rounded = values.to(dtypes.to_torch(step.dtype))

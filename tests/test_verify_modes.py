@@ -128,3 +128,20 @@ def test_text_lists_ten_differing_tensors_and_json_all(tmp_path):
         main, ["verify", str(tmp_path / "merged"), str(other), "--base", str(base), "--json"]
     )
     assert as_json.exit_code == 1 and len(json.loads(as_json.stdout)["tensors"]["differing"]) == layers
+
+
+@pytest.mark.parametrize("variant", ["default", "bat"])
+def test_peft_merge_of_two_adapters_passes(tmp_path, llama, variant):
+    """PEFT rounds the weight between adapters and loads the second adapter in the model's
+    dtype; both are rounding, which tolerance mode allows and which exact mode never needs."""
+    factory = llama_factory(llama)
+    config = VARIANTS[variant]
+    adapters = [oracle.train_adapter(factory, config(), tmp_path / f"a{i}", seed=i) for i in (1, 2)]
+    merged = oracle.peft_model(factory, adapters).merge_and_unload(adapter_names=["a0", "a1"])
+    merged.save_pretrained(tmp_path / "peft")
+    report = verify(tmp_path / "peft", llama, adapters)
+    assert report.mode == "tolerance" and report.ok and report.within_rounding > 0, report.differing
+    merge(llama, adapters, tmp_path / "own")
+    assert verify(tmp_path / "own", llama, adapters).mode == "exact"
+    if variant == "bat":
+        assert not verify(tmp_path / "peft", llama, adapters[::-1]).ok, "Bat merges do not commute"
