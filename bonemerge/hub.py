@@ -70,7 +70,7 @@ def locate(
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
         return Location(path)
     if looks_local(text):
-        raise BonemergeError(f"{text} does not exist locally; check the path.")
+        raise BonemergeError(f"{text} does not exist; check the path.")
     parsed = parse_reference(text, revision)
     if parsed is None:
         return Location(path)

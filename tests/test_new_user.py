@@ -75,7 +75,7 @@ def test_a_mistyped_local_path_is_reported_as_missing(tmp_path, base, adapter, m
         *args,
         "-o",
         tmp_path / "out",
-        expect=(f"{typed} does not exist locally; check the path",),
+        expect=(f"error: {typed} does not exist; check the path.",),
     )
     assert "Hub" not in message and "HF_HUB_OFFLINE" not in message
 
@@ -148,9 +148,8 @@ def test_every_name_the_readme_imports_exists():
     text = " ".join(README.read_text(encoding="utf-8").split())
     names = {
         name.strip()
-        for found in re.findall(r"from bonemerge import ([\w ,]+)", text)
+        for found in re.findall(r"from bonemerge import (\w+(?: ?, ?\w+)*)", text)
         for name in found.split(",")
-        if name.strip()
     }
     assert {"merge", "push", "verify"} <= names, names
     module = importlib.import_module("bonemerge")
@@ -201,3 +200,20 @@ def test_help_says_what_sizes_and_regexes_mean():
     assert "searched, not anchored" in strip_help
     verify_help = " ".join(CliRunner().invoke(main, ["verify", "--help"]).stdout.split())
     assert "--precision" in verify_help and "Compute dtype" in verify_help
+
+
+def test_one_size_convention_everywhere():
+    from tqdm import tqdm
+
+    from bonemerge.units import PROGRESS_DIVISOR, format_count, format_size
+
+    assert [format_size(n) for n in (512, 6_291_456, 1_070_000_000, 13_480_000_000, 99_960)] == [
+        "512 B",
+        "6.29 MB",
+        "1.07 GB",
+        "13.5 GB",
+        "100 kB",
+    ]
+    assert format_count(124_439_808) == "124 M"
+    # The progress bar divides by the same 1000, so it shows 1.07G where the summary shows 1.07 GB.
+    assert tqdm.format_sizeof(1_070_000_000, divisor=PROGRESS_DIVISOR) == "1.07G"
