@@ -1,7 +1,8 @@
 """The public Python API: each function runs one command end to end and returns a report.
 
 The order inside each command is the safety contract: resolve and validate every input (Hub
-ids are downloaded first), check the push target, plan, check adapter blocks and free space,
+ids are downloaded first), check it against the input's merge history, check the push
+target, plan, check adapter blocks and free space,
 and only then start the long I/O into a staging folder that becomes the output in one rename
 when everything has been written and fsynced. Only a published, re-validated output is pushed.
 """
@@ -395,13 +396,13 @@ def merge(
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
     lineage = history.read_history(_folder(model.given))
     prints = _fingerprints(adapters or [base], model.adapters)
-    history.check_merge(lineage, prints, str(base), allow_remerge)
+    remerged = history.check_merge(lineage, prints, str(base), allow_remerge)
     target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
     if push is not None:
         push.check()
     shard_bytes = _shard_bytes(max_shard_size)
     plan = build_plan(model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=shard_bytes)
-    notes = [*plan.notes, *_oversized(plan, shard_bytes)]
+    notes = [*remerged, *plan.notes, *_oversized(plan, shard_bytes)]
     check_blocks_finite(model.adapters)
     name = model.base_hub_id or _input_path(model.given).name
     count = len(model.adapters)

@@ -121,27 +121,32 @@ def check_merge(
     adapters: Sequence[tuple[str, str]],
     base: str,
     allow_remerge: bool,
-) -> None:
+) -> list[str]:
     """Refuse to merge an adapter (`(label, fingerprint)`) that `base` already holds, or the same
-    adapter twice in one command, unless `allow_remerge`."""
-    if allow_remerge:
-        return
+    adapter twice in one command, unless `allow_remerge`; then return notes saying so, for the
+    report and the model card."""
     held = {entry["fingerprint"]: entry for entry in merged_now(history or [])}
     given: set[str] = set()
+    notes = []
     for label, digest in adapters:
         if digest in held:
             entry = held[digest]
-            raise AdapterError(
-                f"{label} is already merged into {base}: its bonemerge.json records it (as {entry['name']}) "
-                f"merged {_how(entry)}; merging it again would apply it twice, pass --allow-remerge if "
-                "that is really wanted."
-            )
-        if digest in given:
-            raise AdapterError(
-                f"{label} is given twice; merging it twice applies it twice, pass --allow-remerge if "
-                "that is really wanted."
-            )
+            if not allow_remerge:
+                raise AdapterError(
+                    f"{label} is already merged into {base}: its bonemerge.json records it (as "
+                    f"{entry['name']}) merged {_how(entry)}; merging it again would apply it twice, pass "
+                    "--allow-remerge if that is really wanted."
+                )
+            notes.append(f"{label} was already merged into {base} and is merged again (--allow-remerge)")
+        elif digest in given:
+            if not allow_remerge:
+                raise AdapterError(
+                    f"{label} is given twice; merging it twice applies it twice, pass --allow-remerge if "
+                    "that is really wanted."
+                )
+            notes.append(f"{label} is merged twice (--allow-remerge)")
         given.add(digest)
+    return notes
 
 
 def check_unmerge(

@@ -85,6 +85,8 @@ def test_merge_refuses_an_adapter_already_merged(tmp_path, base, adapter):
     )  # fmt: skip
     done = run("merge", tmp_path / "merged", renamed, "-o", tmp_path / "out", "--allow-remerge")
     assert done.exit_code == 0, done.output
+    again = f"{renamed} was already merged into {tmp_path / 'merged'} and is merged again (--allow-remerge)"
+    assert f"note: {again}" in done.stdout and again in (tmp_path / "out" / "README.md").read_text()
     assert [x["name"] for x in merged_now(history_of(tmp_path / "out"))] == ["adapter", "renamed"]
 
 
