@@ -1,7 +1,7 @@
 """bonemerge: streaming checkpoint surgery for PEFT Bone, Bat and MiSS adapters.
 
-`from bonemerge import merge, unmerge, unload, strip, inspect, verify` gives the same
-operations as the command line. Heavy modules
+`from bonemerge import merge, unmerge, unload, strip, inspect, verify, push` gives the same
+operations as the command line (`Push` says where `push` publishes). Heavy modules
 (torch above all) load on first use, so importing the package and `bonemerge --help` stay fast.
 """
 
@@ -14,9 +14,12 @@ from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, Merg
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from bonemerge.api import Report, inspect, merge, strip, unload, unmerge, verify
+    from bonemerge.api import Report, inspect, merge, push, strip, unload, unmerge, verify
+    from bonemerge.hub import Push
 
-_LAZY = dict.fromkeys(["merge", "unmerge", "unload", "strip", "inspect", "verify", "Report"], "bonemerge.api")
+_LAZY = dict.fromkeys(
+    ["merge", "unmerge", "unload", "strip", "inspect", "verify", "push", "Report"], "bonemerge.api"
+) | {"Push": "bonemerge.hub"}
 
 __all__ = [
     "AdapterError",
@@ -24,9 +27,11 @@ __all__ = [
     "CheckpointError",
     "MergeError",
     "OutputError",
+    "Push",
     "Report",
     "inspect",
     "merge",
+    "push",
     "strip",
     "unload",
     "unmerge",

@@ -1,7 +1,8 @@
 """The public Python API: each function runs one command end to end and returns a report.
 
 The order inside each command is the safety contract: resolve and validate every input (Hub
-ids are downloaded first), check the push target, plan, check adapter blocks and free space,
+ids are downloaded first), check it against the input's merge history, check the push
+target, plan, check adapter blocks and free space,
 and only then start the long I/O into a staging folder that becomes the output in one rename
 when everything has been written and fsynced. Only a published, re-validated output is pushed.
 """
@@ -16,16 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bonemerge import __version__
+from bonemerge import __version__, history
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, RangeReader, dtypes, layout, open_checkpoint
+from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
 from bonemerge.output import Staging, check_free_space, check_output
 
 PRECISIONS = ("auto", "fp32", "fp64")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 MANIFEST = "bonemerge.json"
 
 PathLike = str | os.PathLike[str]
@@ -51,15 +52,6 @@ class Report:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_dtype(dtype: str | None) -> str | None:
-    """`auto` (or None) -> None, keeping each tensor's dtype; `bfloat16` -> `BF16`."""
-    if dtype in (None, "auto"):
-        return None
-    if dtype not in DTYPES:
-        raise BonemergeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    return dtypes.BY_TORCH_NAME[dtype]
 
 
 def _options(device: str, precision: str, safe_merge: bool, progress: bool):
@@ -121,6 +113,54 @@ def _is_adapter_folder(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and not any(path.glob("model*.safetensors"))
 
 
+def _load_adapter(reference: PathLike, revision: str | None, progress: bool) -> Adapter:
+    """An adapter folder; a full PEFT training checkpoint given in its place is named as what
+    it is, with the command that handles it, instead of failing as an incomplete adapter."""
+    path = locate(reference, revision, "--adapter", progress).path
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if path.is_dir() and not any((path / name).is_file() for name in weights):
+        try:
+            is_checkpoint = is_training_checkpoint(open_checkpoint(path))
+        except BonemergeError:
+            is_checkpoint = False
+        if is_checkpoint:
+            raise AdapterError(
+                f"{reference} is a full PEFT training checkpoint (a PeftModel state dict holding its own "
+                f"base weights), not an adapter; merge it on its own with `bonemerge merge {reference} "
+                f"-o OUT`, or extract its adapter with `bonemerge strip {reference} -o ADAPTER`."
+            )
+    return load_adapter(path)
+
+
+def _folder(checkpoint: Checkpoint) -> Path | None:
+    return checkpoint.root if checkpoint.is_folder else None
+
+
+def _fingerprints(labels: Sequence[PathLike], adapters: Sequence[Adapter]) -> list[tuple[str, str]]:
+    """(label as the user gave it, fingerprint) for each adapter."""
+    return [(str(label), history.fingerprint(a)) for label, a in zip(labels, adapters, strict=True)]
+
+
+def _entry(
+    operation: str,
+    adapters: Sequence[Adapter],
+    prints: Sequence[tuple[str, str]],
+    command: str | None,
+    dtype: str | None = None,
+    options=None,
+) -> dict:
+    """This run's history entry; merges and unmerges also record what decides their bits."""
+    return history.operation(
+        operation,
+        [history.record(a, digest) for a, (_, digest) in zip(adapters, prints, strict=True)],
+        command=command,
+        version=__version__,
+        dtype=dtype,
+        precision=None if options is None else options.precision,
+        device=None if options is None else options.device.split(":")[0],
+    )
+
+
 @dataclass(frozen=True)
 class _Model:
     """A command's inputs, resolved: the checkpoint given, the model to build on, the adapters."""
@@ -149,7 +189,7 @@ def _open_model(
                 f"{reference} is a full PEFT checkpoint that carries its own adapter; pass it alone "
                 "(bonemerge merge CHECKPOINT --output OUT)."
             )
-        loaded = [load_adapter(locate(a, adapter_revision, "--adapter", progress).path) for a in adapters]
+        loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
         return _Model(checkpoint, checkpoint, loaded, location.hub_id or _hub_id_of(loaded[0]))
     location = locate(reference, adapter_revision, "--adapter", progress)
     if _is_adapter_folder(location.path):
@@ -220,9 +260,13 @@ def _write_model(
     adapters: Sequence[Adapter],
     card: str,
     tokenizer_from_adapters: bool,
+    lineage: Sequence[dict] | None,
+    entry: dict,
+    notes: Sequence[str],
 ) -> Report:
     """Stream `plan` into the staging folder with index, companions, card and a manifest of
-    every file's SHA-256, checking that no input changes meanwhile; then publish."""
+    every file's SHA-256 and the history (`lineage`, the input's, plus this run's `entry`),
+    checking that no input changes meanwhile; then publish."""
     from bonemerge import companions
     from bonemerge.checkpoint.reader import InputWatch
     from bonemerge.checkpoint.writer import file_sha256
@@ -232,7 +276,7 @@ def _write_model(
     options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
     watch = InputWatch(plan.input_files(), {s.path: (s.size, s.mtime_ns) for s in source.shards})
-    notes = list(plan.notes)
+    notes = list(notes)
     with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
@@ -253,6 +297,7 @@ def _write_model(
             name = str(path.relative_to(staging.path))
             size, digest = staging.finished.get(name) or (path.stat().st_size, file_sha256(path))
             files[name] = {"bytes": size, "sha256": digest}
+        created = _now()
         manifest = {
             "bonemerge": __version__,
             "operation": operation,
@@ -260,8 +305,9 @@ def _write_model(
             "adapters": [a.label for a in adapters],
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
             "command": target.command,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "files": files,
+            "history": [*(lineage or []), entry | {"created": created}],
         }
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         watch.check()
@@ -279,6 +325,28 @@ def _write_model(
         notes=notes,
         pushed_to=pushed,
     )
+
+
+def _dtype_name(plan) -> str:
+    return dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _oversized(plan, max_shard_bytes: int | None) -> list[str]:
+    """Notes for tensors larger than --max-shard-size, which get a file of their own."""
+    from bonemerge.units import format_size
+
+    if max_shard_bytes is None:
+        return []
+    return [
+        f"{step.name} ({format_size(step.nbytes)}) is larger than --max-shard-size "
+        f"({format_size(max_shard_bytes)}); it was written to a file of its own, which exceeds that size"
+        for step in plan.steps.values()
+        if step.nbytes > max_shard_bytes
+    ]
 
 
 def merge(
@@ -299,6 +367,7 @@ def merge(
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
+    allow_remerge: bool = False,
 ) -> Report:
     """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
 
@@ -306,6 +375,7 @@ def merge(
     With `adapters` empty, `base` must be a full PEFT checkpoint, whose own blocks merge into its
     own base weights (`adapter_name` picks one adapter when it holds several), or an adapter,
     whose config names the base to merge into. `push` publishes the result once it is complete.
+    An adapter that the base's history says is merged already is refused unless `allow_remerge`.
     """
     from bonemerge.modelcard import render_card
     from bonemerge.plan import build_plan
@@ -313,12 +383,15 @@ def merge(
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
+    lineage = history.read_history(_folder(model.given))
+    prints = _fingerprints(adapters or [base], model.adapters)
+    remerged = history.check_merge(lineage, prints, str(base), allow_remerge)
     target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
     if push is not None:
         push.check()
-    plan = build_plan(
-        model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=_shard_bytes(max_shard_size)
-    )
+    shard_bytes = _shard_bytes(max_shard_size)
+    plan = build_plan(model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=shard_bytes)
+    notes = [*remerged, *plan.notes, *_oversized(plan, shard_bytes)]
     check_blocks_finite(model.adapters)
     name = model.base_hub_id or _input_path(model.given).name
     count = len(model.adapters)
@@ -329,7 +402,7 @@ def merge(
         closing=f"Weights are stored as {dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype)}. "
         "It loads like any `transformers` model; PEFT is not needed.",
         command=command,
-        notes=plan.notes,
+        notes=notes,
         base_hub_id=model.base_hub_id,
         relation="finetune",
         tags=["merge"],
@@ -342,6 +415,9 @@ def merge(
         adapters=model.adapters,
         card=card,
         tokenizer_from_adapters=True,
+        lineage=lineage,
+        entry=_entry("merge", model.adapters, prints, command, _dtype_name(plan), options),
+        notes=notes,
     )
 
 
@@ -372,18 +448,23 @@ def unmerge(
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
     checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
-    loaded = [load_adapter(locate(a, adapter_revision, "--adapter", progress).path) for a in adapters]
+    loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
+    lineage = history.read_history(_folder(checkpoint))
+    prints = _fingerprints(adapters, loaded)
+    checked = history.check_unmerge(lineage, prints, str(merged))
     target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
     if push is not None:
         push.check()
+    shard_bytes = _shard_bytes(max_shard_size)
     plan = build_plan(
         checkpoint,
         loaded,
         operation="unmerge",
         dtype=parse_dtype(dtype),
-        max_shard_bytes=_shard_bytes(max_shard_size),
+        max_shard_bytes=shard_bytes,
         allow_lossy=allow_lossy,
     )
+    notes = [*checked, *plan.notes, *_oversized(plan, shard_bytes)]
     check_blocks_finite(loaded)
     check_invertible(loaded)
     name = _input_path(checkpoint).name
@@ -394,7 +475,7 @@ def unmerge(
         closing="Unmerging inverts the merge maths exactly; on 16-bit weights the result can differ "
         "from the original base by the rounding the merged model went through.",
         command=command,
-        notes=plan.notes,
+        notes=notes,
         base_hub_id=_hub_id_of(loaded[0]),
         tags=["unmerge"],
     )
@@ -406,6 +487,9 @@ def unmerge(
         adapters=loaded,
         card=card,
         tokenizer_from_adapters=False,
+        lineage=lineage,
+        entry=_entry("unmerge", loaded, prints, command, _dtype_name(plan), options),
+        notes=notes,
     )
 
 
@@ -446,16 +530,20 @@ def unload(
     location = locate(checkpoint, None, "CHECKPOINT", progress)
     given, training = _training(location)
     adapters = [] if original_modules else [training.adapter(adapter_name)]
+    lineage = history.read_history(_folder(given))
+    prints = _fingerprints([checkpoint] * len(adapters), adapters)
     target = check_output(output, [_input_path(given)], overwrite)
     if push is not None:
         push.check()
+    shard_bytes = _shard_bytes(max_shard_size)
     plan = build_plan(
         training.base,
         adapters,
         operation="unload",
         dtype=parse_dtype(dtype),
-        max_shard_bytes=_shard_bytes(max_shard_size),
+        max_shard_bytes=shard_bytes,
     )
+    notes = [*plan.notes, *_oversized(plan, shard_bytes)]
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
     )
@@ -467,7 +555,7 @@ def unload(
         adapters=[],
         closing="It loads like any `transformers` model.",
         command=command,
-        notes=plan.notes,
+        notes=notes,
         tags=["unload"],
     )
     return _write_model(
@@ -478,6 +566,9 @@ def unload(
         adapters=[],
         card=card,
         tokenizer_from_adapters=False,
+        lineage=lineage,
+        entry=_entry("unload", adapters, prints, command, _dtype_name(plan)),
+        notes=notes,
     )
 
 
@@ -504,7 +595,7 @@ def strip(
     config names); an approximate conversion (Bat) needs `rank` (K, or "auto" with `max_error`)."""
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
-    from bonemerge.strip import StripOptions, build_strip_plan, kept_modules, needs_base, parse_layers
+    from bonemerge.strip import StripOptions, build_strip_plan, needs_base, parse_layers
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
@@ -533,9 +624,11 @@ def strip(
     target = check_output(output, inputs, overwrite)
     if push is not None:
         push.check()
-    plan, config, conversion = build_strip_plan(adapter, strip_options, base_checkpoint)
+    extracted = training is not None
+    plan, config, summary = build_strip_plan(adapter, strip_options, base_checkpoint, extracted)
     check_free_space(target, plan.file_bytes)
-    kept = len(kept_modules(adapter, strip_options))
+    lineage = history.read_history(path if path.is_dir() else None)
+    prints = _fingerprints([source], [adapter])
     name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
@@ -543,33 +636,36 @@ def strip(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
         card = render_card(
-            heading=f"{'Converted' if conversion else 'Reduced'} adapter from {name}",
-            summary=f"A {config['peft_type']} adapter with {kept} of the {len(adapter.blocks)} "
-            f"blocks of `{name}`" + (f", {conversion_note(conversion)}." if conversion else "."),
+            heading=summary.heading(name),
+            summary=f"A {config['peft_type']} adapter made from `{name}`; the notes say what was done.",
             adapters=[],
             closing="Load it with `PeftModel.from_pretrained(base_model, this_folder)`.",
             command=command,
+            notes=summary.actions(),
             base_hub_id=_hub_id_of(adapter),
             relation="adapter",
             library="peft",
-            tags=[config["peft_type"].lower()],
+            tags=[config["peft_type"].lower(), "strip"],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
+        entry = _entry("strip", [adapter], prints, command)
+        result = load_adapter(staging.path)
+        entry["result"] = history.record(result, history.fingerprint(result))
+        files = _write_adapter_manifest(staging.path, lineage, entry, config)
         pushed = _publish(staging, overwrite, push, load_adapter)
     return Report(
         operation="strip",
         output=str(target),
         inputs=[str(path)],
         tensors_merged=0,
-        tensors_copied=stats.copied,
-        tensors_converted=stats.converted,
+        tensors_copied=len(plan.steps) - summary.changed,
+        tensors_converted=summary.changed,
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - began, 3),
-        files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
-        notes=[f"kept {kept} of {len(adapter.blocks)} blocks"]
-        + ([conversion_note(conversion)] if conversion else []),
+        files=files,
+        notes=summary.actions(),
         pushed_to=pushed,
-        conversion=conversion.to_dict() if conversion else None,
+        conversion=summary.conversion.to_dict() if summary.conversion else None,
     )
 
 
@@ -614,23 +710,30 @@ def _conversion_base(adapter: Adapter, base: PathLike | None, to: str | None) ->
     return open_checkpoint(locate(base, revision, "--base").path)
 
 
-def conversion_note(conversion) -> str:
-    """`converted to LORA exactly (rank 64)`, or with its ranks and error, for reports and cards."""
-    ranks = sorted(set(conversion.ranks.values()))
-    shown = (
-        ""
-        if not ranks
-        else f" at rank {ranks[0]}"
-        if len(ranks) == 1
-        else f" at ranks {ranks[0]}-{ranks[-1]}"
-    )
-    if not conversion.errors:
-        return f"converted to {conversion.peft_type} exactly{shown}"
-    worst = max(conversion.errors, key=conversion.errors.get)
-    return (
-        f"converted to {conversion.peft_type}{shown}, approximately: relative Frobenius error "
-        f"{conversion.error:.3g} overall, at most {conversion.errors[worst]:.3g} ({worst})"
-    )
+def _write_adapter_manifest(
+    folder: Path, lineage: Sequence[dict] | None, entry: dict, config: dict
+) -> list[str]:
+    """bonemerge.json for an adapter bonemerge wrote: every file's size and SHA-256 (so that
+    `verify --checksums` works on it) and its history. Returns every file name."""
+    from bonemerge.checkpoint.writer import file_sha256
+
+    created = _now()
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+    manifest = {
+        "bonemerge": __version__,
+        "operation": entry["operation"],
+        "adapter": config["peft_type"],
+        "command": entry["command"],
+        "created": created,
+        "files": files,
+        "history": [*(lineage or []), entry | {"created": created}],
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return sorted([*files, MANIFEST])
 
 
 def push(folder: PathLike, target: Push) -> str:
@@ -676,9 +779,30 @@ def verify(
     merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
-    report = verify_plan(plan, merged_checkpoint, options)
+    exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
+    report = verify_plan(plan, merged_checkpoint, options, exact)
+    report.reason = reason
     report.seconds = round(time.perf_counter() - began, 3)
     return report
+
+
+def _verify_mode(merged: Checkpoint, adapters: Sequence[Adapter], options) -> tuple[bool, str]:
+    """Exact when the merged model's last history entry is a merge of these adapters that this
+    installation reproduces bit for bit; else tolerance, with the reason."""
+    lineage = history.read_history(_folder(merged))
+    if not lineage:
+        return False, "it has no bonemerge history (merged by another tool), so rounding is allowed"
+    last = lineage[-1]
+    prints = [history.fingerprint(a) for a in adapters]
+    if history.reproducible_by(last, prints, options.precision, options.device.split(":")[0]):
+        return True, (
+            f"bonemerge {last.get('bonemerge')} merged it from these adapters with the same maths, "
+            f"precision ({options.precision}) and device, so every bit must match"
+        )
+    return False, (
+        "its history does not show a merge of these adapters with the same maths, precision, device "
+        "and torch version, so rounding is allowed"
+    )
 
 
 def verify_checksums(merged: PathLike):

@@ -19,8 +19,11 @@ import click
 
 from bonemerge import __version__
 from bonemerge.checkpoint.layout import parse_size
+from bonemerge.dtype_names import HELP as DTYPE_HELP
+from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError
 from bonemerge.methods import conversion_names
+from bonemerge.units import format_size
 
 
 class Terminated(KeyboardInterrupt):
@@ -121,17 +124,20 @@ _as_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON su
 _adapter_name = click.option(
     "--adapter-name", help="Which adapter of a full PEFT checkpoint to use, when it holds several."
 )
+_dtype_type = _Checked("dtype", parse_dtype)
 _dtype = click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=_dtype_type,
     default="auto",
     show_default=True,
-    help="Dtype of every float tensor in the output; auto keeps each tensor's own.",
+    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own.",
 )
 _shard = click.option(
     "--max-shard-size",
     type=_Checked("size", parse_size),
-    help="Re-shard the output into files of at most this size (e.g. 5GB).",
+    help="Re-shard the output into files of at most this size: 5GB (GB = 10⁹ bytes), 500MiB "
+    "(2²⁰ bytes) or plain bytes; a tensor larger than that gets a file of its own, and the summary "
+    "says so. [default: keep the base's files and tensor-to-file map]",
 )
 _base_revision = click.option(
     "--base-revision",
@@ -169,7 +175,7 @@ def _push(options: dict[str, Any], repo_id: str | None = None) -> Any:
         if used:
             raise click.UsageError(f"{', '.join(used)} only apply with --push-to-hub.")
         return None
-    return Push(repo_id, **settings)
+    return Push(repo_id, **settings, progress=sys.stderr.isatty())
 
 
 _compute = _options(
@@ -202,8 +208,7 @@ def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
         click.echo(
             f"{report.operation}: {report.tensors_merged} tensors with blocks, "
             f"{report.tensors_copied} copied, {report.tensors_converted} converted; "
-            f"{report.bytes_written / 1e9:.2f} GB in "
-            f"{report.seconds:.1f} s -> {report.output}"
+            f"{format_size(report.bytes_written)} in {report.seconds:.1f} s -> {report.output}"
         )
         for note in report.notes:
             click.echo(f"note: {note}")
@@ -218,12 +223,30 @@ def _progress(quiet: bool) -> bool:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="bonemerge")
 def main() -> None:
-    """Checkpoint surgery for PEFT Bone, Bat and MiSS adapters, streamed shard by shard."""
+    """Checkpoint surgery for PEFT Bone, Bat and MiSS adapters, streamed shard by shard.
+
+    Every output records its history in bonemerge.json; merge refuses an adapter already
+    merged, unmerge one that was never merged or the wrong order. Run `bonemerge COMMAND --help`
+    for each command's options.
+
+    \b
+    Examples:
+      bonemerge merge ./Llama-3.2-1B ./my-bone-adapter --output ./merged
+      bonemerge inspect ./merged
+      bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
+      bonemerge demo
+    """
 
 
 @main.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
+@click.option(
+    "--allow-remerge",
+    is_flag=True,
+    help="Merge an adapter even though BASE's bonemerge.json history says it is merged already "
+    "(or it is given twice); without it that is refused, since it would apply the adapter twice.",
+)
 @_options(
     _output,
     _adapter_name,
@@ -315,17 +338,26 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 
 @main.command()
 @click.argument("source", type=click.Path())
-@click.option("--include", metavar="REGEX", help="Keep only modules whose path matches REGEX.")
-@click.option("--exclude", metavar="REGEX", help="Drop modules whose path matches REGEX.")
+@click.option(
+    "--include",
+    metavar="REGEX",
+    help="Keep only modules whose path contains a match of REGEX (searched, not anchored: "
+    "q_proj matches model.layers.0.self_attn.q_proj).",
+)
+@click.option(
+    "--exclude",
+    metavar="REGEX",
+    help="Drop modules whose path contains a match of REGEX (searched, not anchored).",
+)
 @click.option(
     "--layers", type=_Checked("layers", _layers), help="Keep only these layer indices, e.g. 0-11,20."
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=_dtype_type,
     default="auto",
     show_default=True,
-    help="Dtype of the written blocks.",
+    help=f"Dtype of the written tensors: {DTYPE_HELP}; auto keeps each tensor's own.",
 )
 @click.option("--drop-modules-to-save", is_flag=True, help="Leave out modules_to_save copies.")
 @click.option(
@@ -372,33 +404,35 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     _print_report(report, quiet, as_json)
 
 
-def _print_inspection(info: dict, indent: str = "") -> None:
-    for key, value in info.items():
-        if isinstance(value, dict) and value and key != "dtypes":
-            click.echo(f"{indent}{key}:")
-            _print_inspection(value, indent + "  ")
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            click.echo(f"{indent}{key}:")
-            for item in value:
-                click.echo(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items()))
-        elif value not in (None, [], {}):
-            click.echo(f"{indent}{key}: {value}")
-
-
 @main.command()
 @click.argument("path", type=click.Path())
-@click.option("--base", type=click.Path(), help="Check the adapter at PATH against this base model.")
+@click.option(
+    "--base",
+    type=click.Path(),
+    help="Plan the adapter at PATH against this base model: what it touches, the merged size, or "
+    "the mismatch that would stop a merge (exit 1).",
+)
 @_as_json
 @_reported
 def inspect(path: str, base: str | None, as_json: bool) -> None:
-    """Tell what PATH is and holds (headers only): model, adapter, or full PEFT checkpoint."""
+    """Tell what PATH is and holds (headers only): model, adapter, or full PEFT checkpoint,
+    and for models bonemerge made, their history (what was merged, when, by which command).
+
+    \b
+    Examples:
+      bonemerge inspect ./my-bone-adapter
+      bonemerge inspect ./my-bone-adapter --base meta-llama/Llama-3.2-1B
+      bonemerge inspect ./merged --json
+    """
     from bonemerge.api import inspect as run
 
     info = run(path, base)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        _print_inspection(info)
+        from bonemerge.inspect_text import render_inspection
+
+        click.echo("\n".join(render_inspection(info)))
     if info.get("against_base", {}).get("ok") is False:
         sys.exit(1)
 
@@ -413,8 +447,16 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
     help="Check every file against the SHA-256 recorded in bonemerge.json (no base needed).",
 )
 @_options(_adapter_name, _base_revision, _adapter_revision, _as_json)
-@click.option("--device", default="cpu", show_default=True, help="Where the maths runs.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp64"]), default="auto", show_default=True)
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where the recomputation runs (cpu, cuda, cuda:1)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp64"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype of the recomputation, as for merge; exact mode needs the one the merge used.",
+)
 @_reported
 def verify(
     merged: str, adapters: tuple[str, ...], base: str | None, checksums: bool, as_json: bool, **options: Any
@@ -422,9 +464,17 @@ def verify(
     """Check MERGED: recompute the merge of ADAPTERS into --base and compare tensor by tensor,
     and/or (--checksums) compare its files with the checksums bonemerge recorded.
 
-    Exits 0 only when untouched tensors are identical, merged ones agree within rounding (one
-    unit in the last place of their dtype at the row's scale, plus fp32 product error for
-    Bat), and, with --checksums, every recorded file is intact.
+    Untouched tensors must be identical. When MERGED's history says bonemerge merged exactly
+    these adapters with the same maths, precision, device and torch version, every merged
+    tensor must match bit for bit (exact mode); otherwise (PEFT, other tools) each element may
+    differ only by its own rounding error, bounded from the values that went into it
+    (tolerance mode). Exits 0 only when everything matches and, with --checksums, every
+    recorded file is intact. At most 10 tensors of each kind are listed; --json lists all.
+
+    \b
+    Examples:
+      bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
+      bonemerge verify ./merged --checksums
     """
     from bonemerge.api import verify as run
     from bonemerge.api import verify_checksums
@@ -457,22 +507,35 @@ def _print_verification(results: dict[str, Any]) -> None:
             click.echo(f"missing: {name}")
     if "tensors" in results:
         report = results["tensors"]
+        click.echo(f"mode: {report.mode} ({report.reason})")
         click.echo(
             f"{report.identical} identical, {report.within_rounding} within rounding, "
             f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
             f"{len(report.mismatched)} of another shape or dtype"
         )
-        for diff in report.differing:
-            click.echo(
-                f"differs: {diff.name}: {diff.elements} elements, "
-                f"max abs {diff.max_abs:.3g}, {diff.max_ulp:g} ulp (allowed {diff.allowed_ulp:g})"
-            )
-        for name in report.missing:
-            click.echo(f"missing: {name}")
-        for name in report.extra:
-            click.echo(f"extra: {name}")
-        for line in report.mismatched:
-            click.echo(f"mismatch: {line}")
+        allowed = "no difference allowed" if report.mode == "exact" else "beyond their rounding bound"
+        _listed(
+            "differing tensors",
+            [
+                f"differs: {d.name}: {d.elements} elements {allowed}, largest {d.max_abs:.3g} "
+                f"({d.max_ulp:g} ulp of the element)"
+                for d in report.differing
+            ],
+        )
+        _listed("missing tensors", [f"missing: {name}" for name in report.missing])
+        _listed("extra tensors", [f"extra: {name}" for name in report.extra])
+        _listed("mismatched tensors", [f"mismatch: {line}" for line in report.mismatched])
+
+
+# Text reports list this many items of a kind, then how many more (--json lists all).
+_SHOWN = 10
+
+
+def _listed(what: str, lines: list[str]) -> None:
+    for line in lines[:_SHOWN]:
+        click.echo(line)
+    if len(lines) > _SHOWN:
+        click.echo(f"… and {len(lines) - _SHOWN} more {what} (--json lists all)")
 
 
 @main.command()
@@ -505,7 +568,12 @@ def push(folder: str, repo_id: str, **options: Any) -> None:
 )
 @_reported
 def demo(output: str) -> None:
-    """Build a small sharded bf16 Llama-shaped model and a Bone adapter, merge and check them."""
+    """Build a small sharded bf16 Llama-shaped model and a Bone adapter, merge and check them.
+
+    \b
+    Example:
+      bonemerge demo --output ./bonemerge-demo
+    """
     from bonemerge.demo import run_demo
 
     run_demo(output, echo=click.echo)

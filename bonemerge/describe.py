@@ -105,6 +105,22 @@ def _against_base(adapters: list[Adapter], base_path: Path) -> dict:
     }
 
 
+def _made_by_bonemerge(folder: Path) -> dict:
+    """The folder's bonemerge.json and, from its history, the adapters merged now."""
+    from bonemerge.history import merged_now, read_history
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return {}
+    try:
+        found = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError:
+        return {"made_by_bonemerge": None}
+    lineage = read_history(folder)
+    merged = None if lineage is None else [a["name"] for a in merged_now(lineage)]
+    return {"made_by_bonemerge": found, "adapters_merged_now": merged}
+
+
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
     """A JSON-ready description of `path`; with `base`, how an adapter fits that base."""
     path = Path(path)
@@ -116,6 +132,7 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
         adapter = load_adapter(path)
         info = {"path": str(path), "kind": "adapter"} | describe_adapter(adapter)
         info["bytes"] = adapter.weights.stat().st_size
+        info |= {k: v for k, v in _made_by_bonemerge(path).items() if k == "made_by_bonemerge"}
         if base is not None:
             info["against_base"] = _against_base([adapter], Path(base))
         return info
@@ -131,18 +148,14 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
     info = {"path": str(path), "kind": "model"} | describe_checkpoint(checkpoint)
     config = checkpoint.config() or {}
     info["architecture"] = (config.get("architectures") or [config.get("model_type")])[0]
-    manifest = checkpoint.root / MANIFEST
-    if checkpoint.is_folder and manifest.is_file():
-        try:
-            info["made_by_bonemerge"] = json.loads(manifest.read_text(encoding="utf-8"))
-            operation = info["made_by_bonemerge"].get("operation")
-            info["kind"] = {
-                "merge": "merged model",
-                "unmerge": "unmerged model",
-                "unload": "unloaded model",
-            }.get(operation, "model")
-        except ValueError:
-            info["made_by_bonemerge"] = None
+    if checkpoint.is_folder:
+        info |= _made_by_bonemerge(checkpoint.root)
+        operation = (info.get("made_by_bonemerge") or {}).get("operation")
+        info["kind"] = {
+            "merge": "merged model",
+            "unmerge": "unmerged model",
+            "unload": "unloaded model",
+        }.get(operation, "model")
     if base is not None:
         raise BonemergeError(f"{path} is a model, not an adapter; --base applies to adapters only.")
     return info

@@ -421,8 +421,15 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
+            from bonemerge.units import PROGRESS_DIVISOR
+
             self._bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", leave=False
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=PROGRESS_DIVISOR,
+                desc="writing",
+                leave=False,
             )
 
     def update(self, size: int) -> None:

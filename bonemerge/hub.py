@@ -49,6 +49,13 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
     return match.group("repo"), pinned or revision
 
 
+def looks_local(text: str) -> bool:
+    """True when `text`, which does not exist, can only have meant a local path: it starts with
+    `.`, `/` or `~`, ends with `/`, or has more than one `/` before any `@revision`. Such a
+    path is reported as missing instead of being looked up on the Hub."""
+    return text.startswith((".", "/", "~")) or text.endswith("/") or text.split("@", 1)[0].count("/") > 1
+
+
 def locate(
     reference: str | os.PathLike[str],
     revision: str | None = None,
@@ -62,11 +69,23 @@ def locate(
         if revision:
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
         return Location(path)
+    if looks_local(text):
+        raise BonemergeError(f"{text} does not exist; check the path.")
     parsed = parse_reference(text, revision)
     if parsed is None:
         return Location(path)
     repo, rev = parsed
-    return Location(download(repo, rev, progress), repo, rev)
+    try:
+        return Location(download(repo, rev, progress), repo, rev)
+    except HubError as exc:
+        folder, rest = repo.split("/", 1)
+        if not Path(folder).is_dir():
+            raise
+        # `models/llama` next to a local `models/`: most likely a mistyped local path.
+        raise HubError(
+            f"{text} does not exist locally (the local folder {folder} has no {rest}), and looked up "
+            f"as a Hub id: {str(exc).rstrip('.')}."
+        ) from None
 
 
 def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
@@ -93,10 +112,11 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
     if isinstance(exc, RevisionNotFoundError):
         return HubError(f"{repo} has no revision {revision!r} on {where}; check the branch, tag or commit.")
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} cannot be reached"
         return HubError(
-            f"{repo}{'@' + revision if revision else ''} is not in the local Hub cache "
-            f"({constants.HF_HUB_CACHE}) and the Hub cannot be reached (HF_HUB_OFFLINE is set or the "
-            "network is down); download it once online, or pass a local folder."
+            f"{repo}{'@' + revision if revision else ''} is not a local path, and as a Hub id it is not in "
+            f"the local Hub cache ({constants.HF_HUB_CACHE}) while {why}; check the path, or download "
+            "it once online."
         )
     return HubError(f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.")
 
@@ -145,6 +165,68 @@ def download(repo: str, revision: str | None = None, progress: bool = False) -> 
     return folder
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP backend raises when no answer comes back (refused
+    connection, DNS, timeout), whichever backend this version uses."""
+    import importlib
+
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests", "RequestException"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def push_failure(exc: BaseException, repo_id: str, token_hint: str = "HF_TOKEN or --token") -> str | None:
+    """What went wrong talking to the Hub, and what to try, as the middle of one sentence; None
+    for an exception that is not a network or HTTP failure (a bug, which must surface)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    where = constants.ENDPOINT
+    if isinstance(exc, LocalTokenNotFoundError):
+        return f"no Hub token was found, and pushing needs a valid Hub token; set {token_hint}"
+    cause = exc.__cause__ if isinstance(exc, RuntimeError) and exc.__cause__ is not None else exc
+    if isinstance(cause, HfHubHTTPError) and getattr(cause, "response", None) is not None:
+        status = cause.response.status_code
+        if status == 401:
+            return (
+                f"{where} refused the token (401 Unauthorized), and pushing needs a valid Hub token; "
+                f"set {token_hint}"
+            )
+        if status == 403:
+            return (
+                f"{where} refused access to {repo_id} (403 Forbidden); use a token with write access "
+                f"to {repo_id.split('/')[0]} ({token_hint})"
+            )
+        if status == 404:
+            return (
+                f"{where} does not know {repo_id} or its namespace (404 Not Found); check the repo id, "
+                "HF_ENDPOINT and that the token's account may create repos there"
+            )
+        if status >= 500:
+            return f"{where} failed with {status} ({_first_line(cause)}); try again later"
+        return (
+            f"{where} answered {status} ({_first_line(cause)}); check the repo id, the options and the token"
+        )
+    if "timeout" in type(cause).__name__.lower() or isinstance(cause, TimeoutError):
+        return f"{where} did not answer in time ({_first_line(cause)}); check the network and HF_ENDPOINT"
+    if isinstance(cause, _transport_errors()):
+        return f"{where} cannot be reached ({_first_line(cause)}); check the network and HF_ENDPOINT"
+    return None
+
+
 @dataclass(frozen=True)
 class Push:
     """Where and how to publish an output: `--push-to-hub REPO_ID` and its options."""
@@ -155,11 +237,11 @@ class Push:
     create_pr: bool = False
     commit_message: str | None = None
     token: str | None = None
+    progress: bool = False
 
     def check(self) -> None:
         """Everything about the push that can be known wrong before any work starts."""
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
 
         if HUB_ID.match(self.repo_id) is None or "@" in self.repo_id:
             raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id; write it as org/name.")
@@ -169,10 +251,11 @@ class Push:
             )
         try:
             HfApi(token=self.token).whoami()
-        except (HfHubHTTPError, OSError) as exc:
-            raise HubError(
-                f"pushing to {self.repo_id} needs a valid Hub token ({exc}); set HF_TOKEN or pass --token."
-            ) from None
+        except Exception as exc:
+            reason = push_failure(exc, self.repo_id)
+            if reason is None:
+                raise
+            raise HubError(f"cannot push to {self.repo_id}, nothing was done: {reason}.") from None
 
 
 @dataclass(frozen=True)
@@ -188,7 +271,6 @@ class PushResult:
 def push_folder(folder: Path, push: Push) -> PushResult:
     """Create the repo if needed and upload `folder`; a rerun resumes a failed upload."""
     from huggingface_hub import HfApi, ModelCard
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=push.token)
     card = folder / "README.md"
@@ -199,6 +281,12 @@ def push_folder(folder: Path, push: Push) -> PushResult:
             raise HubError(
                 f"the model card {card} was refused by the Hub: {exc}; fix its metadata."
             ) from None
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    # Upload bars only where someone watches them; elsewhere they would bury the one-line error.
+    silenced = not push.progress and not are_progress_bars_disabled()
+    if silenced:
+        disable_progress_bars()
     try:
         api.create_repo(push.repo_id, private=push.private, exist_ok=True)
         if push.revision and not push.revision.startswith("refs/pr/"):
@@ -210,11 +298,17 @@ def push_folder(folder: Path, push: Push) -> PushResult:
             create_pr=push.create_pr,
             commit_message=push.commit_message or f"Upload {folder.name} with bonemerge",
         )
-    except (HfHubHTTPError, OSError, RuntimeError) as exc:
+    except Exception as exc:
         # An LFS upload that fails arrives as a RuntimeError wrapping the HTTP error.
+        reason = push_failure(exc, push.repo_id)
+        if reason is None:
+            raise
         raise HubError(
-            f"pushing {folder} to {push.repo_id} failed: {exc}; the local output is complete, run "
+            f"pushing {folder} to {push.repo_id} failed: {reason}; the local output is complete, run "
             f"`bonemerge push {folder} {push.repo_id}` with the same options to resume "
             "(files already uploaded are skipped)."
         ) from None
+    finally:
+        if silenced:
+            enable_progress_bars()
     return PushResult(push.repo_id, info.pr_url or info.commit_url, info.oid, info.pr_revision)

@@ -17,7 +17,7 @@ from bonemerge.adapters import Adapter, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError
-from bonemerge.methods import Converted, RankRequest, Target
+from bonemerge.methods import Converted, RankRequest, Target, kind_name
 from bonemerge.plan import Plan, Step
 
 WEIGHTS = "adapter_model.safetensors"
@@ -131,24 +131,53 @@ def needs_base(adapter: Adapter, options: StripOptions) -> bool:
 
 @dataclass(frozen=True)
 class Conversion:
-    """What converting did: to which `peft_type`, and per module the rank and the error."""
+    """What converting did: from and to which `peft_type` (and how the methods name them), how
+    many blocks, and for conversions to LoRA per module the rank and the error."""
 
+    source: str
     peft_type: str
+    names: tuple[str, str]
+    blocks: int
     ranks: dict[str, int]
     errors: dict[str, float]
     error: float
 
     def to_dict(self) -> dict:
-        return {"to": self.peft_type, "ranks": self.ranks, "errors": self.errors, "error": self.error}
+        return {
+            "from": self.source,
+            "to": self.peft_type,
+            "ranks": self.ranks,
+            "errors": self.errors,
+            "error": self.error,
+        }
+
+    def note(self) -> str:
+        """`converted Bone to LoRA exactly at rank 64`, or with its ranks and error."""
+        done = f"converted {self.names[0]} to {self.names[1]}"
+        ranks = sorted(set(self.ranks.values()))
+        if not ranks:
+            return (
+                f"{done}: {self.blocks} block keys renamed and peft_type {self.peft_type} "
+                "(the maths is identical)"
+            )
+        shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        if not self.errors:
+            return f"{done} exactly at {shown}"
+        worst = max(self.errors, key=self.errors.__getitem__)
+        return (
+            f"{done} at {shown}, approximately: relative Frobenius error {self.error:.3g} overall, "
+            f"at most {self.errors[worst]:.3g} ({worst})"
+        )
 
 
 def build_strip_plan(
     adapter: Adapter,
     options: StripOptions,
     base: Checkpoint | None = None,
-) -> tuple[Plan, dict, Conversion | None]:
-    """The reduced adapter's tensors (one file, PEFT's key names), its config and, when it was
-    converted to another method, what the conversion did. `base` is required when `needs_base`
+    extracted: bool = False,
+) -> tuple[Plan, dict, StripSummary]:
+    """The reduced adapter's tensors (one file, PEFT's key names), its config and what was
+    done (`extracted`: the adapter came out of a full PEFT checkpoint). `base` is required when `needs_base`
     says so; conversions that need its values read them one tensor at a time."""
     from bonemerge.checkpoint.reader import load_whole
 
@@ -187,12 +216,31 @@ def build_strip_plan(
         discarded = sum(c.discarded for c in converted.values())
         total = sum(c.total for c in converted.values())
         conversion = Conversion(
+            adapter.config.peft_type,
             peft_type,
+            (kind_name(adapter.config.peft_type), kind_name(peft_type)),
+            len(converted),
             {m: c.rank for m, c in converted.items() if c.rank is not None},
             {m: c.error for m, c in converted.items() if c.total},
             (discarded / total) ** 0.5 if total else 0.0,
         )
-    return plan, config, conversion
+    block_keys = {key for c in converted.values() for key in c.tensors}
+    block_steps = len(block_keys)
+    summary = StripSummary(
+        blocks_kept=len(kept),
+        blocks_total=len(adapter.blocks),
+        full_left_out=len(adapter.replacements) - (len(plan.steps) - block_steps),
+        cast=sum(1 for step in plan.steps.values() if step.dtype != step.source.dtype),
+        dtype=options.dtype,
+        conversion=conversion,
+        extracted=extracted,
+        changed=sum(
+            1
+            for step in plan.steps.values()
+            if step.dtype != step.source.dtype or (conversion is not None and step.name in block_keys)
+        ),
+    )
+    return plan, config, summary
 
 
 def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
@@ -213,3 +261,46 @@ def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> li
         block.method.check_target(block, Target("weight"), name, tuple(source.shape), where, False)
         found.append(source)
     return found
+
+
+@dataclass(frozen=True)
+class StripSummary:
+    """What a strip did, counted from its plan, so that the report and the card say exactly
+    that: blocks filtered, full tensors left out, tensors cast, method converted."""
+
+    blocks_kept: int
+    blocks_total: int
+    full_left_out: int
+    cast: int
+    dtype: str | None
+    conversion: Conversion | None
+    extracted: bool
+    changed: int  # tensors written differently from the source: cast, renamed or converted
+
+    def actions(self) -> list[str]:
+        """One line per thing done, for the report's notes and the card."""
+        done = []
+        if self.extracted:
+            done.append("extracted the adapter from a full PEFT training checkpoint")
+        done.append(f"kept {self.blocks_kept} of {self.blocks_total} blocks")
+        if self.full_left_out:
+            done.append(f"left out {self.full_left_out} full tensors (modules_to_save or biases)")
+        if self.cast:
+            done.append(f"cast {self.cast} tensors to {dtypes.TORCH_NAME[self.dtype or 'F32']}")
+        if self.conversion:
+            done.append(self.conversion.note())
+        return done
+
+    def heading(self, name: str) -> str:
+        """The card's title: `Reduced and converted adapter from X in bfloat16`, and so on."""
+        words = [
+            word
+            for word, done in (
+                ("reduced", self.blocks_kept < self.blocks_total or self.full_left_out),
+                ("converted", self.conversion is not None),
+            )
+            if done
+        ]
+        kind = " and ".join(words) or ("extracted" if self.extracted else "copied")
+        cast = f" in {dtypes.TORCH_NAME[self.dtype or 'F32']}" if self.cast else ""
+        return f"{kind.capitalize()} adapter from {name}{cast}"

@@ -1,39 +1,46 @@
 """Checking a merged model against a fresh computation of the same merge, tensor by tensor.
 
-The merge is planned again from the base and adapters and streamed through the engine, but
-instead of being written each chunk is compared with the same rows of the merged model.
-Untouched tensors must be identical. Merged ones may differ by what rounding in another
-order explains, measured in units in the last place (ulp) of the output dtype at the scale
-of the row (the largest magnitude in it): PEFT rounds intermediate results of that scale, so
-one such unit is its worst case for a plain addition; each fp32 inner product in the merge
-(a Bat tile, a LoRA product) adds the error of its terms, which its method counts. A model
-merged twice, merged with the wrong adapter or edited afterwards is far outside that.
+The merge is planned again from the base and adapters and streamed, but instead of being
+written each chunk is compared with the same rows of the merged model. Untouched tensors
+must be identical. Merged ones are checked in one of two modes:
+
+- **exact**: the merged model's history says bonemerge made it from these adapters with the
+  same maths version, precision, device type and torch version. That computation is
+  deterministic, so the engine recomputes it and every bit must match.
+- **tolerance**: anything else (PEFT, other tools, other settings). The merge is recomputed
+  in float64 and each element may differ from that only by its own rounding error, bounded
+  from the magnitudes that went into it (see `tolerance.py`), never by a row-wide scale: a
+  model merged twice, merged with the wrong adapter, or with one element edited by a few
+  units in its last place is outside it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, RangeReader, Source, TensorRef, dtypes
-from bonemerge.engine import CHUNK_ELEMENTS, Engine, EngineOptions
+from bonemerge.checkpoint.reader import read_tensor
+from bonemerge.engine import CHUNK_ELEMENTS, Engine, EngineOptions, chunk_rows
 from bonemerge.plan import Plan, Step
 
-_MANTISSA = {"F16": 10, "BF16": 7, "F32": 23, "F64": 52}
+MODES = ("exact", "tolerance")
 
 
 @dataclass
 class Difference:
-    """A tensor outside tolerance: largest absolute error, and in row-scaled ulps."""
+    """A tensor outside its allowance: how many elements, the largest absolute error, and the
+    largest error in units in the last place of each element's own value."""
 
     name: str
+    elements: int
     max_abs: float
     max_ulp: float
-    allowed_ulp: float
-    elements: int
 
 
 @dataclass
@@ -41,6 +48,8 @@ class VerifyReport:
     """What `bonemerge verify` found; `ok` only when nothing differs, is missing or is extra."""
 
     merged: str
+    mode: str = "tolerance"
+    reason: str = ""
     identical: int = 0
     within_rounding: int = 0
     differing: list[Difference] = field(default_factory=list)
@@ -57,43 +66,48 @@ class VerifyReport:
         return asdict(self) | {"ok": self.ok}
 
 
-def row_ulps(expected: torch.Tensor, got: torch.Tensor, dtype: str) -> torch.Tensor:
-    """|got - expected| in units in the last place of `dtype` at each row's largest magnitude."""
-    scale = expected.double().abs().amax(dim=-1, keepdim=True)
-    _, exponent = torch.frexp(scale)
-    unit = torch.ldexp(torch.ones_like(scale), exponent - 1 - _MANTISSA[dtype])
-    unit = torch.where(scale > 0, unit, torch.finfo(torch.float64).tiny)
-    return (got.double() - expected.double()).abs() / unit
-
-
-def allowed_ulps(step: Step) -> float:
-    """Rounding another implementation may add: one unit, plus the fp32 products' terms."""
-    if step.dtype not in _MANTISSA:
-        return 0.0
-    terms = sum(op.block.method.product_terms(op) for op in step.ops)
-    return (1.0 if step.ops else 0.0) + terms * 2.0 ** (_MANTISSA[step.dtype] - 23)
-
-
 @dataclass
 class _Tally:
+    """Differences found so far in one tensor."""
+
     max_abs: float = 0.0
     max_ulp: float = 0.0
     elements: int = 0
+    changed: bool = False
 
-    def add(self, expected: torch.Tensor, got: torch.Tensor, dtype: str) -> None:
-        if torch.equal(expected, got):
+    def add(
+        self,
+        expected: torch.Tensor,
+        got: torch.Tensor,
+        dtype: str,
+        allowance: torch.Tensor | None = None,
+        rounded: torch.Tensor | None = None,
+    ) -> None:
+        """Compare `got` with `expected`: bit for bit without `allowance`, else element by
+        element within it (`rounded`, the expected values in the stored dtype, tells an
+        identical tensor from one within rounding)."""
+        reference = expected if rounded is None else rounded
+        if torch.equal(reference, got) or _same_nans(reference, got):
             return
-        wrong = expected != got
-        if expected.is_floating_point():
-            wrong &= ~(expected.isnan() & got.isnan())
-        self.elements += int(wrong.sum())
-        if not expected.is_floating_point() or dtype not in _MANTISSA:
+        self.changed = True
+        if not expected.is_floating_point() or dtype not in dtypes.COMPUTABLE:
+            self.elements += int((reference != got).sum())
             self.max_abs, self.max_ulp = math.inf, math.inf
             return
-        diff = torch.nan_to_num((expected.double() - got.double()).abs(), nan=math.inf)
-        self.max_abs = max(self.max_abs, float(diff.max()))
-        ulps = torch.nan_to_num(row_ulps(expected, got, dtype), nan=math.inf)
+        wide, stored = expected.double(), got.double()
+        diff = torch.nan_to_num((wide - stored).abs(), nan=math.inf)
+        wrong = ~(diff <= (0 if allowance is None else allowance))
+        wrong &= ~(wide.isnan() & stored.isnan())
+        if not bool(wrong.any()):
+            return
+        self.elements += int(wrong.sum())
+        self.max_abs = max(self.max_abs, float(diff[wrong].max()))
+        ulps = diff[wrong] / tolerance.ulp(wide[wrong], dtype)
         self.max_ulp = max(self.max_ulp, float(ulps.max()))
+
+
+def _same_nans(expected: torch.Tensor, got: torch.Tensor) -> bool:
+    return expected.is_floating_point() and bool(((expected == got) | (expected.isnan() & got.isnan())).all())
 
 
 def _rows(reader: RangeReader, ref: Source, start: int, stop: int) -> torch.Tensor:
@@ -108,9 +122,72 @@ def _rows(reader: RangeReader, ref: Source, start: int, stop: int) -> torch.Tens
     return torch.frombuffer(raw, dtype=dtypes.to_torch(ref.dtype)).view(stop - start, cols)
 
 
-def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> VerifyReport:
-    """Stream `plan` and compare every tensor with the one of the same name in `merged`."""
-    report = VerifyReport(str(merged.root))
+def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally) -> None:
+    """Recompute `step` in float64 and compare each stored element within its own bound."""
+    loaders = [_loader(reader, op) for op in step.ops]
+    maths = [
+        op.block.method.prepare(op, load, step.shape, torch.float64, "cpu", "fp64")
+        for op, load in zip(step.ops, loaders, strict=True)
+    ]
+    bounds = [
+        op.block.method.error_bound(op, load, step.shape, step.dtype)
+        for op, load in zip(step.ops, loaders, strict=True)
+    ]
+
+    def through(values: torch.Tensor, start: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact rows and their error bound after the first `upto` ops."""
+        carried = torch.zeros_like(values)
+        for number in range(upto):
+            if number:
+                carried = tolerance.between_merges(values, carried, step.dtype)
+            carried = bounds[number].bound(values, start, carried, number > 0)
+            maths[number].merge(values, start)
+        return values, carried
+
+    for index, op_maths in enumerate(maths):
+        watch = bounds[index].needs_pass
+        if not (op_maths.needs_pass or watch):
+            continue
+        for start, stop in _spans(step):
+            values, carried = through(_exact_input(reader, step, start, stop), start, index)
+            if index:
+                carried = tolerance.between_merges(values, carried, step.dtype)
+            if op_maths.needs_pass:
+                op_maths.observe(values, start)
+            if watch:
+                bounds[index].observe(values, carried, start)
+        if op_maths.needs_pass:
+            op_maths.finish()
+    for start, stop in _spans(step):
+        values, carried = through(_exact_input(reader, step, start, stop), start, len(maths))
+        allowance = tolerance.final_allowance(values, carried, step.dtype)
+        rounded = values.to(dtypes.to_torch(step.dtype))
+        tally.add(values, _rows(reader, ref, start, stop), step.dtype, allowance, rounded)
+
+
+def _exact_input(reader: RangeReader, step: Step, start: int, stop: int) -> torch.Tensor:
+    """Rows of the step's input as a float64 copy the merges may change in place."""
+    return _rows(reader, step.source, start, stop).to(torch.float64, copy=True)
+
+
+def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
+    def load(part: str) -> torch.Tensor:
+        return read_tensor(reader, op.block.parts[part])
+
+    return load
+
+
+def _spans(step: Step) -> list[tuple[int, int]]:
+    """Row ranges of about CHUNK_ELEMENTS elements, keeping the rows each method needs together."""
+    rows = step.shape[0] if step.shape else 1
+    size = chunk_rows(step)
+    return [(start, min(rows, start + size)) for start in range(0, rows, size)]
+
+
+def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: bool) -> VerifyReport:
+    """Stream `plan` and compare every tensor with the one of the same name in `merged`: bit for
+    bit when `exact`, else merged tensors element by element within their rounding bound."""
+    report = VerifyReport(str(merged.root), mode=MODES[0] if exact else MODES[1])
     report.missing = sorted(set(plan.steps) - set(merged.tensors))
     report.extra = sorted(set(merged.tensors) - set(plan.steps))
     steps: list[Step] = []
@@ -126,13 +203,14 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
         # Compare in the dtype the merged model chose (it may have been written with --dtype).
         steps.append(Step(name, found.dtype, step.shape, step.source, step.ops))
 
-    engine = Engine(steps, options)
-    tallies: dict[str, _Tally] = {}
+    streamed = steps if exact else [s for s in steps if not s.ops]
+    tallies: dict[str, _Tally] = {s.name: _Tally() for s in steps}
+    engine = Engine(streamed, options)
     with RangeReader() as reader:
         try:
             for chunk in engine.stream():
                 step, ref = chunk.step, merged.tensors[chunk.step.name]
-                tally = tallies.setdefault(step.name, _Tally())
+                tally = tallies[step.name]
                 if chunk.data is not None:
                     try:
                         tally.add(chunk.data, _rows(reader, ref, chunk.start, chunk.stop), step.dtype)
@@ -148,16 +226,18 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
                     )
         finally:
             engine.close()
-    allowed = {step.name: allowed_ulps(step) for step in steps}
+        if not exact:
+            for step in steps:
+                if step.ops:
+                    _check_with_tolerance(step, merged.tensors[step.name], reader, tallies[step.name])
     for name, tally in tallies.items():
-        if tally.elements == 0:
+        if not tally.changed:
             report.identical += 1
-        elif tally.max_ulp <= allowed[name]:
+        elif not tally.elements:
             report.within_rounding += 1
         else:
-            report.differing.append(
-                Difference(name, tally.max_abs, round(tally.max_ulp, 2), allowed[name], tally.elements)
-            )
+            report.differing.append(Difference(name, tally.elements, tally.max_abs, round(tally.max_ulp, 2)))
+    report.differing.sort(key=lambda d: d.name)
     report.mismatched.sort()
     return report
 

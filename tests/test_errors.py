@@ -145,7 +145,7 @@ def test_cuda_requested_without_cuda(tmp_path, base, adapter):
     ("args", "fragment"),
     [
         (["--max-shard-size", "lots"], "cannot read 'lots' as a size"),
-        (["--dtype", "int8"], "'int8' is not one of"),
+        (["--dtype", "int8"], "unknown dtype 'int8'; choose auto, bf16, fp16 or fp32"),
         (["--precision", "fp16"], "'fp16' is not one of"),
     ],
 )

@@ -57,7 +57,7 @@ def test_verify_accepts_peft_merge_within_rounding(setup):
 
 def test_verify_catches_a_double_merge(setup, tmp_path):
     root, base, bat, _ = setup
-    merge(root / "merged", [bat], tmp_path / "twice")
+    merge(root / "merged", [bat], tmp_path / "twice", allow_remerge=True)
     report = verify(tmp_path / "twice", base, [bat])
     assert not report.ok and len(report.differing) == 2 * len(TARGETS)
     result = run("verify", tmp_path / "twice", bat, "--base", base, "--json")
@@ -72,7 +72,7 @@ def test_verify_catches_the_wrong_adapter(setup):
         for i in range(2)
         for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
     }
-    assert all(d.max_ulp > 1 for d in report.differing)
+    assert all(d.max_ulp > 1 for d in report.differing) and report.mode == "tolerance"
 
 
 def test_verify_catches_one_altered_tensor(setup, tmp_path):
@@ -146,7 +146,21 @@ def test_inspect_kinds_from_headers_only(setup, monkeypatch):
     result = run("inspect", bat, "--json")
     assert json.loads(result.stdout)["adapter"] == "Bat (r=32)"
     text = run("inspect", root / "merged").stdout
-    assert "kind: merged model" in text and "model-00001-of-" in text
+    assert "  kind            merged model (LlamaForCausalLM)" in text and "model-00001-of-" in text
+    assert "{'" not in text and "': " not in text, "no Python dict reprs"
+    sizes = [line for line in text.splitlines() if "model-00001-of-" in line]
+    assert len(sizes) == 1 and sizes[0].endswith(" kB"), sizes
+    assert "adapters merged now: bat" in text and "merge    bat (Bat (r=32), " in text
+
+
+def test_inspect_text_groups_tensors_with_units(setup):
+    _, base, bat, _ = setup
+    text = run("inspect", bat, "--base", base).stdout.splitlines()
+    assert "  adapter         Bat (r=32), peft_type BONE" in text
+    assert "  modules         down_proj  2 blocks, layers 0-1" in text
+    assert "  touches         6 tensors" in text
+    assert "                  model.layers.{0-1}.self_attn.q_proj.weight" in text
+    assert any(line.startswith("  merged weights  ") and line.endswith(" kB") for line in text)
 
 
 def test_inspect_of_unusable_path(tmp_path):

@@ -271,7 +271,9 @@ def test_verify_catches_one_element_off_by_64_ulps(verified, tmp_path):
 
 def test_verify_catches_a_double_merge(verified, tmp_path):
     root, base, adapter = verified
-    merge(root / "merged", [adapter], tmp_path / "twice")
+    refused = run("merge", root / "merged", adapter, "-o", tmp_path / "refused")
+    assert refused.exit_code == 1 and "already" in refused.stderr, refused.output
+    merge(root / "merged", [adapter], tmp_path / "twice", allow_remerge=True)
     report = verify(tmp_path / "twice", base, [adapter])
     assert not report.ok and len(report.differing) == 2 * len(VERIFY_TARGETS)
     result = run("verify", tmp_path / "twice", adapter, "--base", base, "--json")

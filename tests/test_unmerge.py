@@ -156,7 +156,13 @@ def test_two_adapters_come_off_last_first(tmp_path, llama):
     adapters = adapters_for(tmp_path, factory, VARIANTS[1][1], seeds=(1, 2))
     merge(llama, adapters, tmp_path / "merged", dtype="float32")
     unmerge(tmp_path / "merged", adapters, tmp_path / "back", dtype="bfloat16")
-    unmerge(tmp_path / "merged", adapters[::-1], tmp_path / "wrong-order", dtype="bfloat16")
+    with pytest.raises(AdapterError, match=f"in the order {adapters[0]}, {adapters[1]}; list them"):
+        unmerge(tmp_path / "merged", adapters[::-1], tmp_path / "wrong-order", dtype="bfloat16")
+    assert not (tmp_path / "wrong-order").exists()
+    # Without the history (as if another tool had merged it) the order cannot be checked.
+    (tmp_path / "merged" / "bonemerge.json").unlink()
+    report = unmerge(tmp_path / "merged", adapters[::-1], tmp_path / "wrong-order", dtype="bfloat16")
+    assert any("could not be checked" in note for note in report.notes)
     base = oracle.read_folder(llama)
     assert mismatch_fraction(oracle.read_folder(tmp_path / "back"), base) < 1e-4
     assert mismatch_fraction(oracle.read_folder(tmp_path / "wrong-order"), base) > 0.05

@@ -15,6 +15,7 @@ from bonemerge.methods.base import (
     Block,
     BlockOp,
     Converted,
+    ErrorBound,
     KeyClaim,
     Method,
     RankRequest,
@@ -41,6 +42,12 @@ def method_for(peft_type: object) -> Method | None:
         if peft_type in method.peft_types:
             return method
     return None
+
+
+def kind_name(peft_type: str) -> str:
+    """How messages name adapters of `peft_type` (`Bone`, `MiSS`, `LoRA`)."""
+    method = method_for(peft_type)
+    return method.kind_name(peft_type) if method else peft_type
 
 
 def supported() -> str:
@@ -71,6 +78,7 @@ __all__ = [
     "Block",
     "BlockOp",
     "Converted",
+    "ErrorBound",
     "KeyClaim",
     "Method",
     "RankRequest",
@@ -78,6 +86,7 @@ __all__ = [
     "Target",
     "claim_training",
     "conversion_names",
+    "kind_name",
     "method_for",
     "supported",
 ]

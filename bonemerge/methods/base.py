@@ -123,6 +123,76 @@ class RowMaths:
         raise NotImplementedError
 
 
+class ErrorBound:
+    """How far another implementation's merge of one op may lie from the exact value, element
+    by element (see `bonemerge.tolerance`). `bound` takes the exact input rows (float64), the
+    error bound they carry, and whether the op's tensors were rounded to the weight's dtype
+    first (PEFT loads later adapters that way). A bound that needs a whole-tensor statistic
+    sets `needs_pass` and sees every row through `observe` first."""
+
+    needs_pass = False
+
+    def observe(self, rows: torch.Tensor, carried: torch.Tensor, row0: int) -> None:
+        raise NotImplementedError
+
+    def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MagnitudeBound(ErrorBound):
+    """The bound of a merge that adds a product of its tensors to the weight: the merge maths
+    applied to magnitudes gives |W| + |ΔW|-bound and the layout of |ΔW|, and γ over the
+    product's terms (plus two roundings) bounds what another order of operations can change."""
+
+    def __init__(
+        self,
+        prepare: Callable[[Callable[[str], torch.Tensor]], RowMaths],
+        load: Callable[[str], torch.Tensor],
+        terms: int,
+        rounds_delta: bool,
+        dtype: str,
+    ) -> None:
+        from bonemerge import tolerance
+
+        self._magnitudes = prepare(lambda part: load(part).double().abs())
+        self._prepare = prepare
+        self._load = load
+        self._gamma = tolerance.gamma(terms + 2 if terms else 1, dtype)
+        self._rounds_delta = rounds_delta
+        self._dtype = dtype
+        self._moved: RowMaths | None = None
+
+    def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
+        import torch
+
+        from bonemerge import tolerance
+
+        magnitude = rows.abs()
+        total = magnitude.clone()
+        self._magnitudes.merge(total, row0)
+        spread = torch.zeros_like(rows)
+        self._magnitudes.merge(spread, row0)
+        through = carried.clone()
+        self._magnitudes.merge(through, row0)
+        through -= spread
+        if rounded:
+            # Tensors off by half an ulp change the result by at most the merge of the enlarged
+            # magnitudes minus the merge of the magnitudes.
+            if self._moved is None:
+                self._moved = self._prepare(
+                    lambda part: (lambda v: v.abs() + 0.5 * tolerance.ulp(v, self._dtype))(
+                        self._load(part).double()
+                    )
+                )
+            moved = magnitude.clone()
+            self._moved.merge(moved, row0)
+            through += moved - total
+        bound = through + self._gamma * total
+        if self._rounds_delta:
+            bound += 0.5 * tolerance.ulp(total - magnitude, self._dtype)
+        return bound
+
+
 @dataclass(frozen=True)
 class Converted:
     """A block as another method's adapter file holds it: tensors by file key, and for a
@@ -239,15 +309,38 @@ class Method:
         """Terms of the fp32 inner products in the merge, which bound its rounding error."""
         return 0
 
+    def rounds_delta(self, op: BlockOp) -> bool:
+        """Whether PEFT rounds the update to the weight's dtype before adding it."""
+        return False
+
+    def error_bound(
+        self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
+    ) -> ErrorBound:
+        """The per-element error bound of merging `op` into a `dtype` weight of `shape`."""
+        import torch
+
+        def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
+            return self.prepare(op, loader, shape, torch.float64, "cpu", "fp64")
+
+        return MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
+
     # -- describing and converting --------------------------------------------------------
     def describe(self, config: AdapterConfig) -> str:
         raise NotImplementedError
+
+    def kind_name(self, peft_type: str) -> str:
+        """How messages name adapters of `peft_type`."""
+        return self.name
 
     def summary(self, config: AdapterConfig) -> dict[str, object]:
         raise NotImplementedError
 
     def tag(self, config: AdapterConfig) -> str:
         raise NotImplementedError
+
+    def identity(self, config: AdapterConfig) -> dict[str, object]:
+        """The settings that decide the maths, for adapter fingerprints (not how they are spelt)."""
+        return self.summary(config)
 
     def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
         """Each part's key in an adapter file PEFT writes for `peft_type` (no adapter name)."""

@@ -388,6 +388,9 @@ class BoneMethod(Method):
     def product_terms(self, op: BlockOp) -> int:
         return op.block.params.r if op.block.params.variant == "bat" else 0
 
+    def rounds_delta(self, op: BlockOp) -> bool:
+        return op.block.params.variant == "bat"
+
     def describe(self, config: AdapterConfig) -> str:
         settings: BoneSettings = config.settings
         name = {"BONE": "Bone", "MISS": "MiSS"}[config.peft_type]
@@ -397,6 +400,9 @@ class BoneMethod(Method):
             name += f" {settings.variant}"
         sizes = f"r={settings.r}" + (f", mini_r={settings.mini_r}" if settings.variant == "mini" else "")
         return f"{name} ({sizes})"
+
+    def kind_name(self, peft_type: str) -> str:
+        return {"BONE": "Bone", "MISS": "MiSS"}[peft_type]
 
     def summary(self, config: AdapterConfig) -> dict[str, object]:
         settings: BoneSettings = config.settings

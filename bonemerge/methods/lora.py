@@ -33,7 +33,9 @@ from bonemerge.methods.base import (
     AdapterConfig,
     Block,
     BlockOp,
+    ErrorBound,
     KeyClaim,
+    MagnitudeBound,
     Method,
     RowMaths,
     Target,
@@ -230,6 +232,54 @@ class DoraColumns(DeltaRows):
     def merge(self, work: torch.Tensor, row0: int) -> None:
         work.add_(self.delta(work.shape[0], row0))
         work.mul_(self._factor)
+
+
+class DoraBound(ErrorBound):
+    """DoRA's `m/‖v‖ ⊙ v`: the bound of v (a LoRA merge) scaled by the factor, plus the
+    result times the relative error of the norm, which is its own summation error over the
+    inputs plus ‖error of v‖ / ‖v‖ (to first order). The norms run along the stored rows for
+    Linear and along the stored columns otherwise, which then needs a first pass."""
+
+    def __init__(
+        self,
+        exact: DeltaRows,
+        inner: ErrorBound,
+        magnitude: torch.Tensor,
+        shape: tuple[int, ...],
+        params: LoraParams,
+        dtype: str,
+    ) -> None:
+        import torch
+
+        from bonemerge import tolerance
+
+        self._exact, self._inner, self._magnitude = exact, inner, magnitude
+        self._columns = params.transposed
+        self.needs_pass = self._columns
+        inputs = shape[0] if self._columns else shape[1]
+        self._gamma = tolerance.gamma(inputs + 4, dtype)
+        self._squares = torch.zeros(shape[1], dtype=torch.float64)
+        self._errors = torch.zeros(shape[1], dtype=torch.float64)
+
+    def _v(self, rows: torch.Tensor, row0: int) -> torch.Tensor:
+        return rows + self._exact.delta(rows.shape[0], row0)
+
+    def observe(self, rows: torch.Tensor, carried: torch.Tensor, row0: int) -> None:
+        self._squares += self._v(rows, row0).square().sum(dim=0)
+        self._errors += self._inner.bound(rows, row0, carried, False).square().sum(dim=0)
+
+    def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
+        v = self._v(rows, row0)
+        error = self._inner.bound(rows, row0, carried, rounded)
+        if self._columns:
+            norm, norm_error = self._squares.sqrt(), self._errors.sqrt()
+            magnitude = self._magnitude
+        else:
+            norm, norm_error = v.norm(dim=1, keepdim=True), error.norm(dim=1, keepdim=True)
+            magnitude = self._magnitude[row0 : row0 + rows.shape[0]].unsqueeze(1)
+        factor = magnitude.abs() / norm
+        relative = norm_error / norm + self._gamma
+        return factor * error + (factor * v).abs() * (2 * relative)
 
 
 class BiasRows(RowMaths):
@@ -431,6 +481,31 @@ class LoraMethod(Method):
 
     def product_terms(self, op: BlockOp) -> int:
         return op.block.params.r if op.target.part == "weight" else 0
+
+    def rounds_delta(self, op: BlockOp) -> bool:
+        # PEFT's Embedding.merge adds `delta.to(weight dtype)`; Linear and Conv1D add in fp32.
+        return op.block.params.kind == "embedding" and op.target.part == "weight"
+
+    def error_bound(
+        self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
+    ) -> ErrorBound:
+        import torch
+
+        params: LoraParams = op.block.params
+        scale = abs(params.scale)
+
+        def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
+            if op.target.part == "bias":
+                return BiasRows(loader("bias"), scale, torch.float64)
+            a, b = loader("A"), loader("B")
+            left, right = (a.t(), b.t()) if params.transposed else (b, a)
+            return DeltaRows(left, right, scale, torch.float64)
+
+        magnitudes = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
+        if not params.dora or op.target.part != "weight":
+            return magnitudes
+        exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
+        return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
 
     def describe(self, config: AdapterConfig) -> str:
         s: LoraSettings = config.settings
