@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,11 @@ from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoi
 from bonemerge.checkpoint import Checkpoint, MemoryTensor, RangeReader, dtypes, layout, open_checkpoint
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
+from bonemerge.manifest import MANIFEST, write_manifest
 from bonemerge.output import Staging, check_free_space, check_output
 
 PRECISIONS = ("auto", "fp32", "fp64")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-MANIFEST = "bonemerge.json"
 
 PathLike = str | os.PathLike[str]
 
@@ -66,7 +67,23 @@ def _options(device: str, precision: str, safe_merge: bool, progress: bool):
 
     if precision not in PRECISIONS:
         raise BonemergeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    check_device(device)
     return EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
+
+
+def check_device(device: str) -> None:
+    """Only the CPU and CUDA devices run bonemerge's maths; anything else torch accepts (`meta`,
+    `xpu`, `mps`...) would fail deep in a run, so it is refused before any work."""
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise BonemergeError(f"unknown or unsupported device {device!r}; use cpu, cuda or cuda:N.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BonemergeError(f"--device {device} was asked for, but torch sees no CUDA device here.")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise BonemergeError(
+            f"--device {device} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)."
+        )
 
 
 def _shard_bytes(max_shard_size: str | int | None) -> int | None:
@@ -96,15 +113,19 @@ def _blocks(adapters: Sequence[Adapter]):
 
 
 def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
-    """Refuse NaN/Inf in any block before the output is even created."""
+    """Refuse NaN/Inf in any block before the output is even created, reading each block in
+    bounded pieces: blocks of large adapters (or of a lying header) can be gigabytes."""
+    from bonemerge.checkpoint.tensors import pieces
     from bonemerge.engine import all_finite
 
-    for adapter, block, values in _blocks(adapters):
-        if not all_finite(values):
-            raise AdapterError(
-                f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
-                "is broken (its training diverged), nothing was written."
-            )
+    with RangeReader() as reader:
+        for adapter in adapters:
+            for block in adapter.blocks:
+                if not all(all_finite(values) for values in pieces(reader, block.tensor)):
+                    raise AdapterError(
+                        f"block {block.key} of {adapter.root} holds NaN or Inf values; the adapter "
+                        "is broken (its training diverged), nothing was written."
+                    )
 
 
 def check_invertible(adapters: Sequence[Adapter]) -> None:
@@ -171,7 +192,7 @@ def _open_model(
                 f"{reference} is an adapter whose config does not name its base model; pass the base first."
             )
         revision = base_revision or adapter.config.raw.get("revision") or None
-        base = locate(named, revision, "--base", progress)
+        base = locate(named, revision, "--base", progress, relative_to=adapter.root)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -236,14 +257,16 @@ def _write_model(
     every file's SHA-256, checking that no input changes meanwhile; then publish."""
     from bonemerge import companions
     from bonemerge.checkpoint.reader import InputWatch
-    from bonemerge.checkpoint.writer import file_sha256
     from bonemerge.engine import write_plan
 
-    check_free_space(target.path, plan.file_bytes)
+    roots = [a.root for a in adapters] if tokenizer_from_adapters else []
+    own = [s.filename for s in plan.shards] + [plan.index_name] * plan.write_index + ["README.md", MANIFEST]
+    extras = companions.plan_companions(source, roots, own)
+    check_free_space(target.path, plan.file_bytes + extras.bytes)
     options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
-    watch = InputWatch(plan.input_files(), {s.path: (s.size, s.mtime_ns) for s in source.shards})
-    notes = list(plan.notes)
+    watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
+    notes = list(plan.notes) + list(extras.notes)
     with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
@@ -256,14 +279,8 @@ def _write_model(
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
-        roots = [a.root for a in adapters] if tokenizer_from_adapters else []
-        companions.write_companions(source, roots, plan.config_updates, staging.path)
+        companions.write_companions(extras, plan.config_updates, staging.path)
         (staging.path / "README.md").write_text(card, encoding="utf-8")
-        files = {}
-        for path in sorted(p for p in staging.path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            name = str(path.relative_to(staging.path))
-            size, digest = staging.finished.get(name) or (path.stat().st_size, file_sha256(path))
-            files[name] = {"bytes": size, "sha256": digest}
         manifest = {
             "bonemerge": __version__,
             "operation": operation,
@@ -272,9 +289,8 @@ def _write_model(
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
             "command": target.command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
         }
-        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        files = write_manifest(staging.path, manifest, staging.finished)
         watch.check()
         pushed = _publish(staging, target.overwrite, target.push, open_checkpoint)
     return Report(
@@ -553,6 +569,8 @@ def strip(
             tags=[{"BONE": "bone", "MISS": "miss"}[config["peft_type"]]],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
+        fields = {"bonemerge": __version__, "operation": "strip", "inputs": [str(path)], "command": command}
+        files = write_manifest(staging.path, fields, {})
         pushed = _publish(staging, overwrite, push, load_adapter)
     return Report(
         operation="strip",
@@ -563,7 +581,7 @@ def strip(
         tensors_converted=stats.converted,
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - began, 3),
-        files=sorted([plan.shards[0].filename, "adapter_config.json", "README.md"]),
+        files=sorted([*files, MANIFEST]),
         notes=[f"kept {kept} of {len(adapter.blocks)} blocks"],
         pushed_to=pushed,
     )
@@ -604,6 +622,7 @@ def verify(
     precision: str = "auto",
 ):
     """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor."""
+    from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
     from bonemerge.verify import verify_plan
 
@@ -613,20 +632,24 @@ def verify(
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
     report = verify_plan(plan, merged_checkpoint, options)
+    report.stray = stray_weights(merged_checkpoint)
     report.seconds = round(time.perf_counter() - began, 3)
     return report
 
 
 def verify_checksums(merged: PathLike):
     """Check every file of a bonemerge output against the SHA-256 its manifest recorded."""
-    from bonemerge.checkpoint import read_json
+    from bonemerge.checkpoint.folder import loader_weights
+    from bonemerge.manifest import listed_files, read_manifest
     from bonemerge.verify import verify_checksums as check
 
     folder = locate(merged, None, "MERGED").path
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if not (folder / MANIFEST).is_file():
         raise BonemergeError(
             f"{folder} has no {MANIFEST}, so there are no recorded checksums; it was not written by "
             "bonemerge (verify it against its base instead)."
         )
-    return check(folder, read_json(manifest))
+    files = listed_files(folder, read_manifest(folder))
+    report = check(folder, {"files": files})
+    report.stray = sorted(loader_weights(folder) - set(files))
+    return report

@@ -44,6 +44,13 @@ def _load_torch() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def printable(text: str) -> str:
+    """`text` safe for any terminal: names from hostile files can hold lone surrogates, which
+    no encoding can print, and line breaks, which would split the one-line message."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's errors and interrupts into one line and the documented exit code."""
 
@@ -55,7 +62,7 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
                 _load_torch()
             return command(*args, **kwargs)
         except BonemergeError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
@@ -351,14 +358,14 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
 def _print_inspection(info: dict, indent: str = "") -> None:
     for key, value in info.items():
         if isinstance(value, dict) and value and key != "dtypes":
-            click.echo(f"{indent}{key}:")
+            click.echo(printable(f"{indent}{key}:"))
             _print_inspection(value, indent + "  ")
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             click.echo(f"{indent}{key}:")
             for item in value:
-                click.echo(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items()))
+                click.echo(printable(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items())))
         elif value not in (None, [], {}):
-            click.echo(f"{indent}{key}: {value}")
+            click.echo(printable(f"{indent}{key}: {value}"))
 
 
 @main.command()
@@ -431,6 +438,7 @@ def _print_verification(results: dict[str, Any]) -> None:
             click.echo(f"differs: {name}")
         for name in report.missing:
             click.echo(f"missing: {name}")
+        _print_stray(report.stray)
     if "tensors" in results:
         report = results["tensors"]
         click.echo(
@@ -449,6 +457,14 @@ def _print_verification(results: dict[str, Any]) -> None:
             click.echo(f"extra: {name}")
         for line in report.mismatched:
             click.echo(f"mismatch: {line}")
+        _print_stray(report.stray)
+
+
+def _print_stray(names: list[str]) -> None:
+    for name in names:
+        click.echo(
+            f"stray: {name} (a weight file that is not part of the checked checkpoint; a loader may load it)"
+        )
 
 
 @main.command()

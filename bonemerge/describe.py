@@ -8,7 +8,6 @@ mismatch, and the size of the merged model, without merging anything.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -16,10 +15,9 @@ from pathlib import Path
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, CheckpointError
+from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.strip import layer_of
-
-MANIFEST = "bonemerge.json"
 
 
 def ranges(numbers: set[int]) -> str:
@@ -105,6 +103,16 @@ def _against_base(adapters: list[Adapter], base_path: Path) -> dict:
     }
 
 
+def architecture(config: dict) -> str | None:
+    """The model class a config names (`LlamaForCausalLM`), or its model type; None when the
+    config says neither in a usable form."""
+    named = config.get("architectures")
+    if isinstance(named, list) and named and isinstance(named[0], str):
+        return named[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
     """A JSON-ready description of `path`; with `base`, how an adapter fits that base."""
     path = Path(path)
@@ -129,20 +137,18 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
             info["against_base"] = _against_base(list(training.adapters.values()), Path(base))
         return info
     info = {"path": str(path), "kind": "model"} | describe_checkpoint(checkpoint)
-    config = checkpoint.config() or {}
-    info["architecture"] = (config.get("architectures") or [config.get("model_type")])[0]
-    manifest = checkpoint.root / MANIFEST
-    if checkpoint.is_folder and manifest.is_file():
+    info["architecture"] = architecture(checkpoint.config() or {})
+    if checkpoint.is_folder and (checkpoint.root / MANIFEST).is_file():
         try:
-            info["made_by_bonemerge"] = json.loads(manifest.read_text(encoding="utf-8"))
-            operation = info["made_by_bonemerge"].get("operation")
+            info["made_by_bonemerge"] = read_manifest(checkpoint.root)
+        except CheckpointError:
+            info["made_by_bonemerge"] = None
+        else:
             info["kind"] = {
                 "merge": "merged model",
                 "unmerge": "unmerged model",
                 "unload": "unloaded model",
-            }.get(operation, "model")
-        except ValueError:
-            info["made_by_bonemerge"] = None
+            }.get(info["made_by_bonemerge"].get("operation"), "model")
     if base is not None:
         raise BonemergeError(f"{path} is a model, not an adapter; --base applies to adapters only.")
     return info

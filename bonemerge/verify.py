@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bonemerge.checkpoint import Checkpoint, RangeReader, Source, TensorRef, dtypes
+from bonemerge.checkpoint import Checkpoint, RangeReader, dtypes
+from bonemerge.checkpoint.tensors import read_rows
 from bonemerge.engine import CHUNK_ELEMENTS, Engine, EngineOptions
 from bonemerge.plan import Plan, Step
 
@@ -47,11 +48,12 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not (self.differing or self.missing or self.extra or self.mismatched)
+        return not (self.differing or self.missing or self.extra or self.mismatched or self.stray)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}
@@ -96,18 +98,6 @@ class _Tally:
         self.max_ulp = max(self.max_ulp, float(ulps.max()))
 
 
-def _rows(reader: RangeReader, ref: Source, start: int, stop: int) -> torch.Tensor:
-    rows = ref.shape[0] if ref.shape else 1
-    cols = math.prod(ref.shape) // rows if rows else 0
-    if not isinstance(ref, TensorRef):
-        return ref.tensor.reshape(rows, cols)[start:stop]
-    row_bytes = cols * dtypes.BITS[ref.dtype] // 8
-    raw = reader.read(ref.path, ref.offset + start * row_bytes, (stop - start) * row_bytes)
-    if not raw:
-        return torch.empty(stop - start, cols, dtype=dtypes.to_torch(ref.dtype))
-    return torch.frombuffer(raw, dtype=dtypes.to_torch(ref.dtype)).view(stop - start, cols)
-
-
 def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> VerifyReport:
     """Stream `plan` and compare every tensor with the one of the same name in `merged`."""
     report = VerifyReport(str(merged.root))
@@ -135,7 +125,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
                 tally = tallies.setdefault(step.name, _Tally())
                 if chunk.data is not None:
                     try:
-                        tally.add(chunk.data, _rows(reader, ref, chunk.start, chunk.stop), step.dtype)
+                        tally.add(chunk.data, read_rows(reader, ref, chunk.start, chunk.stop), step.dtype)
                     finally:
                         chunk.release()
                     continue
@@ -144,7 +134,9 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions) -> Verif
                 for start in range(0, chunk.stop, size):
                     stop = min(chunk.stop, start + size)
                     tally.add(
-                        _rows(reader, step.source, start, stop), _rows(reader, ref, start, stop), step.dtype
+                        read_rows(reader, step.source, start, stop),
+                        read_rows(reader, ref, start, stop),
+                        step.dtype,
                     )
         finally:
             engine.close()
@@ -170,10 +162,11 @@ class ChecksumReport:
     matching: list[str] = field(default_factory=list)
     differing: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.matching) and not (self.differing or self.missing)
+        return bool(self.matching) and not (self.differing or self.missing or self.stray)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonemerge.adapters.config import METHODS, AdapterConfig, read_adapter_config
-from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, read_header
+from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, dtypes, read_header
+from bonemerge.checkpoint.confine import kind_of
 from bonemerge.errors import AdapterError
 
 PREFIX = "base_model.model."
@@ -141,6 +142,12 @@ def load_pickle(path: Path) -> dict:
             f"{path} does not hold a dictionary of named tensors; re-save the adapter with "
             "safe_serialization=True."
         )
+    for key, tensor in data.items():
+        if not key.isprintable() or str(tensor.dtype).removeprefix("torch.") not in dtypes.BY_TORCH_NAME:
+            raise AdapterError(
+                f"{path} holds the tensor {key!r} of {tensor.dtype}, a name or dtype that safetensors "
+                "cannot store; re-save the adapter with safe_serialization=True."
+            )
     return data
 
 
@@ -148,7 +155,7 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter folder's config and tensor index (headers only for safetensors)."""
     folder = Path(path)
     if not folder.is_dir():
-        what = "does not exist" if not folder.exists() else "is a file, not an adapter folder"
+        what = "does not exist" if not folder.exists() else f"is {kind_of(folder)}, not an adapter folder"
         raise AdapterError(f"{folder} {what}; pass the folder that PEFT's save_pretrained wrote.")
     config = read_adapter_config(folder)
     weights, tensors = _read_tensors(folder)
@@ -162,6 +169,11 @@ def load_adapter(path: str | Path) -> Adapter:
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
         if name.endswith(suffix):
+            if tensor.dtype not in dtypes.COMPUTABLE:
+                raise AdapterError(
+                    f"block {key} in {weights} is stored as {tensor.dtype}; Bone/MiSS blocks must be "
+                    "float16, bfloat16, float32 or float64 (complex or quantized blocks cannot be merged)."
+                )
             module = name[: -len(suffix)]
             variant = block_variant(config, key, tensor.shape, weights)
             blocks.append(Block(module, key, tensor, variant, config.r, config.mini_r))

@@ -52,9 +52,21 @@ class Header:
     file_size: int
 
 
+def _unicode(text: str) -> None:
+    """JSON can escape a lone surrogate (`\\ud800`) that no UTF-8 file name or header can hold;
+    the reference parser rejects it, and a name bonemerge cannot write back must not get in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"the string {text!r} holds an unpaired surrogate escape, not valid Unicode") from None
+
+
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
+        _unicode(key)
+        if isinstance(value, str):
+            _unicode(value)
         if key in result:
             raise _Invalid(f"the name {key!r} appears twice")
         result[key] = value
