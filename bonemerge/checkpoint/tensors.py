@@ -53,9 +53,10 @@ def read_rows(reader: RangeReader, source: Source, start: int, stop: int) -> tor
     return values.view(stop - start, cols)
 
 
-def pieces(reader: RangeReader, source: Source, limit: int = PIECE_BYTES) -> Iterator[torch.Tensor]:
-    """Every value of the tensor, flat, in consecutive pieces of at most `limit` bytes read into
-    one reused buffer: a piece is valid only until the next one is asked for."""
+def pieces(reader: RangeReader, source: Source, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Every value of the tensor, flat, in consecutive pieces of at most `limit` bytes (default
+    PIECE_BYTES) read into one reused buffer: a piece is valid only until the next is asked for."""
+    limit = limit or PIECE_BYTES
     if not isinstance(source, TensorRef):
         flat = source.tensor.reshape(-1)
         step = max(1, limit // max(flat.element_size(), 1))
