@@ -360,7 +360,7 @@ def _print_inspection(info: dict, indent: str = "") -> None:
         if isinstance(value, dict) and value and key != "dtypes":
             click.echo(printable(f"{indent}{key}:"))
             _print_inspection(value, indent + "  ")
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
             click.echo(f"{indent}{key}:")
             for item in value:
                 click.echo(printable(f"{indent}  - " + ", ".join(f"{k}={v}" for k, v in item.items())))

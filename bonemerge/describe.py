@@ -144,11 +144,12 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
         except CheckpointError:
             info["made_by_bonemerge"] = None
         else:
+            operation = info["made_by_bonemerge"].get("operation")
             info["kind"] = {
                 "merge": "merged model",
                 "unmerge": "unmerged model",
                 "unload": "unloaded model",
-            }.get(info["made_by_bonemerge"].get("operation"), "model")
+            }.get(operation if isinstance(operation, str) else "", "model")
     if base is not None:
         raise BonemergeError(f"{path} is a model, not an adapter; --base applies to adapters only.")
     return info

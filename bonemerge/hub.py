@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import BonemergeError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
@@ -84,7 +85,7 @@ def locate(
     A relative path is taken from `relative_to` when given (an adapter's config names its base
     relative to the adapter folder, never to wherever bonemerge happens to run)."""
     text = os.fspath(reference)
-    path = Path(text).expanduser()
+    path = expand_home(text)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
     if path.exists():

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import OutputError
 from bonemerge.manifest import is_bonemerge_output
 
@@ -66,9 +67,9 @@ def fsync_tree(root: Path) -> None:
 
 def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
     """The output path, resolved, once it is known not to equal, hold or sit inside an input."""
-    out = Path(output).expanduser().resolve()
+    out = expand_home(output).resolve()
     for given in inputs:
-        source = given.expanduser().resolve()
+        source = expand_home(given).resolve()
         if out == source or source in out.parents:
             raise OutputError(f"the output {out} is inside the input {source}; choose an output elsewhere.")
         if out in source.parents:

@@ -81,7 +81,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         raise AdapterError(str(exc)) from None
 
     peft_type = raw.get("peft_type")
-    if peft_type not in METHODS:
+    if not isinstance(peft_type, str) or peft_type not in METHODS:
         kind = f"is a {peft_type} adapter" if isinstance(peft_type, str) else "is not a PEFT adapter config"
         raise AdapterError(
             f"{path} {kind}; bonemerge works with Bone and MiSS adapters only "

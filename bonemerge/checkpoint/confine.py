@@ -39,6 +39,15 @@ def kind_of(path: Path) -> str:
         return "a broken link" if path.is_symlink() else "missing"
 
 
+def expand_home(path: str | os.PathLike[str]) -> Path:
+    """`path` with a leading `~` or `~user` expanded, or as written when there is no such home
+    (`~0`): then it is just a name that does not exist, not a crash."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def root_of(folder: Path) -> Path:
     """The folder that the files of `folder` must resolve into: `folder` itself, or the repo's
     cache folder when `folder` lies in a Hub cache snapshot (`models--o--n/snapshots/<commit>`)."""
