@@ -92,7 +92,7 @@ def _entry(name: str, raw: object) -> TensorInfo:
     if extra:
         raise _Invalid(f"tensor {name!r} has unknown fields {sorted(extra)}")
     dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if dtype not in dtypes.BITS:
+    if not isinstance(dtype, str) or dtype not in dtypes.BITS:
         raise _Invalid(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
         raise _Invalid(f"tensor {name!r} has an invalid shape {shape!r}")
