@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,10 +25,10 @@ from bonemerge.checkpoint import Checkpoint, RangeReader, dtypes, layout, open_c
 from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
+from bonemerge.manifest import MANIFEST, write_manifest
 from bonemerge.output import Staging, check_free_space, check_output
 
 PRECISIONS = ("auto", "fp32", "fp64")
-MANIFEST = "bonemerge.json"
 
 PathLike = str | os.PathLike[str]
 
@@ -59,40 +60,49 @@ def _options(device: str, precision: str, safe_merge: bool, progress: bool):
 
     if precision not in PRECISIONS:
         raise BonemergeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    check_device(device)
     return EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
+
+
+def check_device(device: str) -> None:
+    """Only the CPU and CUDA devices run bonemerge's maths; anything else torch accepts (`meta`,
+    `xpu`, `mps`...) would fail deep in a run, so it is refused before any work."""
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise BonemergeError(f"unknown or unsupported device {device!r}; use cpu, cuda or cuda:N.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BonemergeError(f"--device {device} was asked for, but torch sees no CUDA device here.")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise BonemergeError(
+            f"--device {device} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)."
+        )
 
 
 def _shard_bytes(max_shard_size: str | int | None) -> int | None:
     return layout.parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
 
 
-def _parts(adapters: Sequence[Adapter]):
-    """Every tensor of every block of `adapters`, read one at a time."""
-    from bonemerge.checkpoint.reader import read_tensor
+def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
+    """Refuse NaN/Inf in any block before the output is even created, reading each block in
+    bounded pieces: blocks of large adapters (or of a lying header) can be gigabytes."""
+    from bonemerge.checkpoint.tensors import pieces
+    from bonemerge.engine import all_finite
 
     with RangeReader() as reader:
         for adapter in adapters:
             for block in adapter.blocks:
                 for part, source in block.parts.items():
-                    yield adapter, block, part, read_tensor(reader, source)
-
-
-def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
-    """Refuse NaN/Inf in any block before the output is even created."""
-    from bonemerge.engine import all_finite
-
-    for adapter, block, part, values in _parts(adapters):
-        if not all_finite(values):
-            key = block.keys.get(part, block.key)
-            raise AdapterError(
-                f"block {key} of {adapter.root} holds NaN or Inf values; the adapter "
-                "is broken (its training diverged), nothing was written."
-            )
+                    if not all(all_finite(values) for values in pieces(reader, source)):
+                        raise AdapterError(
+                            f"block {block.keys.get(part, block.key)} of {adapter.root} holds NaN or Inf "
+                            "values; the adapter is broken (its training diverged), nothing was written."
+                        )
 
 
 def check_invertible(adapters: Sequence[Adapter]) -> None:
     """Refuse, before any output exists, a block whose merge cannot be undone reliably."""
-    from bonemerge.checkpoint.reader import load_whole
+    from bonemerge.checkpoint.tensors import load_whole
     from bonemerge.errors import MergeError
 
     for adapter in adapters:
@@ -200,7 +210,7 @@ def _open_model(
                 f"{reference} is an adapter whose config does not name its base model; pass the base first."
             )
         revision = base_revision or adapter.config.raw.get("revision") or None
-        base = locate(named, revision, "--base", progress)
+        base = locate(named, revision, "--base", progress, relative_to=adapter.root)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -269,14 +279,16 @@ def _write_model(
     checking that no input changes meanwhile; then publish."""
     from bonemerge import companions
     from bonemerge.checkpoint.reader import InputWatch
-    from bonemerge.checkpoint.writer import file_sha256
     from bonemerge.engine import write_plan
 
-    check_free_space(target.path, plan.file_bytes)
+    roots = [a.root for a in adapters] if tokenizer_from_adapters else []
+    own = [s.filename for s in plan.shards] + [plan.index_name] * plan.write_index + ["README.md", MANIFEST]
+    extras = companions.plan_companions(source, roots, own)
+    check_free_space(target.path, plan.file_bytes + extras.bytes)
     options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
-    watch = InputWatch(plan.input_files(), {s.path: (s.size, s.mtime_ns) for s in source.shards})
-    notes = list(notes)
+    watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
+    notes = list(notes) + list(extras.notes)
     with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
@@ -289,14 +301,8 @@ def _write_model(
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
-        roots = [a.root for a in adapters] if tokenizer_from_adapters else []
-        companions.write_companions(source, roots, plan.config_updates, staging.path)
+        companions.write_companions(extras, plan.config_updates, staging.path)
         (staging.path / "README.md").write_text(card, encoding="utf-8")
-        files = {}
-        for path in sorted(p for p in staging.path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            name = str(path.relative_to(staging.path))
-            size, digest = staging.finished.get(name) or (path.stat().st_size, file_sha256(path))
-            files[name] = {"bytes": size, "sha256": digest}
         created = _now()
         manifest = {
             "bonemerge": __version__,
@@ -306,10 +312,9 @@ def _write_model(
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
             "command": target.command,
             "created": created,
-            "files": files,
             "history": [*(lineage or []), entry | {"created": created}],
         }
-        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        files = write_manifest(staging.path, manifest, staging.finished)
         watch.check()
         pushed = _publish(staging, target.overwrite, target.push, open_checkpoint)
     return Report(
@@ -383,14 +388,14 @@ def merge(
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
-    lineage = history.read_history(_folder(model.given))
-    prints = _fingerprints(adapters or [base], model.adapters)
-    remerged = history.check_merge(lineage, prints, str(base), allow_remerge)
     target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
     if push is not None:
         push.check()
     shard_bytes = _shard_bytes(max_shard_size)
     plan = build_plan(model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=shard_bytes)
+    lineage = history.read_history(_folder(model.given))
+    prints = _fingerprints(adapters or [base], model.adapters)
+    remerged = history.check_merge(lineage, prints, str(base), allow_remerge)
     notes = [*remerged, *plan.notes, *_oversized(plan, shard_bytes)]
     check_blocks_finite(model.adapters)
     name = model.base_hub_id or _input_path(model.given).name
@@ -449,9 +454,6 @@ def unmerge(
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
     checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
     loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
-    lineage = history.read_history(_folder(checkpoint))
-    prints = _fingerprints(adapters, loaded)
-    checked = history.check_unmerge(lineage, prints, str(merged))
     target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
     if push is not None:
         push.check()
@@ -464,6 +466,9 @@ def unmerge(
         max_shard_bytes=shard_bytes,
         allow_lossy=allow_lossy,
     )
+    lineage = history.read_history(_folder(checkpoint))
+    prints = _fingerprints(adapters, loaded)
+    checked = history.check_unmerge(lineage, prints, str(merged))
     notes = [*checked, *plan.notes, *_oversized(plan, shard_bytes)]
     check_blocks_finite(loaded)
     check_invertible(loaded)
@@ -530,8 +535,6 @@ def unload(
     location = locate(checkpoint, None, "CHECKPOINT", progress)
     given, training = _training(location)
     adapters = [] if original_modules else [training.adapter(adapter_name)]
-    lineage = history.read_history(_folder(given))
-    prints = _fingerprints([checkpoint] * len(adapters), adapters)
     target = check_output(output, [_input_path(given)], overwrite)
     if push is not None:
         push.check()
@@ -543,6 +546,8 @@ def unload(
         dtype=parse_dtype(dtype),
         max_shard_bytes=shard_bytes,
     )
+    lineage = history.read_history(_folder(given))
+    prints = _fingerprints([checkpoint] * len(adapters), adapters)
     notes = [*plan.notes, *_oversized(plan, shard_bytes)]
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
@@ -715,25 +720,16 @@ def _write_adapter_manifest(
 ) -> list[str]:
     """bonemerge.json for an adapter bonemerge wrote: every file's size and SHA-256 (so that
     `verify --checksums` works on it) and its history. Returns every file name."""
-    from bonemerge.checkpoint.writer import file_sha256
-
     created = _now()
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and not p.name.startswith(".")
-    }
-    manifest = {
+    fields = {
         "bonemerge": __version__,
         "operation": entry["operation"],
         "adapter": config["peft_type"],
         "command": entry["command"],
         "created": created,
-        "files": files,
         "history": [*(lineage or []), entry | {"created": created}],
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return sorted([*files, MANIFEST])
+    return sorted([*write_manifest(folder, fields, {}), MANIFEST])
 
 
 def push(folder: PathLike, target: Push) -> str:
@@ -771,6 +767,7 @@ def verify(
     precision: str = "auto",
 ):
     """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor."""
+    from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
     from bonemerge.verify import verify_plan
 
@@ -782,6 +779,7 @@ def verify(
     exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
+    report.stray = stray_weights(merged_checkpoint)
     report.seconds = round(time.perf_counter() - began, 3)
     return report
 
@@ -807,14 +805,17 @@ def _verify_mode(merged: Checkpoint, adapters: Sequence[Adapter], options) -> tu
 
 def verify_checksums(merged: PathLike):
     """Check every file of a bonemerge output against the SHA-256 its manifest recorded."""
-    from bonemerge.checkpoint import read_json
+    from bonemerge.checkpoint.folder import loader_weights
+    from bonemerge.manifest import listed_files, read_manifest
     from bonemerge.verify import verify_checksums as check
 
     folder = locate(merged, None, "MERGED").path
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if not (folder / MANIFEST).is_file():
         raise BonemergeError(
             f"{folder} has no {MANIFEST}, so there are no recorded checksums; it was not written by "
             "bonemerge (verify it against its base instead)."
         )
-    return check(folder, read_json(manifest))
+    files = listed_files(folder, read_manifest(folder))
+    report = check(folder, {"files": files})
+    report.stray = sorted(loader_weights(folder) - set(files))
+    return report

@@ -48,6 +48,13 @@ def _load_torch() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def printable(text: str) -> str:
+    """`text` safe for any terminal: names from hostile files can hold lone surrogates, which
+    no encoding can print, and line breaks, which would split the one-line message."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's errors and interrupts into one line and the documented exit code."""
 
@@ -59,7 +66,7 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
                 _load_torch()
             return command(*args, **kwargs)
         except BonemergeError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
@@ -432,7 +439,7 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
     else:
         from bonemerge.inspect_text import render_inspection
 
-        click.echo("\n".join(render_inspection(info)))
+        click.echo("\n".join(printable(line) for line in render_inspection(info)))
     if info.get("against_base", {}).get("ok") is False:
         sys.exit(1)
 
@@ -505,6 +512,7 @@ def _print_verification(results: dict[str, Any]) -> None:
             click.echo(f"differs: {name}")
         for name in report.missing:
             click.echo(f"missing: {name}")
+        _print_stray(report.stray)
     if "tensors" in results:
         report = results["tensors"]
         click.echo(f"mode: {report.mode} ({report.reason})")
@@ -525,6 +533,7 @@ def _print_verification(results: dict[str, Any]) -> None:
         _listed("missing tensors", [f"missing: {name}" for name in report.missing])
         _listed("extra tensors", [f"extra: {name}" for name in report.extra])
         _listed("mismatched tensors", [f"mismatch: {line}" for line in report.mismatched])
+        _print_stray(report.stray)
 
 
 # Text reports list this many items of a kind, then how many more (--json lists all).
@@ -533,9 +542,19 @@ _SHOWN = 10
 
 def _listed(what: str, lines: list[str]) -> None:
     for line in lines[:_SHOWN]:
-        click.echo(line)
+        click.echo(printable(line))
     if len(lines) > _SHOWN:
         click.echo(f"… and {len(lines) - _SHOWN} more {what} (--json lists all)")
+
+
+def _print_stray(names: list[str]) -> None:
+    for name in names:
+        click.echo(
+            printable(
+                f"stray: {name} (a weight file that is not part of the checked checkpoint; "
+                "a loader may load it)"
+            )
+        )
 
 
 @main.command()

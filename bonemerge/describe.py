@@ -8,7 +8,6 @@ mismatch, and the size of the merged model, without merging anything.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -17,9 +16,8 @@ from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.errors import BonemergeError
+from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.strip import layer_of
-
-MANIFEST = "bonemerge.json"
 
 
 def ranges(numbers: set[int]) -> str:
@@ -109,16 +107,25 @@ def _made_by_bonemerge(folder: Path) -> dict:
     """The folder's bonemerge.json and, from its history, the adapters merged now."""
     from bonemerge.history import merged_now, read_history
 
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if not (folder / MANIFEST).is_file():
         return {}
     try:
-        found = json.loads(manifest.read_text(encoding="utf-8"))
-    except ValueError:
+        found = read_manifest(folder)
+        lineage = read_history(folder)
+    except BonemergeError:
         return {"made_by_bonemerge": None}
-    lineage = read_history(folder)
     merged = None if lineage is None else [a["name"] for a in merged_now(lineage)]
     return {"made_by_bonemerge": found, "adapters_merged_now": merged}
+
+
+def architecture(config: dict) -> str | None:
+    """The model class a config names (`LlamaForCausalLM`), or its model type; None when the
+    config says neither in a usable form."""
+    named = config.get("architectures")
+    if isinstance(named, list) and named and isinstance(named[0], str):
+        return named[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
@@ -146,8 +153,7 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
             info["against_base"] = _against_base(list(training.adapters.values()), Path(base))
         return info
     info = {"path": str(path), "kind": "model"} | describe_checkpoint(checkpoint)
-    config = checkpoint.config() or {}
-    info["architecture"] = (config.get("architectures") or [config.get("model_type")])[0]
+    info["architecture"] = architecture(checkpoint.config() or {})
     if checkpoint.is_folder:
         info |= _made_by_bonemerge(checkpoint.root)
         operation = (info.get("made_by_bonemerge") or {}).get("operation")
@@ -155,7 +161,7 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
             "merge": "merged model",
             "unmerge": "unmerged model",
             "unload": "unloaded model",
-        }.get(operation, "model")
+        }.get(operation if isinstance(operation, str) else "", "model")
     if base is not None:
         raise BonemergeError(f"{path} is a model, not an adapter; --base applies to adapters only.")
     return info

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, ShardWriter, Source, TensorRef, dtypes
-from bonemerge.checkpoint.reader import read_tensor
+from bonemerge.checkpoint.tensors import read_rows, read_whole
 from bonemerge.checkpoint.writer import METADATA
 from bonemerge.errors import BonemergeError, MergeError
 from bonemerge.methods import BlockOp, RowMaths
@@ -350,25 +350,16 @@ class Engine:
             if not block.needs_pass:
                 continue
             for start, stop in _chunks(step):
-                rows = self._read_rows(step.source, start, stop)
+                rows = read_rows(self.reader, step.source, start, stop)
                 work = rows.to(device=self.device, dtype=compute, copy=True)
                 for earlier, inverse in prepared[:index]:
                     (earlier.unmerge if inverse else earlier.merge)(work, start)
                 block.observe(work, start)
             block.finish()
 
-    def _read_rows(self, source: Source, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of `source`, read now (outside the read-ahead's order)."""
-        rows, cols = _rows_cols(source.shape)
-        if not isinstance(source, TensorRef):
-            return source.tensor.reshape(rows, cols)[start:stop]
-        row_bytes = cols * dtypes.BITS[source.dtype] // 8
-        raw = self.reader.read(source.path, source.offset + start * row_bytes, (stop - start) * row_bytes)
-        return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).view(stop - start, cols)
-
     def load(self, source: Source) -> torch.Tensor:
         """A whole (small) tensor such as an adapter block, in its own dtype."""
-        return read_tensor(self.reader, source)
+        return read_whole(self.reader, source)
 
     def _rows(
         self, step: Step, start: int, stop: int, ahead: _ReadAhead

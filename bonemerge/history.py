@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonemerge.adapters import Adapter
-from bonemerge.checkpoint import RangeReader, Source, TensorRef, read_json
+from bonemerge.checkpoint import RangeReader, Source, read_json
 from bonemerge.errors import AdapterError, CheckpointError
 
 MANIFEST = "bonemerge.json"
@@ -34,18 +34,16 @@ MANIFEST = "bonemerge.json"
 # merges made with the same maths version (and precision, device and torch version).
 MATHS_VERSION = 1
 _FORMAT = b"bonemerge-adapter-fingerprint-v1\n"
-_PIECE = 8 << 20
 
 
 def _feed(digest: hashlib._Hash, source: Source, reader: RangeReader) -> None:
-    """The tensor's raw bytes into `digest`, at most `_PIECE` bytes in memory at a time."""
-    if not isinstance(source, TensorRef):
-        import torch
+    """The tensor's raw bytes into `digest`, one bounded piece at a time."""
+    import torch
 
-        digest.update(source.tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return
-    for start in range(0, source.nbytes, _PIECE):
-        digest.update(reader.read(source.path, source.offset + start, min(_PIECE, source.nbytes - start)))
+    from bonemerge.checkpoint.tensors import pieces
+
+    for piece in pieces(reader, source):
+        digest.update(piece.contiguous().view(torch.uint8).numpy())
 
 
 def fingerprint(adapter: Adapter) -> str:

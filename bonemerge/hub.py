@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import BonemergeError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
@@ -36,11 +37,34 @@ class Location:
     revision: str | None = None
 
 
+def id_problem(repo: str) -> str | None:
+    """What huggingface_hub finds wrong with the repo id `repo` (`--` or `..` in it, a name
+    over 96 characters...), or None: checked here so that it is one sentence, not a traceback
+    from inside the download or upload."""
+    if HUB_ID.match(repo) is None or "@" in repo:
+        return "write it as org/name"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        return str(exc).rstrip(".")
+    return None
+
+
 def parse_reference(reference: str, revision: str | None) -> tuple[str, str | None] | None:
-    """(`org/name`, revision) when `reference` names a Hub repo, else None."""
+    """(`org/name`, revision) when `reference` names a Hub repo, else None; an id shaped like
+    `org/name` that the Hub would refuse is an error."""
     match = HUB_ID.match(reference)
     if not match:
         return None
+    problem = id_problem(match.group("repo"))
+    if problem:
+        raise HubError(
+            f"{reference} is neither an existing local path nor a valid Hub repo id ({problem}); "
+            "check the path or the name."
+        )
     pinned = match.group("revision")
     if pinned and revision and pinned != revision:
         raise BonemergeError(
@@ -61,10 +85,16 @@ def locate(
     revision: str | None = None,
     what: str = "--base",
     progress: bool = False,
+    relative_to: Path | None = None,
 ) -> Location:
-    """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache."""
+    """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache.
+
+    A relative path is taken from `relative_to` when given (an adapter's config names its base
+    relative to the adapter folder, never to wherever bonemerge happens to run)."""
     text = os.fspath(reference)
-    path = Path(text).expanduser()
+    path = expand_home(text)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if path.exists():
         if revision:
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
@@ -147,7 +177,7 @@ def weight_patterns(folder: Path) -> list[str]:
     for index in indexes:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        except ValueError:
+        except (ValueError, RecursionError, AttributeError):
             weight_map = {}
         patterns += sorted(set(weight_map.values()) if isinstance(weight_map, dict) else [])
     if not indexes:
@@ -243,8 +273,9 @@ class Push:
         """Everything about the push that can be known wrong before any work starts."""
         from huggingface_hub import HfApi
 
-        if HUB_ID.match(self.repo_id) is None or "@" in self.repo_id:
-            raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id; write it as org/name.")
+        problem = id_problem(self.repo_id)
+        if problem:
+            raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id ({problem}).")
         if self.create_pr and self.revision:
             raise BonemergeError(
                 "--create-pr opens a pull request against main; it cannot be combined with --revision."

@@ -21,12 +21,17 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import OutputError
+from bonemerge.manifest import is_bonemerge_output
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _SPACE_MARGIN = 64 << 20
+_NAME_MAX = 255
+_OLD = ".bonemerge-old-"
+_SIBLING_EXTRA = len(f".{_OLD}") + 12  # the longest sibling name: `.NAME.bonemerge-old-<12 hex>`
 
 
 def _renameat2(source: Path, target: Path, flags: int) -> bool:
@@ -62,9 +67,9 @@ def fsync_tree(root: Path) -> None:
 
 def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
     """The output path, resolved, once it is known not to equal, hold or sit inside an input."""
-    out = Path(output).expanduser().resolve()
+    out = expand_home(output).resolve()
     for given in inputs:
-        source = given.expanduser().resolve()
+        source = expand_home(given).resolve()
         if out == source or source in out.parents:
             raise OutputError(f"the output {out} is inside the input {source}; choose an output elsewhere.")
         if out in source.parents:
@@ -72,10 +77,21 @@ def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: 
                 f"the input {source} is inside the output {out}, which the result would replace; "
                 "choose an output elsewhere."
             )
+    if len(os.fsencode(out.name)) > _NAME_MAX - _SIBLING_EXTRA:
+        raise OutputError(
+            f"the output name {out.name[:32]}... is {len(os.fsencode(out.name))} bytes long, too long for "
+            f"the staging folder and lock bonemerge keeps beside it; choose a name of at most "
+            f"{_NAME_MAX - _SIBLING_EXTRA} bytes."
+        )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder; remove it or choose another output.")
+    if out.exists() and any(out.iterdir()) and not is_bonemerge_output(out):
+        raise OutputError(
+            f"{out} is not empty and was not written by bonemerge (it has no valid bonemerge.json), so "
+            "--overwrite will not delete it; remove it by hand or choose another output."
+        )
     return out
 
 
@@ -103,7 +119,13 @@ class _Lock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create {self.path}: {exc.strerror or exc}; check that the output's folder "
+                    "is writable, or choose another output."
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -225,7 +247,7 @@ class Staging:
         fsync_tree(self.path)
         if self.output.exists() and overwrite:
             if not _renameat2(self.path, self.output, _RENAME_EXCHANGE):
-                aside = self.output.parent / f".{self.output.name}.bonemerge-old-{uuid.uuid4().hex[:12]}"
+                aside = self.output.parent / f".{self.output.name}{_OLD}{uuid.uuid4().hex[:12]}"
                 os.rename(self.output, aside)
                 os.rename(self.path, self.output)
                 self.path = aside

@@ -23,6 +23,7 @@ from pathlib import Path
 from bonemerge.adapters import Adapter, Block, PrefixRule, closest, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
 from bonemerge.checkpoint.layout import ShardPlan
+from bonemerge.checkpoint.reader import file_identity
 from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
 from bonemerge.errors import AdapterError
 from bonemerge.methods import BlockOp, Target
@@ -81,13 +82,12 @@ class Plan:
 
     def fingerprint(self, **settings: object) -> str:
         """A digest of everything that decides the output's bytes: layout, recipes, the input
-        files as they are now (size and modification time), and `settings`. Two plans with the
-        same fingerprint write the same files, which is what makes resuming safe."""
+        files as they are now (`file_identity`: size, times, inode), and `settings`. Two plans
+        with the same fingerprint write the same files, which is what makes resuming safe."""
 
         def describe(source: Source) -> list:
             if isinstance(source, TensorRef):
-                stat = source.path.stat()
-                return [str(source.path), source.offset, source.nbytes, stat.st_size, stat.st_mtime_ns]
+                return [str(source.path), source.offset, source.nbytes, *file_identity(source.path)]
             return [
                 "memory",
                 hashlib.sha256(source.tensor.contiguous().view(-1).numpy().tobytes()).hexdigest(),
@@ -272,9 +272,10 @@ def _finish_dtypes(steps: dict[str, Step], base: Checkpoint, dtype: str | None) 
         if dtype is not None and out in dtypes.COMPUTABLE:
             out = dtype
         if step.ops and (out not in dtypes.COMPUTABLE or step.source.dtype not in dtypes.COMPUTABLE):
+            where = f" in {step.source.path}" if isinstance(step.source, TensorRef) else ""
             raise AdapterError(
-                f"{name} is stored as {step.source.dtype}; bonemerge merges into float16, bfloat16, "
-                "float32 or float64 weights only (dequantize the base first)."
+                f"{name}{where} is stored as {step.source.dtype}; bonemerge merges into float16, "
+                "bfloat16, float32 or float64 weights only (dequantize the base first)."
             )
         if out != step.source.dtype and step.source.dtype not in dtypes.COMPUTABLE:
             out = step.source.dtype
@@ -318,7 +319,7 @@ def build_plan(
     steps = _finish_dtypes(builder.steps, base, dtype)
     entries = [s.entry() for s in steps.values()]
     if max_shard_bytes is None:
-        shards = layout.like_base(entries, base.shard_of, [s.name for s in base.shards])
+        shards = layout.like_base(entries, base.shard_of, [s.name for s in base.shards], str(base.root))
         write_index = base.index_name is not None
         index_name = base.index_name or f"{base.file_prefix}.safetensors.index.json"
     else:

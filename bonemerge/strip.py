@@ -179,7 +179,7 @@ def build_strip_plan(
     """The reduced adapter's tensors (one file, PEFT's key names), its config and what was
     done (`extracted`: the adapter came out of a full PEFT checkpoint). `base` is required when `needs_base`
     says so; conversions that need its values read them one tensor at a time."""
-    from bonemerge.checkpoint.reader import load_whole
+    from bonemerge.checkpoint.tensors import load_whole
 
     kept = kept_modules(adapter, options)
     peft_type = _peft_type(adapter, options.to)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from bonemerge import tolerance
-from bonemerge.checkpoint import Checkpoint, RangeReader, Source, TensorRef, dtypes
-from bonemerge.checkpoint.reader import read_tensor
+from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
+from bonemerge.checkpoint.tensors import read_rows, read_whole
 from bonemerge.engine import CHUNK_ELEMENTS, Engine, EngineOptions, chunk_rows
 from bonemerge.plan import Plan, Step
 
@@ -56,11 +56,12 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not (self.differing or self.missing or self.extra or self.mismatched)
+        return not (self.differing or self.missing or self.extra or self.mismatched or self.stray)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}
@@ -110,18 +111,6 @@ def _same_nans(expected: torch.Tensor, got: torch.Tensor) -> bool:
     return expected.is_floating_point() and bool(((expected == got) | (expected.isnan() & got.isnan())).all())
 
 
-def _rows(reader: RangeReader, ref: Source, start: int, stop: int) -> torch.Tensor:
-    rows = ref.shape[0] if ref.shape else 1
-    cols = math.prod(ref.shape) // rows if rows else 0
-    if not isinstance(ref, TensorRef):
-        return ref.tensor.reshape(rows, cols)[start:stop]
-    row_bytes = cols * dtypes.BITS[ref.dtype] // 8
-    raw = reader.read(ref.path, ref.offset + start * row_bytes, (stop - start) * row_bytes)
-    if not raw:
-        return torch.empty(stop - start, cols, dtype=dtypes.to_torch(ref.dtype))
-    return torch.frombuffer(raw, dtype=dtypes.to_torch(ref.dtype)).view(stop - start, cols)
-
-
 def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally) -> None:
     """Recompute `step` in float64 and compare each stored element within its own bound."""
     loaders = [_loader(reader, op) for op in step.ops]
@@ -162,17 +151,17 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         values, carried = through(_exact_input(reader, step, start, stop), start, len(maths))
         allowance = tolerance.final_allowance(values, carried, step.dtype)
         rounded = values.to(dtypes.to_torch(step.dtype))
-        tally.add(values, _rows(reader, ref, start, stop), step.dtype, allowance, rounded)
+        tally.add(values, read_rows(reader, ref, start, stop), step.dtype, allowance, rounded)
 
 
 def _exact_input(reader: RangeReader, step: Step, start: int, stop: int) -> torch.Tensor:
     """Rows of the step's input as a float64 copy the merges may change in place."""
-    return _rows(reader, step.source, start, stop).to(torch.float64, copy=True)
+    return read_rows(reader, step.source, start, stop).to(torch.float64, copy=True)
 
 
 def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
     def load(part: str) -> torch.Tensor:
-        return read_tensor(reader, op.block.parts[part])
+        return read_whole(reader, op.block.parts[part])
 
     return load
 
@@ -213,7 +202,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
                 tally = tallies[step.name]
                 if chunk.data is not None:
                     try:
-                        tally.add(chunk.data, _rows(reader, ref, chunk.start, chunk.stop), step.dtype)
+                        tally.add(chunk.data, read_rows(reader, ref, chunk.start, chunk.stop), step.dtype)
                     finally:
                         chunk.release()
                     continue
@@ -222,7 +211,9 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
                 for start in range(0, chunk.stop, size):
                     stop = min(chunk.stop, start + size)
                     tally.add(
-                        _rows(reader, step.source, start, stop), _rows(reader, ref, start, stop), step.dtype
+                        read_rows(reader, step.source, start, stop),
+                        read_rows(reader, ref, start, stop),
+                        step.dtype,
                     )
         finally:
             engine.close()
@@ -250,10 +241,11 @@ class ChecksumReport:
     matching: list[str] = field(default_factory=list)
     differing: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.matching) and not (self.differing or self.missing)
+        return bool(self.matching) and not (self.differing or self.missing or self.stray)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}

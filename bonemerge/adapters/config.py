@@ -36,7 +36,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise AdapterError(f"{path} does not hold a JSON object; it is not a PEFT adapter config.")
     peft_type = raw.get("peft_type")
-    method = method_for(peft_type)
+    method = method_for(peft_type) if isinstance(peft_type, str) else None
     if method is None:
         kind = f"is a {peft_type} adapter" if isinstance(peft_type, str) else "is not a PEFT adapter config"
         raise AdapterError(

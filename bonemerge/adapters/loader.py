@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonemerge.adapters.config import AdapterConfig, read_adapter_config
-from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, read_header
+from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, dtypes, read_header
+from bonemerge.checkpoint.confine import kind_of
 from bonemerge.errors import AdapterError
 from bonemerge.methods import PEFT_TENSOR, PREFIX, Block
 
-__all__ = ["PREFIX", "Adapter", "Block", "load_adapter", "load_pickle", "replaced_name"]
+__all__ = ["PREFIX", "Adapter", "Block", "check_real", "load_adapter", "load_pickle", "replaced_name"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class Adapter:
         if self.name:
             return f"{self.root.name} ({self.name})"
         return self.root.name or str(self.root)
+
+
+def check_real(key: str, tensor: Source, where: Path) -> None:
+    """Adapter tensors that enter the maths must be real floats: a complex block would lose its
+    imaginary part, a quantized one would be read as numbers it does not mean."""
+    if tensor.dtype not in dtypes.COMPUTABLE:
+        raise AdapterError(
+            f"adapter tensor {key} in {where} is stored as {tensor.dtype}; adapter tensors must be "
+            "float16, bfloat16, float32 or float64 (complex or quantized ones cannot be merged)."
+        )
 
 
 def replaced_name(key: str) -> str:
@@ -93,6 +104,12 @@ def load_pickle(path: Path) -> dict:
             f"{path} does not hold a dictionary of named tensors; re-save the adapter with "
             "safe_serialization=True."
         )
+    for key, tensor in data.items():
+        if not key.isprintable() or str(tensor.dtype).removeprefix("torch.") not in dtypes.BY_TORCH_NAME:
+            raise AdapterError(
+                f"{path} holds the tensor {key!r} of {tensor.dtype}, a name or dtype that safetensors "
+                "cannot store; re-save the adapter with safe_serialization=True."
+            )
     return data
 
 
@@ -100,7 +117,7 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter folder's config and tensor index (headers only for safetensors)."""
     folder = Path(path)
     if not folder.is_dir():
-        what = "does not exist" if not folder.exists() else "is a file, not an adapter folder"
+        what = "does not exist" if not folder.exists() else f"is {kind_of(folder)}, not an adapter folder"
         raise AdapterError(f"{folder} {what}; pass the folder that PEFT's save_pretrained wrote.")
     config = read_adapter_config(folder)
     weights, tensors = _read_tensors(folder)
@@ -118,6 +135,7 @@ def load_adapter(path: str | Path) -> Adapter:
         except AdapterError as exc:
             raise AdapterError(f"{weights} {exc}") from None
         if claim is not None:
+            check_real(key, tensor, weights)
             if claim.part in parts.setdefault(claim.module, {}):
                 raise AdapterError(
                     f"{weights} holds two {claim.part} tensors for {claim.module}; remove one."

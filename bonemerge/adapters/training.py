@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bonemerge.adapters.config import read_adapter_config
-from bonemerge.adapters.loader import PREFIX, Adapter
+from bonemerge.adapters.loader import PREFIX, Adapter, check_real
 from bonemerge.checkpoint import Checkpoint, Source
 from bonemerge.errors import AdapterError
 from bonemerge.methods import PEFT_TENSOR, Method, claim_training, supported
@@ -87,6 +87,7 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
         name = key[len(PREFIX) :]
         if claimed := claim_training(name):
             method, claim = claimed
+            check_real(key, checkpoint.tensors[key], where)
             adapter = str(claim.adapter_name)
             parts = found[adapter].setdefault(claim.module, {})
             if claim.part in parts:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonemerge.checkpoint import dtypes
+from bonemerge.checkpoint.confine import kind_of, refusal, root_of
 from bonemerge.checkpoint.header import Header, TensorInfo, read_header
+from bonemerge.checkpoint.reader import file_identity
 from bonemerge.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -103,7 +105,7 @@ class Shard:
     path: Path
     header: Header
     size: int
-    mtime_ns: int
+    identity: tuple[int, ...]
 
     @property
     def name(self) -> str:
@@ -128,9 +130,10 @@ class Checkpoint:
         return name.split(".safetensors")[0].split("-0000")[0]
 
     def config(self) -> dict | None:
-        """The folder's config.json, or None when there is none (or a lone file was given)."""
+        """The folder's config.json, or None when there is none, a lone file was given, or it is
+        not a regular file inside the folder (the companion writer notes why it was left out)."""
         path = self.root / "config.json"
-        if not self.is_folder or not path.is_file():
+        if not self.is_folder or not path.is_file() or refusal(path, root_of(self.root)):
             return None
         return read_json(path)
 
@@ -140,6 +143,8 @@ def read_json(path: Path) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}; fix or remove the file.") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be read; fix or remove the file.") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; fix or remove the file.")
     return value
@@ -147,8 +152,7 @@ def read_json(path: Path) -> dict:
 
 def _open_shard(path: Path) -> Shard:
     header = read_header(path)
-    stat = path.stat()
-    return Shard(path, header, stat.st_size, stat.st_mtime_ns)
+    return Shard(path, header, header.file_size, file_identity(path))
 
 
 def _single(path: Path, is_folder: bool) -> Checkpoint:
@@ -220,6 +224,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 f"{path} is not a .safetensors file; pass a model folder or a .safetensors file."
             )
         return _single(path, is_folder=False)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is {kind_of(path)}, not a model folder or a .safetensors file; check the path."
+        )
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{path} cannot be read (permission denied); check its permissions.")
 
@@ -254,3 +262,25 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             "safetensors first (transformers: save_pretrained(..., safe_serialization=True))."
         )
     raise CheckpointError(f"{path} contains no model weights (*.safetensors); check the path.")
+
+
+def loader_weights(folder: Path) -> set[str]:
+    """Top-level files of `folder` that a model loader could take weights from: safetensors
+    files and indexes, PyTorch pickles (`pytorch_model*.bin`, `*.pth`), `consolidated.*` and
+    other formats. `verify` reports those that are not part of the checkpoint it checked,
+    because transformers prefers a lone `model.safetensors` to an index beside it."""
+    found = set()
+    for path in folder.iterdir():
+        name = path.name
+        weight = path.suffix in (*OTHER_WEIGHT_SUFFIXES, ".safetensors") or name.startswith("consolidated.")
+        if (weight or name.endswith(".index.json")) and (path.is_file() or path.is_symlink()):
+            found.add(name)
+    return found
+
+
+def stray_weights(checkpoint: Checkpoint) -> list[str]:
+    """Weight files beside `checkpoint` that are not part of it (see `loader_weights`)."""
+    if not checkpoint.is_folder:
+        return []
+    own = {s.name for s in checkpoint.shards} | {checkpoint.index_name or ""}
+    return sorted(loader_weights(checkpoint.root) - own)

@@ -52,9 +52,21 @@ class Header:
     file_size: int
 
 
+def _unicode(text: str) -> None:
+    """JSON can escape a lone surrogate (`\\ud800`) that no UTF-8 file name or header can hold;
+    the reference parser rejects it, and a name bonemerge cannot write back must not get in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"the string {text!r} holds an unpaired surrogate escape, not valid Unicode") from None
+
+
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
+        _unicode(key)
+        if isinstance(value, str):
+            _unicode(value)
         if key in result:
             raise _Invalid(f"the name {key!r} appears twice")
         result[key] = value
@@ -80,7 +92,7 @@ def _entry(name: str, raw: object) -> TensorInfo:
     if extra:
         raise _Invalid(f"tensor {name!r} has unknown fields {sorted(extra)}")
     dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if dtype not in dtypes.BITS:
+    if not isinstance(dtype, str) or dtype not in dtypes.BITS:
         raise _Invalid(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
         raise _Invalid(f"tensor {name!r} has an invalid shape {shape!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.writer import Entry
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, CheckpointError
 
 _UNITS = {
     "": 1,
@@ -59,9 +59,23 @@ def write_order(entries: Sequence[Entry]) -> tuple[Entry, ...]:
 
 
 def like_base(
-    entries: Sequence[Entry], base_file_of: Mapping[str, str], base_files: Sequence[str]
+    entries: Sequence[Entry],
+    base_file_of: Mapping[str, str],
+    base_files: Sequence[str],
+    where: str = "the base",
 ) -> list[ShardPlan]:
-    """Keep each tensor in the base's file; tensors the base lacks join its last file."""
+    """Keep each tensor in the base's file; tensors the base lacks join its last file.
+
+    A base file name is kept only if it ends in `.safetensors`: an index may map tensors to
+    any file, and an output shard called `README.md`, `config.json` or `notes.txt` would
+    collide with the model card, the config or a copied companion file."""
+    for name in base_files:
+        if not name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{where} stores tensors in {name!r}, which is not a .safetensors file name and "
+                "would collide with the files written beside the weights; rename the shard to end "
+                "in .safetensors and update the index."
+            )
     by_file: dict[str, list[Entry]] = {name: [] for name in base_files}
     for entry in entries:
         by_file[base_file_of.get(entry.name, base_files[-1])].append(entry)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from bonemerge.errors import CheckpointError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 class RangeReader:
@@ -69,51 +69,37 @@ class RangeReader:
         self.close()
 
 
+def file_identity(path: Path) -> tuple[int, ...]:
+    """Size, modification time, inode, device and status-change time of `path`.
+
+    Size and mtime alone can be put back from user space (`os.utime`) after a file is rewritten;
+    the inode changes when a file is replaced and the ctime whenever its data or times change,
+    and neither can be set back, so a file with the same identity holds the same bytes unless
+    the clock or the filesystem itself is tampered with.
+    """
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns
+
+
 class InputWatch:
     """Detects input files that change while bonemerge reads them.
 
     A checkpoint rewritten under a running merge would give an output that mixes two inputs;
-    comparing each file's size and modification time with what they were when the work was
+    comparing each file's identity (`file_identity`) with what it was when the work was
     planned turns that into an error instead.
     """
 
-    def __init__(self, paths: Iterable[Path], seen: dict[Path, tuple[int, int]] | None = None) -> None:
-        self._expected = {path: (seen or {}).get(path) or _stat(path) for path in paths}
+    def __init__(self, paths: Iterable[Path], seen: dict[Path, tuple[int, ...]] | None = None) -> None:
+        self._expected = {path: (seen or {}).get(path) or file_identity(path) for path in paths}
 
     def check(self) -> None:
         for path, expected in self._expected.items():
             try:
-                now = _stat(path)
+                now = file_identity(path)
             except FileNotFoundError:
                 now = None
             if now != expected:
                 raise CheckpointError(
-                    f"{path} changed while bonemerge was reading it (its size or modification time "
-                    "differs from when the work started); nothing was written, rerun once it is stable."
+                    f"{path} changed while bonemerge was reading it (its size, times or inode differ "
+                    "from when the work started); nothing was written, rerun once it is stable."
                 )
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
-
-
-def read_tensor(reader: RangeReader, source) -> torch.Tensor:
-    """A whole (small) tensor such as an adapter block, in its own dtype."""
-    import torch
-
-    from bonemerge.checkpoint import dtypes
-    from bonemerge.checkpoint.folder import TensorRef
-
-    if not isinstance(source, TensorRef):
-        return source.tensor
-    raw = reader.read(source.path, source.offset, source.nbytes)
-    if not raw:
-        return torch.empty(source.shape, dtype=dtypes.to_torch(source.dtype))
-    return torch.frombuffer(raw, dtype=dtypes.to_torch(source.dtype)).reshape(source.shape)
-
-
-def load_whole(source) -> torch.Tensor:
-    """`read_tensor` with a reader of its own, for one-off reads."""
-    with RangeReader() as reader:
-        return read_tensor(reader, source)

@@ -31,6 +31,7 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
     ("header", "data", "fragment"),
     [
         ({"a": entry(dtype="F31")}, b"\0" * 8, "unknown dtype"),
+        ({"a": entry(dtype=["F32"])}, b"\0" * 8, "unknown dtype"),
         ({"a": entry(shape=(-2,))}, b"\0" * 8, "invalid shape"),
         ({"a": entry(shape=(2.0,))}, b"\0" * 8, "invalid shape"),
         ({"a": entry(shape=(3,))}, b"\0" * 8, "needs 12 bytes"),
