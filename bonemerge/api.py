@@ -15,8 +15,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bonemerge import __version__, history
 from bonemerge.adapters import Adapter, load_adapter
@@ -27,6 +28,9 @@ from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
 from bonemerge.manifest import MANIFEST, write_manifest
 from bonemerge.output import Staging, check_free_space, check_output
+
+if TYPE_CHECKING:
+    from bonemerge.plan import Plan
 
 PRECISIONS = ("auto", "fp32", "fp64")
 
@@ -354,6 +358,72 @@ def _oversized(plan, max_shard_bytes: int | None) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class _ModelCommand:
+    """A command that writes a model (merge, unmerge, unload), its inputs resolved: the
+    checkpoint as given (its history and path), the model the plan builds on, the adapters
+    and how they were named, its card, and the history guard that may refuse it."""
+
+    operation: str
+    given: Checkpoint
+    base: Checkpoint
+    adapters: Sequence[Adapter]
+    references: Sequence[object]
+    card: Callable[[Plan, list[str]], str]
+    guard: Callable[[list[dict] | None, list], list[str]] = lambda lineage, prints: []
+    allow_lossy: bool = False
+
+
+def _run_model(
+    job: _ModelCommand, output: PathLike, dtype: str, max_shard_size: str | int | None, target: _Target
+) -> Report:
+    """Every model-writing command in the order of the safety contract: the output and push
+    target checked, the plan built (headers only), the history guard, the adapters' values
+    checked, and only then the long I/O."""
+    from bonemerge.plan import build_plan
+
+    merging = job.operation != "unload"
+    path = check_output(output, [_input_path(job.given), *(a.root for a in job.adapters)], target.overwrite)
+    if target.push is not None:
+        target.push.check()
+    shard_bytes = _shard_bytes(max_shard_size)
+    plan = build_plan(
+        job.base,
+        job.adapters,
+        operation=job.operation,
+        dtype=parse_dtype(dtype),
+        max_shard_bytes=shard_bytes,
+        allow_lossy=job.allow_lossy,
+    )
+    lineage = history.read_history(_folder(job.given))
+    prints = _fingerprints(job.references, job.adapters)
+    notes = [*job.guard(lineage, prints), *plan.notes, *_oversized(plan, shard_bytes)]
+    if merging:
+        check_blocks_finite(job.adapters)
+    if job.operation == "unmerge":
+        check_invertible(job.adapters)
+    entry = _entry(
+        job.operation,
+        job.adapters,
+        prints,
+        target.command,
+        _dtype_name(plan),
+        target.options if merging else None,
+    )
+    return _write_model(
+        job.operation,
+        plan,
+        replace(target, path=path),
+        source=job.base,
+        adapters=job.adapters if merging else [],
+        card=job.card(plan, notes),
+        tokenizer_from_adapters=job.operation == "merge",
+        lineage=lineage,
+        entry=entry,
+        notes=notes,
+    )
+
+
 def merge(
     base: PathLike,
     adapters: Sequence[PathLike],
@@ -383,46 +453,42 @@ def merge(
     An adapter that the base's history says is merged already is refused unless `allow_remerge`.
     """
     from bonemerge.modelcard import render_card
-    from bonemerge.plan import build_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
-    target = check_output(output, [_input_path(model.given), *(a.root for a in model.adapters)], overwrite)
-    if push is not None:
-        push.check()
-    shard_bytes = _shard_bytes(max_shard_size)
-    plan = build_plan(model.base, model.adapters, dtype=parse_dtype(dtype), max_shard_bytes=shard_bytes)
-    lineage = history.read_history(_folder(model.given))
-    prints = _fingerprints(adapters or [base], model.adapters)
-    remerged = history.check_merge(lineage, prints, str(base), allow_remerge)
-    notes = [*remerged, *plan.notes, *_oversized(plan, shard_bytes)]
-    check_blocks_finite(model.adapters)
     name = model.base_hub_id or _input_path(model.given).name
     count = len(model.adapters)
-    card = render_card(
-        heading=f"{name} with {count} adapter{'s' if count != 1 else ''} merged",
-        summary=f"This model is `{name}` with these adapters merged into its weights, in this order:",
-        adapters=_card_adapters(model.adapters),
-        closing=f"Weights are stored as {dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype)}. "
-        "It loads like any `transformers` model; PEFT is not needed.",
-        command=command,
-        notes=notes,
-        base_hub_id=model.base_hub_id,
-        relation="finetune",
-        tags=["merge"],
-    )
-    return _write_model(
+
+    def card(plan: Plan, notes: list[str]) -> str:
+        return render_card(
+            heading=f"{name} with {count} adapter{'s' if count != 1 else ''} merged",
+            summary=f"This model is `{name}` with these adapters merged into its weights, in this order:",
+            adapters=_card_adapters(model.adapters),
+            closing=f"Weights are stored as {_dtype_name(plan)}. "
+            "It loads like any `transformers` model; PEFT is not needed.",
+            command=command,
+            notes=notes,
+            base_hub_id=model.base_hub_id,
+            relation="finetune",
+            tags=["merge"],
+        )
+
+    job = _ModelCommand(
         "merge",
-        plan,
-        _Target(target, overwrite, resume, options, command, began, push),
-        source=model.base,
-        adapters=model.adapters,
+        model.given,
+        model.base,
+        model.adapters,
+        references=adapters or [base],
         card=card,
-        tokenizer_from_adapters=True,
-        lineage=lineage,
-        entry=_entry("merge", model.adapters, prints, command, _dtype_name(plan), options),
-        notes=notes,
+        guard=lambda lineage, prints: history.check_merge(lineage, prints, str(base), allow_remerge),
+    )
+    return _run_model(
+        job,
+        output,
+        dtype,
+        max_shard_size,
+        _Target(Path(output), overwrite, resume, options, command, began, push),
     )
 
 
@@ -446,7 +512,6 @@ def unmerge(
 ) -> Report:
     """Take `adapters` (given in the order they were merged) back out of the model at `merged`."""
     from bonemerge.modelcard import render_card
-    from bonemerge.plan import build_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress)
@@ -454,47 +519,37 @@ def unmerge(
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
     checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
     loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
-    target = check_output(output, [_input_path(checkpoint), *(a.root for a in loaded)], overwrite)
-    if push is not None:
-        push.check()
-    shard_bytes = _shard_bytes(max_shard_size)
-    plan = build_plan(
+    name = _input_path(checkpoint).name
+
+    def card(plan: Plan, notes: list[str]) -> str:
+        return render_card(
+            heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} taken out",
+            summary=f"This model is `{name}` with these adapters unmerged from its weights, last first:",
+            adapters=_card_adapters(list(reversed(loaded))),
+            closing="Unmerging inverts the merge maths exactly; on 16-bit weights the result can differ "
+            "from the original base by the rounding the merged model went through.",
+            command=command,
+            notes=notes,
+            base_hub_id=_hub_id_of(loaded[0]),
+            tags=["unmerge"],
+        )
+
+    job = _ModelCommand(
+        "unmerge",
+        checkpoint,
         checkpoint,
         loaded,
-        operation="unmerge",
-        dtype=parse_dtype(dtype),
-        max_shard_bytes=shard_bytes,
+        references=adapters,
+        card=card,
+        guard=lambda lineage, prints: history.check_unmerge(lineage, prints, str(merged)),
         allow_lossy=allow_lossy,
     )
-    lineage = history.read_history(_folder(checkpoint))
-    prints = _fingerprints(adapters, loaded)
-    checked = history.check_unmerge(lineage, prints, str(merged))
-    notes = [*checked, *plan.notes, *_oversized(plan, shard_bytes)]
-    check_blocks_finite(loaded)
-    check_invertible(loaded)
-    name = _input_path(checkpoint).name
-    card = render_card(
-        heading=f"{name} with {len(loaded)} adapter{'s' if len(loaded) != 1 else ''} taken out",
-        summary=f"This model is `{name}` with these adapters unmerged from its weights, last first:",
-        adapters=_card_adapters(list(reversed(loaded))),
-        closing="Unmerging inverts the merge maths exactly; on 16-bit weights the result can differ "
-        "from the original base by the rounding the merged model went through.",
-        command=command,
-        notes=notes,
-        base_hub_id=_hub_id_of(loaded[0]),
-        tags=["unmerge"],
-    )
-    return _write_model(
-        "unmerge",
-        plan,
-        _Target(target, overwrite, resume, options, command, began, push),
-        source=checkpoint,
-        adapters=loaded,
-        card=card,
-        tokenizer_from_adapters=False,
-        lineage=lineage,
-        entry=_entry("unmerge", loaded, prints, command, _dtype_name(plan), options),
-        notes=notes,
+    return _run_model(
+        job,
+        output,
+        dtype,
+        max_shard_size,
+        _Target(Path(output), overwrite, resume, options, command, began, push),
     )
 
 
@@ -528,52 +583,38 @@ def unload(
     `original_modules` keeps the originals instead.
     """
     from bonemerge.modelcard import render_card
-    from bonemerge.plan import build_plan
 
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
     location = locate(checkpoint, None, "CHECKPOINT", progress)
     given, training = _training(location)
     adapters = [] if original_modules else [training.adapter(adapter_name)]
-    target = check_output(output, [_input_path(given)], overwrite)
-    if push is not None:
-        push.check()
-    shard_bytes = _shard_bytes(max_shard_size)
-    plan = build_plan(
-        training.base,
-        adapters,
-        operation="unload",
-        dtype=parse_dtype(dtype),
-        max_shard_bytes=shard_bytes,
-    )
-    lineage = history.read_history(_folder(given))
-    prints = _fingerprints([checkpoint] * len(adapters), adapters)
-    notes = [*plan.notes, *_oversized(plan, shard_bytes)]
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
     )
     name = location.hub_id or _input_path(given).name
-    card = render_card(
-        heading=f"Base model of {name}",
-        summary=f"This model is the base inside the PEFT training checkpoint `{name}`, "
-        f"with its adapter blocks left out (not merged) and {kept}.",
-        adapters=[],
-        closing="It loads like any `transformers` model.",
-        command=command,
-        notes=notes,
-        tags=["unload"],
+
+    def card(plan: Plan, notes: list[str]) -> str:
+        return render_card(
+            heading=f"Base model of {name}",
+            summary=f"This model is the base inside the PEFT training checkpoint `{name}`, "
+            f"with its adapter blocks left out (not merged) and {kept}.",
+            adapters=[],
+            closing="It loads like any `transformers` model.",
+            command=command,
+            notes=notes,
+            tags=["unload"],
+        )
+
+    job = _ModelCommand(
+        "unload", given, training.base, adapters, references=[checkpoint] * len(adapters), card=card
     )
-    return _write_model(
-        "unload",
-        plan,
-        _Target(target, overwrite, resume, options, command, began, push),
-        source=training.base,
-        adapters=[],
-        card=card,
-        tokenizer_from_adapters=False,
-        lineage=lineage,
-        entry=_entry("unload", adapters, prints, command, _dtype_name(plan)),
-        notes=notes,
+    return _run_model(
+        job,
+        output,
+        dtype,
+        max_shard_size,
+        _Target(Path(output), overwrite, resume, options, command, began, push),
     )
 
 

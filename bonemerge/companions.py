@@ -26,6 +26,7 @@ from bonemerge.checkpoint import Checkpoint
 from bonemerge.checkpoint.confine import open_regular, refusal, root_of
 from bonemerge.checkpoint.folder import OTHER_WEIGHT_SUFFIXES
 from bonemerge.errors import CheckpointError
+from bonemerge.manifest import MANIFEST
 
 TOKENIZER_FILES = frozenset(
     {
@@ -43,7 +44,7 @@ TOKENIZER_FILES = frozenset(
     }
 )
 CONFIG = "config.json"
-_SKIPPED = frozenset({"README.md", ".gitattributes", CONFIG, "trainer_state.json", "bonemerge.json"})
+_SKIPPED = frozenset({"README.md", ".gitattributes", CONFIG, "trainer_state.json", MANIFEST})
 _WEIGHT_SUFFIXES = (*OTHER_WEIGHT_SUFFIXES, ".safetensors", ".onnx_data", ".tflite", ".ot")
 _PIECE = 1 << 20
 

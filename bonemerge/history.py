@@ -28,8 +28,8 @@ from pathlib import Path
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, read_json
 from bonemerge.errors import AdapterError, CheckpointError
+from bonemerge.manifest import MANIFEST
 
-MANIFEST = "bonemerge.json"
 # Bumped whenever merge maths could change an output bit; verify owes bit identity only to
 # merges made with the same maths version (and precision, device and torch version).
 MATHS_VERSION = 1

@@ -7,11 +7,8 @@ line, with Hub metadata (`base_model`, `tags`, `library_name`) that the Hub can 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -25,8 +22,10 @@ class AppliedAdapter:
 
 
 def hub_id(value: str | None) -> str | None:
-    """`value` when it looks like `org/name` rather than a local path."""
-    if value and HUB_ID.match(value) and not value.startswith((".", "/")):
+    """`value` when it is a valid Hub repo id (`org/name`) rather than a local path."""
+    from bonemerge.hub import id_problem
+
+    if value and not value.startswith((".", "/")) and id_problem(value) is None:
         return value
     return None
 
