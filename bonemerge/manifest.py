@@ -10,17 +10,15 @@ and digests, and no name may lead out of the folder, however it is spelled or li
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from bonemerge.checkpoint import read_json
 from bonemerge.checkpoint.confine import refusal
-from bonemerge.checkpoint.writer import file_sha256
+from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
 from bonemerge.errors import CheckpointError
 
 MANIFEST = "bonemerge.json"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _file_entry(name: object, entry: object) -> str:
@@ -32,17 +30,18 @@ def _file_entry(name: object, entry: object) -> str:
         return f"the file {name!r} lies outside the folder"
     if not isinstance(entry, dict):
         return f"the entry for {name!r} is not an object"
-    size, digest = entry.get("bytes"), entry.get("sha256")
+    size = entry.get("bytes")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         return f"the size of {name!r} is not a byte count"
-    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-        return f"the sha256 of {name!r} is not a SHA-256 digest"
+    if recorded(entry) is None:
+        return f"the entry for {name!r} has no BLAKE3 or SHA-256 digest"
     return ""
 
 
 def read_manifest(folder: Path) -> dict:
     """The folder's manifest, checked: an object with bonemerge's version and a `files` map of
-    relative names to `{"bytes": int, "sha256": hex}`. Raises CheckpointError otherwise."""
+    relative names to `{"bytes": int, "blake3": hex}` (or `"sha256"`, as earlier versions
+    wrote). Raises CheckpointError otherwise."""
     path = folder / MANIFEST
     manifest = read_json(path)
     if not isinstance(manifest.get("bonemerge"), str):
@@ -82,13 +81,13 @@ def is_bonemerge_output(folder: Path) -> bool:
 
 
 def write_manifest(folder: Path, fields: dict, known: Mapping[str, tuple[int, str]]) -> dict[str, dict]:
-    """Write `fields` plus the size and SHA-256 of every file under `folder` (taken from `known`
+    """Write `fields` plus the size and BLAKE3 digest of every file under `folder` (from `known`
     where the writer already hashed it) as `folder/bonemerge.json`; returns the file map."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         name = str(path.relative_to(folder))
-        size, digest = known.get(name) or (path.stat().st_size, file_sha256(path))
-        files[name] = {"bytes": size, "sha256": digest}
+        size, digest = known.get(name) or (path.stat().st_size, file_digest(path))
+        files[name] = {"bytes": size, ALGORITHM: digest}
     text = json.dumps(fields | {"files": files}, indent=2) + "\n"
     (folder / MANIFEST).write_text(text, encoding="utf-8")
     return files

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bonemerge.checkpoint.confine import expand_home
+from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
 from bonemerge.errors import OutputError
 from bonemerge.manifest import is_bonemerge_output
 
@@ -203,7 +204,6 @@ class Staging:
 
     def _reuse(self) -> None:
         """Keep the shards a previous run of the same plan finished and fsynced, if intact."""
-        from bonemerge.checkpoint.writer import file_sha256
 
         plan = self.path / self._PLAN
         if not plan.is_file() or plan.read_text(encoding="utf-8") != self.fingerprint:
@@ -215,10 +215,12 @@ class Staging:
             for line in progress.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     entry = json.loads(line)
-                    records[entry["file"]] = (int(entry["bytes"]), str(entry["sha256"]))
+                    found = recorded(entry)
+                    if found and found[0] == ALGORITHM:
+                        records[entry["file"]] = (int(entry["bytes"]), found[1])
         for file, (size, digest) in records.items():
             path = self.path / file
-            if path.is_file() and path.stat().st_size == size and file_sha256(path) == digest:
+            if path.is_file() and path.stat().st_size == size and file_digest(path) == digest:
                 self.finished[file] = (size, digest)
         for path in self.path.iterdir():
             if path.name not in self.finished and path.name not in (self._PLAN, self._PROGRESS):
@@ -226,7 +228,8 @@ class Staging:
         self.reused = sorted(self.finished)
         progress.write_text(
             "".join(
-                json.dumps({"file": f, "bytes": n, "sha256": d}) + "\n" for f, (n, d) in self.finished.items()
+                json.dumps({"file": f, "bytes": n, ALGORITHM: d}) + "\n"
+                for f, (n, d) in self.finished.items()
             ),
             encoding="utf-8",
         )
@@ -235,7 +238,7 @@ class Staging:
         """Note a shard as durable (it was fsynced before this is called)."""
         self.finished[file] = (size, digest)
         with open(self.path / self._PROGRESS, "a", encoding="utf-8") as progress:
-            progress.write(json.dumps({"file": file, "bytes": size, "sha256": digest}) + "\n")
+            progress.write(json.dumps({"file": file, "bytes": size, ALGORITHM: digest}) + "\n")
             progress.flush()
             os.fsync(progress.fileno())
 

@@ -253,14 +253,16 @@ class ChecksumReport:
 
 def verify_checksums(folder: Path, manifest: dict) -> ChecksumReport:
     """Hash every file named in `manifest["files"]`; no base model is needed."""
-    from bonemerge.checkpoint.writer import file_sha256
+    from bonemerge.checkpoint.digest import file_digest, recorded
 
     report = ChecksumReport(str(folder))
     for name, expected in sorted(manifest.get("files", {}).items()):
         path = folder / name
         if not path.is_file():
             report.missing.append(name)
-        elif path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
+        elif path.stat().st_size != expected.get("bytes") or (
+            (found := recorded(expected)) is None or file_digest(path, found[0]) != found[1]
+        ):
             report.differing.append(name)
         else:
             report.matching.append(name)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from bonemerge.checkpoint.digest import Digest, hash_range
+from bonemerge.checkpoint.digest import new as new_digest
 from bonemerge.errors import OutputError
 
 _ALIGN = 8
@@ -72,29 +72,14 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def hash_source(digest: Any, fd: int, offset: int, size: int) -> None:
-    """Feed `size` bytes of `fd` from `offset` into `digest`, a buffer at a time."""
-    buf = memoryview(bytearray(min(size, _COPY_BUFFER)))
-    while size:
-        got = os.preadv(fd, [buf[: min(size, len(buf))]], offset)
-        if got == 0:
-            raise OutputError(
-                "an input file ended early while it was copied; it changed while bonemerge ran."
-            )
-        digest.update(buf[:got])
-        offset += got
-        size -= got
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a whole file, read in buffers."""
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
+def hash_source(digest: Digest, fd: int, offset: int, size: int) -> None:
+    """Feed `size` bytes of `fd` from `offset` into `digest`; a short file changed under us."""
     try:
-        hash_source(digest, fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
+        hash_range(digest, fd, offset, size)
+    except EOFError:
+        raise OutputError(
+            "an input file ended early while it was copied; it changed while bonemerge ran."
+        ) from None
 
 
 def output_failure(path: Path, exc: OSError) -> OutputError:
@@ -139,7 +124,7 @@ class ShardWriter:
         self, path: Path, entries: Sequence[Entry], metadata: dict[str, str], feed: Feed = run_now
     ) -> None:
         self.path = path
-        self._hash = hashlib.sha256()
+        self._hash = new_digest()
         self._feed = feed
         self._sizes = [e.nbytes for e in entries]
         self._names = [e.name for e in entries]
@@ -248,7 +233,7 @@ class ShardWriter:
 
     def close(self, done: Callable[[int, str], None] | None = None) -> None:
         """Check every promised byte arrived and make the file durable; then, after the last
-        hashing job, `done(size, sha256)`."""
+        hashing job, `done(size, digest)` (see `digest.py`)."""
         try:
             if self._left or self._index < len(self._sizes) - 1:
                 raise AssertionError(f"{self.path}: closed before {self.current} was complete")

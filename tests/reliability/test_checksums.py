@@ -1,10 +1,13 @@
-"""Every output file's SHA-256 is recorded in bonemerge.json; `verify --checksums` checks them."""
+"""Every output file's BLAKE3 digest is recorded in bonemerge.json; `verify --checksums` checks them
+(and still checks the SHA-256 digests earlier versions recorded)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import subprocess
+
+from blake3 import blake3
 
 from tests import toy
 from tests.reliability.test_interrupts import SCRIPT
@@ -25,9 +28,28 @@ def test_manifest_records_every_file(tmp_path):
     assert set(files) == on_disk and len(on_disk) == 7
     for name, record in files.items():
         content = (out / name).read_bytes()
-        assert record == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        assert record == {"bytes": len(content), "blake3": blake3(content).hexdigest()}
     result = verify(out, "--checksums")
     assert result.returncode == 0 and "7 files intact" in result.stdout
+
+
+def test_sha256_manifests_of_earlier_versions_still_verify(tmp_path):
+    base = toy.write_base(tmp_path / "base", shards=2)
+    adapter = toy.write_adapter(tmp_path / "adapter")
+    assert subprocess.run([str(SCRIPT), "merge", base, adapter, "-o", tmp_path / "out"]).returncode == 0
+    out = tmp_path / "out"
+    manifest = json.loads((out / "bonemerge.json").read_text())
+    manifest["files"] = {
+        name: {"bytes": record["bytes"], "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+        for name, record in manifest["files"].items()
+    }
+    (out / "bonemerge.json").write_text(json.dumps(manifest))
+    assert verify(out, "--checksums").returncode == 0
+    first = sorted(manifest["files"])[0]
+    manifest["files"][first]["sha256"] = "0" * 64
+    (out / "bonemerge.json").write_text(json.dumps(manifest))
+    damaged = verify(out, "--checksums")
+    assert damaged.returncode == 1 and f"differs: {first}" in damaged.stdout, damaged.stdout
 
 
 def test_checksums_catch_damage_and_loss(tmp_path):
