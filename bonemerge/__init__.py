@@ -1,4 +1,4 @@
-"""bonemerge: streaming checkpoint surgery for PEFT Bone, Bat and MiSS adapters.
+"""bonemerge: streaming checkpoint surgery for PEFT adapters (LoRA, rsLoRA, DoRA, Bone, Bat, MiSS).
 
 `from bonemerge import merge, unmerge, unload, strip, inspect, verify, push` gives the same
 operations as the command line (`Push` says where `push` publishes). Heavy modules

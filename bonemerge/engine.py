@@ -76,7 +76,7 @@ def _row_multiple(step: Step) -> int:
 
 
 def _fit(step: Step, elements: int) -> int:
-    """Rows holding about `elements` elements, a multiple of every Bat block size."""
+    """Rows holding about `elements` elements, a multiple of the rows every op keeps together."""
     rows, cols = _rows_cols(step.shape)
     multiple = _row_multiple(step)
     fit = max(1, elements // max(cols, 1) // multiple) * multiple
@@ -84,7 +84,7 @@ def _fit(step: Step, elements: int) -> int:
 
 
 def chunk_rows(step: Step) -> int:
-    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole Bat tiles."""
+    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole row groups (Bat tiles, say)."""
     return _fit(step, CHUNK_ELEMENTS)
 
 

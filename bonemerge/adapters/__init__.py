@@ -1,4 +1,4 @@
-"""Reading PEFT Bone/MiSS adapters and placing their modules onto base tensor names."""
+"""Reading PEFT adapters (any registered method) and placing their modules onto base tensor names."""
 
 from bonemerge.adapters.config import AdapterConfig, read_adapter_config
 from bonemerge.adapters.loader import Adapter, Block, load_adapter
