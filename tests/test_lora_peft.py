@@ -31,6 +31,8 @@ IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 44, 120]])
 
 BERT_CASES = [
     ("lora", lambda: LoraConfig(r=16, lora_alpha=24, target_modules=BERT_TARGETS)),
+    # a scale of 2^k takes the one-pass path (the scaling rides on the addition)
+    ("lora-scale-2", lambda: LoraConfig(r=8, lora_alpha=16, target_modules=BERT_TARGETS)),
     ("rslora", lambda: LoraConfig(r=12, lora_alpha=16, use_rslora=True, target_modules=BERT_TARGETS)),
     (
         "patterns",
@@ -45,6 +47,8 @@ BERT_CASES = [
 ]
 LLAMA_CASES = [
     ("lora", lambda: LoraConfig(r=16, lora_alpha=24, target_modules=LLAMA_TARGETS)),
+    ("lora-scale-1", lambda: LoraConfig(r=16, lora_alpha=16, target_modules=LLAMA_TARGETS)),
+    ("lora-scale-2", lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)),
     ("rslora", lambda: LoraConfig(r=12, lora_alpha=16, use_rslora=True, target_modules=LLAMA_TARGETS)),
     (
         "patterns",

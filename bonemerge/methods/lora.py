@@ -168,10 +168,15 @@ class DeltaRows(RowMaths):
         self.left = left.to(dtype).contiguous()
         self.right = right.to(dtype).contiguous()
         self.scale = scale
+        # PEFT rounds the scaled product before adding it. A scale of 2^k (k >= 0, e.g. the
+        # common lora_alpha = r or 2r) scales exactly, so the scaling can ride on the addition
+        # (`add_(alpha=)`, one pass over the chunk instead of two) with the same bits.
+        mantissa, exponent = math.frexp(scale)
+        self._exact_scale = mantissa == 0.5 and exponent >= 1
         self._scratch = threading.local()
 
-    def delta(self, rows: int, row0: int) -> torch.Tensor:
-        """`s · left[row0:row0+rows] @ right` in this thread's reused buffer."""
+    def product(self, rows: int, row0: int) -> torch.Tensor:
+        """`left[row0:row0+rows] @ right`, unscaled, in this thread's reused buffer."""
         import torch
 
         size = rows * self.right.shape[1]
@@ -181,14 +186,23 @@ class DeltaRows(RowMaths):
                 size, dtype=self.right.dtype, device=self.right.device
             )
         out = buffer[:size].view(rows, self.right.shape[1])
-        torch.mm(self.left[row0 : row0 + rows], self.right, out=out)
-        return out.mul_(self.scale)
+        return torch.mm(self.left[row0 : row0 + rows], self.right, out=out)
+
+    def delta(self, rows: int, row0: int) -> torch.Tensor:
+        """`s · left[row0:row0+rows] @ right`: the product rounded, then scaled and rounded."""
+        return self.product(rows, row0).mul_(self.scale)
+
+    def _apply(self, work: torch.Tensor, row0: int, sign: int) -> None:
+        if self._exact_scale:
+            work.add_(self.product(work.shape[0], row0), alpha=sign * self.scale)
+        else:
+            work.add_(self.delta(work.shape[0], row0), alpha=sign)
 
     def merge(self, work: torch.Tensor, row0: int) -> None:
-        work.add_(self.delta(work.shape[0], row0))
+        self._apply(work, row0, 1)
 
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
-        work.sub_(self.delta(work.shape[0], row0))
+        self._apply(work, row0, -1)
 
 
 class DoraRows(DeltaRows):
