@@ -14,7 +14,7 @@ for file names, descriptions and error bounds. Methods never do I/O: tensors rea
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,7 +229,6 @@ class KeyClaim:
     part: str
     adapter_name: str | None = None
     peft_type: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Method:

@@ -47,25 +47,25 @@ if TYPE_CHECKING:
     from bonemerge.checkpoint import Source
 
 _FILE_PARTS = {
-    "lora_A.weight": ("A", "linear"),
-    "lora_B.weight": ("B", "linear"),
-    "lora_B.bias": ("bias", "linear"),
-    "lora_embedding_A": ("A", "embedding"),
-    "lora_embedding_B": ("B", "embedding"),
-    "lora_magnitude_vector": ("magnitude", None),
-    "lora_magnitude_vector.weight": ("magnitude", None),
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_B.bias": "bias",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
 }
 _TRAINING = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"\.(?P<name>[^.]+)(?P<tail>\.weight|\.bias)?$"
 )
 _TRAINING_PARTS = {
-    ("lora_A", ".weight"): ("A", "linear"),
-    ("lora_B", ".weight"): ("B", "linear"),
-    ("lora_B", ".bias"): ("bias", "linear"),
-    ("lora_embedding_A", None): ("A", "embedding"),
-    ("lora_embedding_B", None): ("B", "embedding"),
-    ("lora_magnitude_vector", ".weight"): ("magnitude", None),
+    ("lora_A", ".weight"): "A",
+    ("lora_B", ".weight"): "B",
+    ("lora_B", ".bias"): "bias",
+    ("lora_embedding_A", None): "A",
+    ("lora_embedding_B", None): "B",
+    ("lora_magnitude_vector", ".weight"): "magnitude",
 }
 # Initialisations that rewrite the base weights while training starts: the adapter is then a
 # delta against a base that no longer exists on disk, unless PEFT converted it when saving.
@@ -335,20 +335,19 @@ class LoraMethod(Method):
         )
 
     def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
-        for suffix, (part, kind) in _FILE_PARTS.items():
+        for suffix, part in _FILE_PARTS.items():
             if name.endswith("." + suffix):
-                return KeyClaim(name[: -len(suffix) - 1], part, extra={"kind": kind})
+                return KeyClaim(name[: -len(suffix) - 1], part)
         return None
 
     def claim_training(self, name: str) -> KeyClaim | None:
         found = _TRAINING.match(name)
         if not found:
             return None
-        known = _TRAINING_PARTS.get((found["part"], found["tail"]))
-        if known is None:
+        part = _TRAINING_PARTS.get((found["part"], found["tail"]))
+        if part is None:
             return None
-        part, kind = known
-        return KeyClaim(found["module"], part, found["name"], "LORA", extra={"kind": kind})
+        return KeyClaim(found["module"], part, found["name"], "LORA")
 
     def make_block(
         self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
