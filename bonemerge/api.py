@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from bonemerge import __version__, history
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
-from bonemerge.checkpoint import Checkpoint, RangeReader, dtypes, layout, open_checkpoint
+from bonemerge.checkpoint import Checkpoint, RangeReader, Source, TensorRef, dtypes, layout, open_checkpoint
 from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.hub import Location, Push, locate
@@ -70,11 +70,14 @@ def _options(device: str, precision: str, safe_merge: bool, progress: bool):
 
 def check_device(device: str) -> None:
     """Only the CPU and CUDA devices run bonemerge's maths; anything else torch accepts (`meta`,
-    `xpu`, `mps`...) would fail deep in a run, so it is refused before any work."""
-    import torch
-
+    `xpu`, `mps`...) would fail deep in a run, so it is refused before any work. Only a CUDA
+    device waits for torch to load; the CPU needs no asking."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise BonemergeError(f"unknown or unsupported device {device!r}; use cpu, cuda or cuda:N.")
+    if device == "cpu":
+        return
+    import torch
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BonemergeError(f"--device {device} was asked for, but torch sees no CUDA device here.")
     if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
@@ -90,18 +93,26 @@ def _shard_bytes(max_shard_size: str | int | None) -> int | None:
 def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
     """Refuse NaN/Inf in any block before the output is even created, reading each block in
     bounded pieces: blocks of large adapters (or of a lying header) can be gigabytes."""
-    from bonemerge.checkpoint.tensors import pieces
-    from bonemerge.engine import all_finite
-
     with RangeReader() as reader:
         for adapter in adapters:
             for block in adapter.blocks:
                 for part, source in block.parts.items():
-                    if not all(all_finite(values) for values in pieces(reader, source)):
+                    if not _finite(reader, source):
                         raise AdapterError(
                             f"block {block.keys.get(part, block.key)} of {adapter.root} holds NaN or Inf "
                             "values; the adapter is broken (its training diverged), nothing was written."
                         )
+
+
+def _finite(reader: RangeReader, source: Source) -> bool:
+    """No NaN or Inf in `source`: from its bits when it is in a file (no torch needed yet)."""
+    if isinstance(source, TensorRef):
+        pieces = reader.pieces(source.path, source.offset, source.nbytes)
+        return all(dtypes.all_finite_bytes(piece, source.dtype) for piece in pieces)
+    from bonemerge.checkpoint.tensors import pieces as values
+    from bonemerge.compute import all_finite
+
+    return all(all_finite(piece) for piece in values(reader, source))
 
 
 def check_invertible(adapters: Sequence[Adapter]) -> None:

@@ -1,48 +1,38 @@
-"""Executing a `Plan`: read, transform, check and write every output tensor, in bounded memory.
+"""Executing a `Plan`: every output tensor, in order, into shard files, in bounded memory.
 
 The engine decides nothing about *what* to compute; it only moves bytes as fast as it can:
 
 - tensors the plan leaves untouched go file-to-file (`copy_file_range`), never into Python;
-- other tensors stream in row chunks of about `CHUNK_ELEMENTS` elements: a read-ahead thread
-  `pread`s raw rows into a small pool of buffers, compute threads convert and transform them,
-  a writer thread writes finished chunks and a hasher thread checksums them, so the disk and
-  the CPU work at once;
-- the maths runs on sub-chunks of about `COMPUTE_ELEMENTS` elements, small enough that
-  conversion, block maths, rounding and the NaN/Inf check all happen in the CPU's L2 cache
-  rather than in four passes over main memory;
-- every buffer comes from a fixed pool, so memory does not grow with the model.
+- the others are computed in row chunks by `compute` (the one part that needs torch, imported
+  when the first such tensor comes up, so that the copies before it, and everything the
+  command did before, overlap torch's start-up);
+- a writer thread writes finished chunks and a hasher thread checksums them, so the disk and
+  the CPU work at once.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
-from collections import deque
 from collections.abc import Callable, Container, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from bonemerge.checkpoint import ComputedTensor, RangeReader, ShardWriter, Source, TensorRef, dtypes
-from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.checkpoint import RangeReader, ShardWriter
 from bonemerge.checkpoint.writer import METADATA
-from bonemerge.errors import BonemergeError, MergeError
-from bonemerge.methods import BlockOp, RowMaths
-from bonemerge.pipeline import Pool, Worker
+from bonemerge.pipeline import Worker
 
 if TYPE_CHECKING:
+    import torch
+
     from bonemerge.checkpoint.layout import ShardPlan
+    from bonemerge.compute import Compute
     from bonemerge.plan import Plan, Step
 
-CHUNK_ELEMENTS = 2 << 20
-COMPUTE_ELEMENTS = 1 << 18
-COMPUTE_THREADS = min(2, os.cpu_count() or 1)
-READ_AHEAD = 3
 WRITE_BEHIND = 6
+COPY_LEAD = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -63,53 +53,6 @@ class EngineStats:
     bytes_written: int = 0
 
 
-def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    rows = shape[0] if shape else 1
-    return rows, (math.prod(shape) // rows if rows else 0)
-
-
-def _row_multiple(step: Step) -> int:
-    multiple = 1
-    for op in step.ops:
-        multiple = math.lcm(multiple, op.block.method.row_multiple(op))
-    return multiple
-
-
-def _fit(step: Step, elements: int) -> int:
-    """Rows holding about `elements` elements, a multiple of the rows every op keeps together."""
-    rows, cols = _rows_cols(step.shape)
-    multiple = _row_multiple(step)
-    fit = max(1, elements // max(cols, 1) // multiple) * multiple
-    return min(rows, fit) if rows else 0
-
-
-def chunk_rows(step: Step) -> int:
-    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole row groups (Bat tiles, say)."""
-    return _fit(step, CHUNK_ELEMENTS)
-
-
-def _spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
-    for begin in range(start, stop, size or 1):
-        yield begin, min(stop, begin + size)
-
-
-def _chunks(step: Step) -> Iterator[tuple[int, int]]:
-    return _spans(0, _rows_cols(step.shape)[0], chunk_rows(step))
-
-
-def compute_dtype(step: Step, precision: str) -> torch.dtype:
-    if precision == "fp64" or step.dtype == "F64" or (precision == "auto" and step.dtype == "F32"):
-        return torch.float64
-    return torch.float32
-
-
-def all_finite(values: torch.Tensor) -> bool:
-    """NaN/Inf check at the cost of one sum: NaN and Inf survive summation, so a finite sum
-    proves a finite chunk; only a non-finite sum (or an overflowing one) needs the full test."""
-    total = values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
-
-
 @dataclass
 class Chunk:
     """Rows [start, stop) of one output tensor, ready in the output dtype.
@@ -126,75 +69,10 @@ class Chunk:
     release: Callable[[], None] = field(default=lambda: None)
 
 
-@dataclass(frozen=True)
-class _Computing:
-    """A chunk handed to a compute thread: rows [start, stop) land in `typed`, a view of the
-    pooled `buffer`, once `job` is done."""
-
-    start: int
-    stop: int
-    typed: torch.Tensor
-    buffer: torch.Tensor
-    job: Future[None]
-
-
-@dataclass(frozen=True)
-class _Read:
-    step: Step
-    start: int
-    stop: int
-
-
-class _ReadAhead:
-    """A thread that `pread`s the raw rows of upcoming chunks into a pool of buffers."""
-
-    def __init__(self, reader: RangeReader, reads: list[_Read], size: int) -> None:
-        self._reader = reader
-        self._reads = reads
-        self._pool: Pool[bytearray] = Pool(bytearray(size) for _ in range(READ_AHEAD if reads else 0))
-        self._ready: list[tuple[_Read, bytearray] | BaseException] = []
-        self._available = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bonemerge-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _publish(self, item: tuple[_Read, bytearray] | BaseException) -> None:
-        with self._available:
-            self._ready.append(item)
-            self._available.notify()
-
-    def _run(self) -> None:
-        try:
-            for read in self._reads:
-                buf = self._pool.take(self._stop)
-                if buf is None:
-                    return
-                source = read.step.source
-                _, cols = _rows_cols(source.shape)
-                row_bytes = cols * dtypes.BITS[source.dtype] // 8
-                size = (read.stop - read.start) * row_bytes
-                self._reader.readinto(
-                    source.path, source.offset + read.start * row_bytes, memoryview(buf)[:size]
-                )
-                self._publish((read, buf))
-        except BaseException as exc:  # handed to the main thread, which re-raises it
-            self._publish(exc)
-
-    def next(self) -> tuple[_Read, bytearray]:
-        with self._available:
-            while not self._ready:
-                self._available.wait()
-            item = self._ready.pop(0)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def release(self, buf: bytearray) -> None:
-        self._pool.give(buf)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor seen as rows: its first dimension, and everything else flattened."""
+    rows = shape[0] if shape else 1
+    return rows, (math.prod(shape) // rows if rows else 0)
 
 
 class Engine:
@@ -203,207 +81,31 @@ class Engine:
     def __init__(self, steps: Sequence[Step], options: EngineOptions) -> None:
         self.steps = list(steps)
         self.options = options
-        try:
-            self.device = torch.device(options.device)
-        except RuntimeError:
-            raise BonemergeError(f"unknown device {options.device!r}; use cpu, cuda or cuda:N.") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BonemergeError("--device cuda was asked for, but torch sees no CUDA device here.")
         self.reader = RangeReader()
-        transformed = [s for s in self.steps if not s.is_copy and s.nbytes]
-
-        def chunk_bytes(step: Step, dtype: str) -> int:
-            return chunk_rows(step) * _rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
-
-        wide = any(s.ops and compute_dtype(s, options.precision) == torch.float64 for s in transformed)
-        self._work_dtype = torch.float64 if wide else torch.float32
-        self._work_size = max(
-            (_fit(s, COMPUTE_ELEMENTS) * _rows_cols(s.shape)[1] for s in transformed if s.ops), default=0
-        )
-        self._local = threading.local()
-        self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
-        self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
-        self._torch_threads = torch.get_num_threads()
-        if self._parallel > 1:
-            torch.set_num_threads(1)
-        out_bytes = max((chunk_bytes(s, s.dtype) for s in transformed), default=0)
-        self._out: Pool[torch.Tensor] = Pool(
-            torch.empty(out_bytes, dtype=torch.uint8)
-            for _ in range(WRITE_BEHIND + self._parallel if transformed else 0)
-        )
-        self._raw_size = max(
-            (chunk_bytes(s, s.source.dtype) for s in transformed if isinstance(s.source, TensorRef)),
-            default=0,
-        )
+        self._compute: Compute | None = None
 
     def stream(self) -> Iterator[Chunk]:
-        """Every step's chunks in order; the read-ahead thread runs while the caller consumes."""
-        reads = [
-            _Read(step, start, stop)
-            for step in self.steps
-            if step.nbytes and not step.is_copy and isinstance(step.source, TensorRef)
-            for start, stop in _chunks(step)
-        ]
-        ahead = _ReadAhead(self.reader, reads, self._raw_size)
-        try:
-            for step in self.steps:
-                if step.is_copy or not step.nbytes:
-                    yield Chunk(step, 0, _rows_cols(step.shape)[0], None)
-                else:
-                    yield from self._transform(step, ahead)
-        finally:
-            ahead.close()
+        """Every step's chunks in order: a plain copy as one chunk without data, the others
+        computed (see `compute`), their reads running ahead while the caller consumes."""
+        for step in self.steps:
+            if step.is_copy or not step.nbytes:
+                yield Chunk(step, 0, rows_cols(step.shape)[0], None)
+            else:
+                yield from self._computing().transform(step)
+
+    def _computing(self) -> Compute:
+        if self._compute is None:
+            from bonemerge.compute import Compute
+
+            self._compute = Compute(
+                [s for s in self.steps if not s.is_copy and s.nbytes], self.options, self.reader
+            )
+        return self._compute
 
     def close(self) -> None:
-        self._threads.shutdown()
-        torch.set_num_threads(self._torch_threads)
+        if self._compute is not None:
+            self._compute.close()
         self.reader.close()
-
-    def _work_buffer(self) -> torch.Tensor:
-        """This compute thread's own scratch buffer, allocated on first use."""
-        work = getattr(self._local, "work", None)
-        if work is None:
-            work = self._local.work = torch.empty(self._work_size, dtype=self._work_dtype)
-        return work
-
-    def _transform(self, step: Step, ahead: _ReadAhead) -> Iterator[Chunk]:
-        """Chunks of one step, computed on the compute threads, yielded in order."""
-        compute = compute_dtype(step, self.options.precision)
-        prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
-        self._first_pass(step, prepared, compute)
-        out_dtype = dtypes.to_torch(step.dtype)
-        _, cols = _rows_cols(step.shape)
-        pending: deque[_Computing] = deque()
-        try:
-            for start, stop in _chunks(step):
-                rows, buf = self._rows(step, start, stop, ahead)
-                out = self._out.take()
-                typed = (
-                    out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
-                )
-                job = self._threads.submit(
-                    self._fill, step, prepared, compute, rows, typed, start, buf, ahead
-                )
-                pending.append(_Computing(start, stop, typed, out, job))
-                if len(pending) >= self._parallel:
-                    yield self._finished(step, pending.popleft())
-            while pending:
-                yield self._finished(step, pending.popleft())
-        finally:
-            for item in pending:
-                item.job.exception()
-                self._out.give(item.buffer)
-            if isinstance(step.source, ComputedTensor):
-                step.source.release()
-
-    def _finished(self, step: Step, item: _Computing) -> Chunk:
-        try:
-            item.job.result()
-        except BaseException:
-            self._out.give(item.buffer)
-            raise
-        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer))
-
-    def _fill(
-        self,
-        step: Step,
-        prepared: list[tuple[RowMaths, bool]],
-        compute: torch.dtype,
-        rows: torch.Tensor,
-        typed: torch.Tensor,
-        start: int,
-        buf: bytearray | None,
-        ahead: _ReadAhead,
-    ) -> None:
-        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread)."""
-        check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
-        # A finite sum of squares of the fp32 result bounds every element far below the bf16
-        # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
-        squares = check and step.dtype == "BF16" and compute == torch.float32 and self.device.type == "cpu"
-        try:
-            for begin, end in _spans(0, typed.shape[0], _fit(step, COMPUTE_ELEMENTS)):
-                target = typed[begin:end]
-                finite = False
-                if prepared:
-                    work = self._compute(rows[begin:end], prepared, compute, start + begin)
-                    target.copy_(work)
-                    flat = work.view(-1)
-                    finite = squares and bool(torch.isfinite(torch.dot(flat, flat)))
-                else:
-                    target.copy_(rows[begin:end])
-                if check and not finite and not all_finite(target):
-                    _non_finite(step, start + begin, start + end)
-        finally:
-            if buf is not None:
-                ahead.release(buf)
-
-    def _prepare(self, op: BlockOp, step: Step, compute: torch.dtype) -> RowMaths:
-        def load(part: str) -> torch.Tensor:
-            return self.load(op.block.parts[part])
-
-        return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
-
-    def _first_pass(self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype) -> None:
-        """Stream the tensor once for every op whose maths needs a whole-tensor statistic
-        (DoRA's column norms), applying the ops before it, so that it sees what it will merge into."""
-        for index, (block, _) in enumerate(prepared):
-            if not block.needs_pass:
-                continue
-            for start, stop in _chunks(step):
-                rows = read_rows(self.reader, step.source, start, stop)
-                work = rows.to(device=self.device, dtype=compute, copy=True)
-                for earlier, inverse in prepared[:index]:
-                    (earlier.unmerge if inverse else earlier.merge)(work, start)
-                block.observe(work, start)
-            block.finish()
-
-    def load(self, source: Source) -> torch.Tensor:
-        """A whole (small) tensor such as an adapter block, in its own dtype."""
-        return read_whole(self.reader, source)
-
-    def _rows(
-        self, step: Step, start: int, stop: int, ahead: _ReadAhead
-    ) -> tuple[torch.Tensor, bytearray | None]:
-        source = step.source
-        rows, cols = _rows_cols(source.shape)
-        if not isinstance(source, TensorRef):
-            return source.tensor.reshape(rows, cols)[start:stop], None
-        read, buf = ahead.next()
-        assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"
-        raw = torch.frombuffer(buf, dtype=dtypes.to_torch(source.dtype), count=(stop - start) * cols)
-        return raw.view(stop - start, cols), buf
-
-    def _compute(
-        self,
-        rows: torch.Tensor,
-        prepared: list[tuple[RowMaths, bool]],
-        dtype: torch.dtype,
-        start: int,
-    ) -> torch.Tensor:
-        """The rows in the compute dtype with every block applied, in order, in place."""
-        if self.device.type == "cpu":
-            work = self._work_buffer().view(dtype)[: rows.numel()].view(rows.shape)
-            work.copy_(rows)
-        else:
-            work = rows.to(self.device).to(dtype)
-        for block, inverse in prepared:
-            if inverse:
-                block.unmerge(work, start)
-            else:
-                block.merge(work, start)
-        return work
-
-
-def _non_finite(step: Step, start: int, stop: int) -> None:
-    if step.ops:
-        verb = "unmerging" if step.ops[0].inverse else "merging"
-        what = f"{verb} {', '.join(op.adapter for op in step.ops)} into {step.name}"
-    else:
-        what = f"converting {step.name} to {dtypes.TORCH_NAME[step.dtype]}"
-    raise MergeError(
-        f"{what} gave NaN or Inf in rows {start}-{stop - 1}; the adapter or the input holds "
-        "broken values (pass --no-safe-merge to write them anyway)."
-    )
 
 
 class _Progress:
@@ -436,8 +138,8 @@ ShardDone = Callable[[str, int, str], None]
 
 
 class _Shards:
-    """The writer thread's side: opens each shard when its first bytes arrive, in plan order,
-    and reports each finished (fsynced) shard with its size and SHA-256."""
+    """The shard files: the writer thread fills them in plan order, reporting each finished
+    (fsynced) one with its size and digest; the copy-ahead thread may open one earlier."""
 
     def __init__(
         self, shards: Sequence[ShardPlan], folder: Path, progress: _Progress, done: ShardDone, hasher: Worker
@@ -448,32 +150,52 @@ class _Shards:
         self._done = done
         self._hasher = hasher
         self._index = {e.name: i for i, shard in enumerate(self._shards) for e in shard.entries}
-        self._writer: ShardWriter | None = None
-        self._opened = -1
+        self._open: dict[int, ShardWriter] = {}
+        self._lock = threading.Lock()
+        self._current = -1
 
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            file = self._shards[self._opened].filename
-            self._writer.close(lambda size, digest: self._done(file, size, digest))
-            self._writer = None
+    def holding(self, name: str) -> ShardWriter:
+        """The writer of the shard that holds tensor `name`, created on first use (any thread)."""
+        return self._writer(self._index[name])
+
+    def _writer(self, index: int) -> ShardWriter:
+        with self._lock:
+            writer = self._open.get(index)
+            if writer is None:
+                shard = self._shards[index]
+                writer = ShardWriter(
+                    self._folder / shard.filename, shard.entries, METADATA, self._hasher.submit
+                )
+                self._open[index] = writer
+            return writer
 
     def _through(self, index: int) -> ShardWriter:
-        while self._opened < index:
-            self._close_current()
-            self._opened += 1
-            shard = self._shards[self._opened]
-            self._writer = ShardWriter(
-                self._folder / shard.filename, shard.entries, METADATA, self._hasher.submit
-            )
-        assert self._writer is not None
-        return self._writer
+        """Shard `index`'s writer, once every shard before it is closed (writer thread)."""
+        while self._current < index:
+            if self._current >= 0:
+                self._close(self._current)
+            self._current += 1
+        return self._writer(index)
 
-    def copy(self, name: str, fd: int, offset: int, size: int) -> None:
-        self._through(self._index[name]).copy_from(fd, offset, size)
-        self._progress.update(size)
+    def _close(self, index: int) -> None:
+        file = self._shards[index].filename
+        writer = self._writer(index)
+        with self._lock:
+            del self._open[index]
+        writer.close(lambda size, digest: self._done(file, size, digest))
+
+    def copied(self, step: Step, fd: int, ahead: _CopyAhead) -> None:
+        """Step over an untouched tensor once the copy-ahead thread has placed it."""
+        if step.nbytes:
+            ahead.wait(step)
+        self._through(self._index[step.name]).skip(fd, step.source.offset if step.nbytes else 0, step.nbytes)
+        ahead.passed(step)
+        self._progress.update(step.nbytes)
 
     def write(self, name: str, data: torch.Tensor, release: Callable[[], None]) -> None:
         """Write a chunk; its buffer goes back to the pool once it is written and hashed."""
+        import torch  # loaded already: `data` is a tensor
+
         try:
             view = memoryview(data.view(-1).view(torch.uint8).numpy())
             self._through(self._index[name]).write(view, release)
@@ -485,11 +207,75 @@ class _Shards:
     def finish(self) -> None:
         if self._shards:
             self._through(len(self._shards) - 1)
-            self._close_current()
+            self._close(len(self._shards) - 1)
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        with self._lock:
+            writers, self._open = list(self._open.values()), {}
+        for writer in writers:
+            writer.abort()
+
+
+class _CopyAhead:
+    """A thread that copies every untouched tensor into its shard ahead of the writer thread.
+
+    Copies then run while chunks are computed instead of between them (a 1 GB embedding no
+    longer holds up the writer for a second), and those before the first computed tensor run
+    while torch is still loading. The thread stays at most COPY_LEAD bytes ahead of the
+    writer, which hashes each copied tensor from its source when it gets there, in order,
+    while those bytes are still likely to be in the page cache.
+    """
+
+    def __init__(self, copies: Sequence[Step], files: _Shards, reader: RangeReader) -> None:
+        self._done: dict[str, Future[None]] = {step.name: Future() for step in copies}
+        self._files = files
+        self._reader = reader
+        self._lead = 0
+        self._room = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(list(copies),), name="bonemerge-copy-ahead", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, copies: list[Step]) -> None:
+        for step in copies:
+            done = self._done[step.name]
+            try:
+                if not self._make_room(step.nbytes):
+                    break
+                fd = self._reader.fd(step.source.path)
+                if not self._files.holding(step.name).place(
+                    step.name, fd, step.source.offset, self._stop.is_set
+                ):
+                    break
+            except BaseException as exc:  # handed to the writer thread when it reaches this tensor
+                done.set_exception(exc)
+                break
+            done.set_result(None)
+        for future in self._done.values():
+            future.cancel()  # those never copied (stopped early): the writer gives up at the first
+
+    def _make_room(self, size: int) -> bool:
+        with self._room:
+            while self._lead and self._lead + size > COPY_LEAD and not self._stop.is_set():
+                self._room.wait(0.1)
+            self._lead += size
+        return not self._stop.is_set()
+
+    def wait(self, step: Step) -> None:
+        """Block until `step` is copied; re-raises the copy's failure."""
+        self._done[step.name].result()
+
+    def passed(self, step: Step) -> None:
+        if step.name in self._done:
+            with self._room:
+                self._lead -= step.nbytes
+                self._room.notify()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def write_plan(
@@ -500,23 +286,25 @@ def write_plan(
     skip: Container[str] = (),
     shard_done: ShardDone = lambda name, size, digest: None,
 ) -> EngineStats:
-    """Write the shards of `plan` not named in `skip` into `folder`, each in one sequential pass;
-    writes and fsyncs run on a writer thread while the next chunks are computed, and
-    `shard_done(file, size, sha256)` is called as each shard becomes durable."""
+    """Write the shards of `plan` not named in `skip` into `folder`, each in one sequential pass
+    (untouched tensors copied ahead by their own thread); writes and fsyncs run on a writer
+    thread while the next chunks are computed, and `shard_done(file, size, digest)` is called
+    as each shard becomes durable."""
     shards = [shard for shard in plan.shards if shard.filename not in skip]
     steps = [plan.steps[e.name] for shard in shards for e in shard.entries]
     engine = Engine(steps, options)
     progress = _Progress(sum(s.data_bytes for s in shards), options.progress)
     hasher = Worker("bonemerge-hasher", depth=WRITE_BEHIND + 2)
     files = _Shards(shards, folder, progress, shard_done, hasher)
+    ahead = _CopyAhead([s for s in steps if s.is_copy and s.nbytes], files, engine.reader)
     writer = Worker("bonemerge-writer", depth=WRITE_BEHIND + 1)
     stats = EngineStats()
     try:
         for chunk in engine.stream():
             step = chunk.step
             if chunk.data is None:
-                fd = engine.reader.fd(step.source.path)
-                writer.submit(lambda s=step, fd=fd: files.copy(s.name, fd, s.source.offset, s.nbytes))
+                fd = engine.reader.fd(step.source.path) if step.nbytes else -1
+                writer.submit(lambda s=step, fd=fd: files.copied(s, fd, ahead))
                 stats.copied += 1
                 stats.bytes_written += step.nbytes
                 continue
@@ -529,11 +317,13 @@ def write_plan(
         writer.close()
         hasher.close()
     except BaseException:
+        ahead.close()
         writer.close(discard=True)
         hasher.close(discard=True)
         files.abort()
         raise
     finally:
+        ahead.close()
         progress.close()
         engine.close()
     return stats

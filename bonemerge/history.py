@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonemerge.adapters import Adapter
-from bonemerge.checkpoint import RangeReader, Source, read_json
+from bonemerge.checkpoint import RangeReader, Source, TensorRef, read_json
 from bonemerge.errors import AdapterError, CheckpointError
 from bonemerge.manifest import MANIFEST
 
@@ -37,7 +37,12 @@ _FORMAT = b"bonemerge-adapter-fingerprint-v1\n"
 
 
 def _feed(digest: hashlib._Hash, source: Source, reader: RangeReader) -> None:
-    """The tensor's raw bytes into `digest`, one bounded piece at a time."""
+    """The tensor's raw bytes into `digest`, one bounded piece at a time; straight from the file
+    when it has one, so that fingerprints are taken while torch is still loading."""
+    if isinstance(source, TensorRef):
+        for piece in reader.pieces(source.path, source.offset, source.nbytes):
+            digest.update(piece)
+        return
     import torch
 
     from bonemerge.checkpoint.tensors import pieces
@@ -211,27 +216,36 @@ def operation(
     if dtype is not None:
         entry["dtype"] = dtype
     if precision is not None:
-        import torch
-
         entry |= {
             "maths": MATHS_VERSION,
             "precision": precision,
             "device": device,
-            "torch": torch.__version__,
+            "torch": torch_version(),
         }
     return entry
+
+
+def torch_version() -> str:
+    """The installed torch's version, from its package metadata where it has some: asking
+    torch itself would mean waiting for it to load."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        import torch
+
+        return str(torch.__version__)
 
 
 def reproducible_by(entry: dict, adapters: Sequence[str], precision: str, device: str) -> bool:
     """True when `entry` is a merge of exactly `adapters` (fingerprints, in order) that this
     installation would compute bit for bit with `precision` on `device`."""
-    import torch
-
     return (
         entry.get("operation") == "merge"
         and [a.get("fingerprint") for a in entry.get("adapters", [])] == list(adapters)
         and entry.get("maths") == MATHS_VERSION
         and entry.get("precision") == precision
         and entry.get("device") == device
-        and entry.get("torch") == torch.__version__
+        and entry.get("torch") == torch_version()
     )

@@ -26,7 +26,8 @@ import torch
 from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_rows, read_whole
-from bonemerge.engine import CHUNK_ELEMENTS, Engine, EngineOptions, chunk_rows
+from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
+from bonemerge.engine import Engine, EngineOptions
 from bonemerge.plan import Plan, Step
 
 MODES = ("exact", "tolerance")

@@ -6,7 +6,8 @@
 
 Checkpoints are Llama-shaped bf16 with random weights, real tensor names, shapes and 1 GB
 shards; adapters are made with PEFT (on a meta-device model, so no weights are built) for
-Bone r=64, Bat r=64, MiSS mini, LoRA r=16 and r=128 and DoRA r=16 on all seven projections.
+Bone r=64, Bat r=64, MiSS mini, LoRA r=16 and r=128 and DoRA r=16 on all seven projections,
+and LoRA r=16 on q_proj and v_proj only (PEFT's default for Llama).
 Everything is generated once into `--cache`. Each round runs every contender once, in turn
 (A/B alternation), after reading the base once to warm the page cache; the table reports
 medians. Wall time and peak RSS are whole process figures (interpreter start and imports
@@ -42,6 +43,8 @@ ADAPTERS = {
     "lora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32},
     "lora128": {"peft_type": "LORA", "r": 128, "lora_alpha": 256},
     "dora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_dora": True},
+    # PEFT's default targets for Llama: most of the checkpoint is copied untouched.
+    "lora16qv": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 10**9
@@ -144,7 +147,8 @@ def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
         model = LlamaForCausalLM(
             LlamaConfig(**{k: v for k, v in config(size).items() if k != "architectures"})
         )
-    peft_config = cls(target_modules=TARGETS, base_model_name_or_path=str(base), **settings)
+    settings.setdefault("target_modules", TARGETS)
+    peft_config = cls(base_model_name_or_path=str(base), **settings)
     model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
     generator = torch.Generator().manual_seed(1)
     state = {
@@ -246,7 +250,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of A/B alternation")
     parser.add_argument(
         "--variants",
-        default="bone,bat,mini,lora16,lora128,dora16",
+        default="bone,bat,mini,lora16,lora128,dora16,lora16qv",
         help=f"comma-separated, of: {', '.join(ADAPTERS)}",
     )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's own route")

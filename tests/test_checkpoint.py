@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bonemerge.checkpoint import Entry, RangeReader, ShardWriter, dtypes, read_header
+from bonemerge.checkpoint import writer as writer_module
+from bonemerge.checkpoint.digest import file_digest
 from bonemerge.checkpoint.layout import by_size, index_json, like_base, parse_size, write_order
 from bonemerge.errors import BonemergeError, CheckpointError
 
@@ -58,16 +63,46 @@ def test_writer_refuses_wrong_byte_counts(tmp_path):
         writer.close()
 
 
-def test_copy_from_copies_exact_ranges(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffered"])
+def test_placed_tensors_land_at_their_offsets(tmp_path, monkeypatch, kernel):
+    """Tensors copied ahead of the sequential writing (in any order, through the kernel or a
+    buffer) end up where the header says, and the file's digest covers them."""
+    if not kernel:
+
+        def unsupported(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
     source = tmp_path / "src.bin"
     source.write_bytes(bytes(range(256)) * 1000)
-    writer = ShardWriter(tmp_path / "w.safetensors", [Entry("a", "U8", (1000,), 1000)], {})
+    entries = [Entry("a", "U8", (1000,), 1000), Entry("b", "U8", (8,), 8), Entry("c", "U8", (500,), 500)]
+    digests = []
+    writer = ShardWriter(tmp_path / "w.safetensors", entries, {})
     with RangeReader() as reader:
-        writer.copy_from(reader.fd(source), 300, 1000)
-        writer.close()
+        fd = reader.fd(source)
+        assert writer.place("c", fd, 7)
+        assert writer.place("a", fd, 300)
+        writer.skip(fd, 300, 1000)
+        writer.write(memoryview(b"12345678"))
+        writer.skip(fd, 7, 500)
+        writer.close(lambda size, digest: digests.append(digest))
+    data = (tmp_path / "w.safetensors").read_bytes()
     header = read_header(tmp_path / "w.safetensors")
-    data = (tmp_path / "w.safetensors").read_bytes()[header.data_start :]
-    assert data == source.read_bytes()[300:1300]
+    body = source.read_bytes()
+    assert data[header.data_start :] == body[300:1300] + b"12345678" + body[7:507]
+    assert digests == [file_digest(tmp_path / "w.safetensors")]
+
+
+def test_place_stops_between_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "_COPY_PIECE", 100)
+    source = tmp_path / "src.bin"
+    source.write_bytes(bytes(1000))
+    writer = ShardWriter(tmp_path / "w.safetensors", [Entry("a", "U8", (1000,), 1000)], {})
+    calls = []
+    with RangeReader() as reader:
+        assert not writer.place("a", reader.fd(source), 0, lambda: calls.append(1) or len(calls) > 3)
+    writer.abort()
+    assert len(calls) == 4
 
 
 def test_range_reader_reports_truncation(tmp_path):

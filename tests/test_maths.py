@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonemerge import engine, merge
-from bonemerge.checkpoint import TensorRef
+from bonemerge import compute as compute_engine
+from bonemerge import merge
+from bonemerge.checkpoint import TensorRef, dtypes
 from bonemerge.errors import MergeError
 from bonemerge.methods import Block, BlockOp, Target
 from bonemerge.methods import bone as maths
@@ -96,13 +97,13 @@ def test_engine_output_does_not_depend_on_chunking_or_threads(tmp_path, monkeypa
         toy.write_adapter(tmp_path / "bat", variant="bat", r=16, seed=2),
         toy.write_adapter(tmp_path / "mini", method="MISS", variant="mini", r=8, mini_r=4, seed=3),
     ]
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1 << 22)
-    monkeypatch.setattr(engine, "COMPUTE_ELEMENTS", 1 << 22)
-    monkeypatch.setattr(engine, "COMPUTE_THREADS", 1)
+    monkeypatch.setattr(compute_engine, "CHUNK_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(compute_engine, "COMPUTE_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(compute_engine, "COMPUTE_THREADS", 1)
     merge(base, adapters, tmp_path / "whole")
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
-    monkeypatch.setattr(engine, "COMPUTE_ELEMENTS", compute)
-    monkeypatch.setattr(engine, "COMPUTE_THREADS", threads)
+    monkeypatch.setattr(compute_engine, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(compute_engine, "COMPUTE_ELEMENTS", compute)
+    monkeypatch.setattr(compute_engine, "COMPUTE_THREADS", threads)
     merge(base, adapters, tmp_path / "split")
     shards = sorted((tmp_path / "whole").glob("*.safetensors"))
     assert len(shards) == 2
@@ -111,22 +112,57 @@ def test_engine_output_does_not_depend_on_chunking_or_threads(tmp_path, monkeypa
 
 
 def test_chunk_rows_keep_bat_tiles_whole(monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(compute_engine, "CHUNK_ELEMENTS", 100)
     weight = TensorRef("w", Path("w"), 0, "BF16", (96, 64), 96 * 64 * 2)
     tensor = TensorRef("b", Path("b"), 0, "F32", (6, 16, 16), 6 * 16 * 16 * 4)
     block = Block("w", maths.BONE, {"block": tensor}, {"block": "b"}, maths.BoneSettings("bat", 16, None))
     op = BlockOp(block, Target("weight"), "a")
-    assert engine.chunk_rows(Step("w", "BF16", (96, 64), weight)) == 1
-    assert engine.chunk_rows(Step("w", "BF16", (96, 64), weight, (op,))) == 16
+    assert compute_engine.chunk_rows(Step("w", "BF16", (96, 64), weight)) == 1
+    assert compute_engine.chunk_rows(Step("w", "BF16", (96, 64), weight, (op,))) == 16
 
 
 def test_all_finite_is_exact_despite_the_fast_path():
     huge = torch.full((1000,), 3.0e38, dtype=torch.bfloat16)
-    assert engine.all_finite(huge), "a sum that overflows is not a NaN"
+    assert compute_engine.all_finite(huge), "a sum that overflows is not a NaN"
     for bad in (float("nan"), float("inf"), float("-inf")):
         values = torch.zeros(1000, dtype=torch.float16)
         values[517] = bad
-        assert not engine.all_finite(values)
+        assert not compute_engine.all_finite(values)
     both = torch.zeros(10, dtype=torch.float64)
     both[1], both[2] = float("inf"), float("-inf")
-    assert not engine.all_finite(both)
+    assert not compute_engine.all_finite(both)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    ["F64", "F32", "C64", "F16", "BF16", "F8_E5M2", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"],
+)
+def test_finite_bits_agree_with_torch(dtype):
+    """The torch-free NaN/Inf check of adapter blocks (read from the bits) says what
+    `torch.isfinite` says, on every bit pattern of the small types and on random ones of the
+    wide types, with NaN and Inf planted at both ends."""
+    torch_dtype = dtypes.to_torch(dtype)
+    width = torch.empty(0, dtype=torch_dtype).element_size()
+    if width == 1:
+        raw = bytes(range(256))
+        values = torch.frombuffer(bytearray(raw), dtype=torch_dtype)
+        for index in range(256):
+            one = raw[index : index + 1]
+            # torch's isfinite lacks some 8-bit types and calls E8M0's NaN finite: ask the value
+            assert dtypes.all_finite_bytes(memoryview(one), dtype) == bool(
+                torch.isfinite(values[index].float())
+            )
+        return
+    generator = torch.Generator().manual_seed(width)
+    plain = torch.randn(4096, generator=generator).to(torch_dtype)
+    assert dtypes.all_finite_bytes(memoryview(plain.view(torch.uint8).numpy()), dtype)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 4095):
+            broken = plain.clone()
+            broken[where] = complex(0, bad) if dtype == "C64" else bad
+            assert not torch.isfinite(broken).all()
+            assert not dtypes.all_finite_bytes(memoryview(broken.view(torch.uint8).numpy()), dtype)
+    noise = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=generator)
+    for piece in noise.split(width * 16):
+        expected = bool(torch.isfinite(piece.view(torch_dtype)).all())
+        assert dtypes.all_finite_bytes(memoryview(piece.numpy()), dtype) == expected

@@ -64,6 +64,22 @@ TORCH_NAME = {
 }
 BY_TORCH_NAME = {v: k for k, v in TORCH_NAME.items()}
 
+# How each dtype spells NaN and Inf in its bits, as (element width in bytes, mask, value): an
+# element is not finite when `bits & mask == value`. C64 is checked as its two F32 halves.
+# Integer, boolean, F4 and F6 types hold neither.
+_NOT_FINITE = {
+    "F64": (8, 0x7FF0_0000_0000_0000, 0x7FF0_0000_0000_0000),
+    "F32": (4, 0x7F80_0000, 0x7F80_0000),
+    "C64": (4, 0x7F80_0000, 0x7F80_0000),
+    "F16": (2, 0x7C00, 0x7C00),
+    "BF16": (2, 0x7F80, 0x7F80),
+    "F8_E5M2": (1, 0x7C, 0x7C),
+    "F8_E4M3": (1, 0x7F, 0x7F),
+    "F8_E4M3FNUZ": (1, 0xFF, 0x80),
+    "F8_E5M2FNUZ": (1, 0xFF, 0x80),
+    "F8_E8M0": (1, 0xFF, 0xFF),
+}
+
 
 def nbytes(dtype: str, numel: int) -> int | None:
     """Byte size of `numel` elements, or None when sub-byte elements do not fill whole bytes."""
@@ -71,6 +87,20 @@ def nbytes(dtype: str, numel: int) -> int | None:
     if total_bits % 8:
         return None
     return total_bits // 8
+
+
+def all_finite_bytes(raw: memoryview, dtype: str) -> bool:
+    """True when no element of `raw`, little-endian bytes of `dtype`, is NaN or Inf. It reads
+    the bits with numpy rather than the values with torch, so that adapters are checked while
+    torch is still loading."""
+    rule = _NOT_FINITE.get(dtype)
+    if rule is None or not len(raw):
+        return True
+    import numpy as np
+
+    width, mask, value = rule
+    bits = np.frombuffer(raw, dtype=f"<u{width}")
+    return not bool(np.any((bits & bits.dtype.type(mask)) == value))
 
 
 def to_torch(dtype: str) -> torch.dtype:

@@ -8,14 +8,14 @@ need no seeking, so a read-ahead thread and the writer can share descriptors saf
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bonemerge.errors import CheckpointError
 
-if TYPE_CHECKING:
-    pass
+# The most a bounded read of a whole tensor (a check, a fingerprint) holds at once.
+PIECE_BYTES = 64 << 20
 
 
 class RangeReader:
@@ -23,8 +23,14 @@ class RangeReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
+        """The descriptor of `path`, opened on first use by whichever thread asks first."""
+        with self._lock:
+            return self._fd(path)
+
+    def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
             try:
@@ -51,6 +57,19 @@ class RangeReader:
                     "the file was truncated or replaced while bonemerge ran."
                 )
             done += got
+
+    def pieces(
+        self, path: Path, offset: int, size: int, limit: int | None = None, align: int = 1
+    ) -> Iterator[memoryview]:
+        """The `size` bytes at `offset` in consecutive pieces of at most `limit` bytes (default
+        PIECE_BYTES; a multiple of `align`, an element's size), read into one reused buffer: a
+        piece is valid only until the next is asked for."""
+        limit = max(align, (limit or PIECE_BYTES) // align * align)
+        buffer = memoryview(bytearray(min(size, limit)))
+        for begin in range(0, size, limit):
+            view = buffer[: min(limit, size - begin)]
+            self.readinto(path, offset + begin, view)
+            yield view
 
     def read(self, path: Path, offset: int, size: int) -> bytearray:
         buf = bytearray(size)

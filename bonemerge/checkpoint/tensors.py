@@ -14,10 +14,9 @@ from collections.abc import Iterator
 import torch
 
 from bonemerge.checkpoint import dtypes
+from bonemerge.checkpoint import reader as reader_module
 from bonemerge.checkpoint.folder import Source, TensorRef
 from bonemerge.checkpoint.reader import RangeReader
-
-PIECE_BYTES = 64 << 20
 
 
 def _values(raw: bytearray | memoryview, dtype: str) -> torch.Tensor:
@@ -55,20 +54,16 @@ def read_rows(reader: RangeReader, source: Source, start: int, stop: int) -> tor
 
 def pieces(reader: RangeReader, source: Source, limit: int | None = None) -> Iterator[torch.Tensor]:
     """Every value of the tensor, flat, in consecutive pieces of at most `limit` bytes (default
-    PIECE_BYTES) read into one reused buffer: a piece is valid only until the next is asked for."""
-    limit = limit or PIECE_BYTES
+    `reader.PIECE_BYTES`) read into one reused buffer: a piece is valid only until the next is
+    asked for."""
     if not isinstance(source, TensorRef):
         flat = source.tensor.reshape(-1)
-        step = max(1, limit // max(flat.element_size(), 1))
+        step = max(1, (limit or reader_module.PIECE_BYTES) // max(flat.element_size(), 1))
         for begin in range(0, flat.numel(), step):
             yield flat[begin : begin + step]
         return
     itemsize = max(1, dtypes.BITS[source.dtype] // 8)
-    size = min(source.nbytes, max(itemsize, limit // itemsize * itemsize))
-    buffer = memoryview(bytearray(size))
-    for offset in range(0, source.nbytes, size):
-        view = buffer[: min(size, source.nbytes - offset)]
-        reader.readinto(source.path, source.offset + offset, view)
+    for view in reader.pieces(source.path, source.offset, source.nbytes, limit, align=itemsize):
         yield _values(view, source.dtype)
 
 

@@ -4,13 +4,15 @@ The header is fixed before any data is written because the plan knows every tens
 dtype and shape up front. The writer then accepts bytes strictly in header order and counts
 them, so a bug that writes a tensor short, long or out of order fails loudly instead of
 producing a file whose header lies. Untouched tensors go file-to-file with
-`copy_file_range`, never passing through Python memory.
+`copy_file_range`, never passing through Python memory, and may be placed ahead of the
+sequential writing, from another thread, at the offsets the header gives them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +45,7 @@ def _sync_file_range() -> object | None:
 
 _START_WRITEBACK = _sync_file_range()
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+_COPY_PIECE = 64 << 20
 _COPY_BUFFER = 8 << 20
 
 
@@ -70,6 +73,13 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % _ALIGN)
     return len(text).to_bytes(8, "little") + text
+
+
+def _ended_early(path: Path) -> OutputError:
+    return OutputError(
+        f"an input file ended early while it was copied into {path}; it was changed or truncated "
+        "while bonemerge ran."
+    )
 
 
 def hash_source(digest: Digest, fd: int, offset: int, size: int) -> None:
@@ -128,6 +138,7 @@ class ShardWriter:
         self._feed = feed
         self._sizes = [e.nbytes for e in entries]
         self._names = [e.name for e in entries]
+        self._index_of = {e.name: i for i, e in enumerate(entries)}
         self._index = 0
         self._left = self._sizes[0] if self._sizes else 0
         self._copy_file_range = hasattr(os, "copy_file_range")
@@ -139,6 +150,7 @@ class ShardWriter:
         except OSError as exc:
             raise output_failure(path, exc) from None
         header = memoryview(encode_header(entries, metadata))
+        self._starts = list(itertools.accumulate(self._sizes, initial=len(header)))
         write_all(self._fd, header, path)
         self._feed(lambda: self._hash.update(header), None)
         self._skip_empty()
@@ -193,14 +205,27 @@ class ShardWriter:
 
         self._feed(digest, release)
 
-    def copy_from(self, src_fd: int, offset: int, size: int) -> None:
-        """Append `size` bytes from `src_fd` at `offset`, in the kernel where it can (the bytes
-        are then read once more, from the page cache, for the checksum)."""
-        self._advance(size)
-        start, total = offset, size
+    def place(self, name: str, src_fd: int, offset: int, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Copy tensor `name`'s bytes from `src_fd` at `offset` to where the header puts them,
+        ahead of the sequential writing and safe to call from another thread; `skip` steps
+        over them later. Copies in pieces, returning False without finishing once `stop()`."""
+        index = self._index_of[name]
+        start, size = self._starts[index], self._sizes[index]
+        for begin in range(0, size, _COPY_PIECE):
+            if stop():
+                return False
+            piece = min(_COPY_PIECE, size - begin)
+            self._copy_range(src_fd, offset + begin, start + begin, piece)
+            if _START_WRITEBACK is not None:
+                _START_WRITEBACK(self._fd, start + begin, piece, _SYNC_FILE_RANGE_WRITE)
+        return True
+
+    def _copy_range(self, src_fd: int, offset: int, at: int, size: int) -> None:
+        """`size` bytes from `src_fd` at `offset` to this file at `at`: in the kernel where it
+        can, else through a buffer."""
         while size and self._copy_file_range:
             try:
-                got = os.copy_file_range(src_fd, self._fd, size, offset)
+                got = os.copy_file_range(src_fd, self._fd, size, offset, at)
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
                     raise output_failure(self.path, exc) from None
@@ -208,28 +233,25 @@ class ShardWriter:
             if got == 0:
                 self._copy_file_range = False
                 break
-            offset += got
-            size -= got
-        copied = total - size
-        self._feed(lambda: hash_source(self._hash, src_fd, start, copied), None)
-        if size:
-            self._copy_buffered(src_fd, offset, size)
-        self._start_writeback()
-
-    def _copy_buffered(self, src_fd: int, offset: int, size: int) -> None:
+            offset, at, size = offset + got, at + got, size - got
         buf = memoryview(bytearray(min(size, _COPY_BUFFER)))
         while size:
             got = os.preadv(src_fd, [buf[: min(size, len(buf))]], offset)
             if got == 0:
-                raise OutputError(
-                    f"an input file ended early while copying into {self.path}; it was changed "
-                    "or truncated while bonemerge ran."
-                )
-            piece = bytes(buf[:got])
-            write_all(self._fd, memoryview(piece), self.path)
-            self._feed(lambda piece=piece: self._hash.update(piece), None)
-            offset += got
-            size -= got
+                raise _ended_early(self.path)
+            try:
+                os.pwrite(self._fd, buf[:got], at)
+            except OSError as exc:
+                raise output_failure(self.path, exc) from None
+            offset, at, size = offset + got, at + got, size - got
+
+    def skip(self, src_fd: int, offset: int, size: int) -> None:
+        """Step over a tensor `place` has copied: its bytes are hashed, in order, from the
+        source they were copied from (`src_fd` at `offset`)."""
+        self._advance(size)
+        os.lseek(self._fd, size, os.SEEK_CUR)
+        self._feed(lambda: hash_source(self._hash, src_fd, offset, size), None)
+        self._start_writeback()
 
     def close(self, done: Callable[[int, str], None] | None = None) -> None:
         """Check every promised byte arrived and make the file durable; then, after the last

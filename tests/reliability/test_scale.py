@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from bonemerge.adapters.matching import PrefixRule, closest, infer_rule
 from bonemerge.checkpoint import RangeReader, open_checkpoint, tensors
+from bonemerge.checkpoint import reader as reader_module
 from bonemerge.errors import AdapterError
 from tests import toy
 from tests.cliutil import fails, run
@@ -108,7 +109,7 @@ def test_block_is_checked_in_bounded_pieces(tmp_path, base, monkeypatch):
     block = torch.zeros(8, 64)
     block[-1, -1] = float("nan")
     adapter = toy.write_adapter(tmp_path / "big-adapter", blocks={"model.layers.0.self_attn.q_proj": block})
-    monkeypatch.setattr(tensors, "PIECE_BYTES", 256)
+    monkeypatch.setattr(reader_module, "PIECE_BYTES", 256)
     largest = []
     real_readinto = RangeReader.readinto
 

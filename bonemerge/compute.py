@@ -1,0 +1,348 @@
+"""The maths side of the engine: a transformed tensor's row chunks, read, computed and checked.
+
+Tensors stream in row chunks of about `CHUNK_ELEMENTS` elements: a read-ahead thread `pread`s
+raw rows into a small pool of buffers and compute threads convert and transform them, so the
+disk and the CPU work at once. The maths runs on sub-chunks of about `COMPUTE_ELEMENTS`
+elements, small enough that conversion, block maths, rounding and the NaN/Inf check all
+happen in the CPU's L2 cache rather than in four passes over main memory. Every buffer comes
+from a fixed pool, so memory does not grow with the model.
+
+This is the only part of a run that needs torch; `engine` imports it when the first tensor to
+compute comes up, so that everything before it runs while torch is still loading.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
+from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.engine import WRITE_BEHIND, Chunk, EngineOptions, rows_cols
+from bonemerge.errors import BonemergeError, MergeError
+from bonemerge.methods import BlockOp, RowMaths
+from bonemerge.pipeline import Pool
+
+if TYPE_CHECKING:
+    from bonemerge.plan import Step
+
+CHUNK_ELEMENTS = 2 << 20
+COMPUTE_ELEMENTS = 1 << 18
+COMPUTE_THREADS = min(2, os.cpu_count() or 1)
+READ_AHEAD = 3
+
+
+def _row_multiple(step: Step) -> int:
+    multiple = 1
+    for op in step.ops:
+        multiple = math.lcm(multiple, op.block.method.row_multiple(op))
+    return multiple
+
+
+def _fit(step: Step, elements: int) -> int:
+    """Rows holding about `elements` elements, a multiple of the rows every op keeps together."""
+    rows, cols = rows_cols(step.shape)
+    multiple = _row_multiple(step)
+    fit = max(1, elements // max(cols, 1) // multiple) * multiple
+    return min(rows, fit) if rows else 0
+
+
+def chunk_rows(step: Step) -> int:
+    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole row groups (Bat tiles, say)."""
+    return _fit(step, CHUNK_ELEMENTS)
+
+
+def _spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    for begin in range(start, stop, size or 1):
+        yield begin, min(stop, begin + size)
+
+
+def _chunks(step: Step) -> Iterator[tuple[int, int]]:
+    return _spans(0, rows_cols(step.shape)[0], chunk_rows(step))
+
+
+def compute_dtype(step: Step, precision: str) -> torch.dtype:
+    if precision == "fp64" or step.dtype == "F64" or (precision == "auto" and step.dtype == "F32"):
+        return torch.float64
+    return torch.float32
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """NaN/Inf check at the cost of one sum: NaN and Inf survive summation, so a finite sum
+    proves a finite chunk; only a non-finite sum (or an overflowing one) needs the full test."""
+    total = values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+
+
+@dataclass(frozen=True)
+class _Computing:
+    """A chunk handed to a compute thread: rows [start, stop) land in `typed`, a view of the
+    pooled `buffer`, once `job` is done."""
+
+    start: int
+    stop: int
+    typed: torch.Tensor
+    buffer: torch.Tensor
+    job: Future[None]
+
+
+@dataclass(frozen=True)
+class _Read:
+    step: Step
+    start: int
+    stop: int
+
+
+class _ReadAhead:
+    """A thread that `pread`s the raw rows of upcoming chunks into a pool of buffers."""
+
+    def __init__(self, reader: RangeReader, reads: list[_Read], size: int) -> None:
+        self._reader = reader
+        self._reads = reads
+        self._pool: Pool[bytearray] = Pool(bytearray(size) for _ in range(READ_AHEAD if reads else 0))
+        self._ready: list[tuple[_Read, bytearray] | BaseException] = []
+        self._available = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bonemerge-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _publish(self, item: tuple[_Read, bytearray] | BaseException) -> None:
+        with self._available:
+            self._ready.append(item)
+            self._available.notify()
+
+    def _run(self) -> None:
+        try:
+            for read in self._reads:
+                buf = self._pool.take(self._stop)
+                if buf is None:
+                    return
+                source = read.step.source
+                _, cols = rows_cols(source.shape)
+                row_bytes = cols * dtypes.BITS[source.dtype] // 8
+                size = (read.stop - read.start) * row_bytes
+                self._reader.readinto(
+                    source.path, source.offset + read.start * row_bytes, memoryview(buf)[:size]
+                )
+                self._publish((read, buf))
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self._publish(exc)
+
+    def next(self) -> tuple[_Read, bytearray]:
+        with self._available:
+            while not self._ready:
+                self._available.wait()
+            item = self._ready.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def release(self, buf: bytearray) -> None:
+        self._pool.give(buf)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Compute:
+    """Computes the chunks of transformed steps (never plain copies), in plan order: a read-ahead
+    thread `pread`s their raw rows while compute threads turn earlier rows into output bytes."""
+
+    def __init__(self, steps: Sequence[Step], options: EngineOptions, reader: RangeReader) -> None:
+        self.options = options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BonemergeError("--device cuda was asked for, but torch sees no CUDA device here.")
+        self.reader = reader
+        transformed = [s for s in steps if s.nbytes]
+
+        def chunk_bytes(step: Step, dtype: str) -> int:
+            return chunk_rows(step) * rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
+
+        wide = any(s.ops and compute_dtype(s, options.precision) == torch.float64 for s in transformed)
+        self._work_dtype = torch.float64 if wide else torch.float32
+        self._work_size = max(
+            (_fit(s, COMPUTE_ELEMENTS) * rows_cols(s.shape)[1] for s in transformed if s.ops), default=0
+        )
+        self._local = threading.local()
+        self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
+        self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
+        self._torch_threads = torch.get_num_threads()
+        if self._parallel > 1:
+            torch.set_num_threads(1)
+        out_bytes = max((chunk_bytes(s, s.dtype) for s in transformed), default=0)
+        self._out: Pool[torch.Tensor] = Pool(
+            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + self._parallel)
+        )
+        raw_size = max(
+            (chunk_bytes(s, s.source.dtype) for s in transformed if isinstance(s.source, TensorRef)),
+            default=0,
+        )
+        reads = [
+            _Read(step, start, stop)
+            for step in transformed
+            if isinstance(step.source, TensorRef)
+            for start, stop in _chunks(step)
+        ]
+        self._ahead = _ReadAhead(reader, reads, raw_size)
+
+    def close(self) -> None:
+        self._ahead.close()
+        self._threads.shutdown()
+        torch.set_num_threads(self._torch_threads)
+
+    def _work_buffer(self) -> torch.Tensor:
+        """This compute thread's own scratch buffer, allocated on first use."""
+        work = getattr(self._local, "work", None)
+        if work is None:
+            work = self._local.work = torch.empty(self._work_size, dtype=self._work_dtype)
+        return work
+
+    def transform(self, step: Step) -> Iterator[Chunk]:
+        """Chunks of one step, computed on the compute threads, yielded in order."""
+        ahead = self._ahead
+        compute = compute_dtype(step, self.options.precision)
+        prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
+        self._first_pass(step, prepared, compute)
+        out_dtype = dtypes.to_torch(step.dtype)
+        _, cols = rows_cols(step.shape)
+        pending: deque[_Computing] = deque()
+        try:
+            for start, stop in _chunks(step):
+                rows, buf = self._rows(step, start, stop, ahead)
+                out = self._out.take()
+                typed = (
+                    out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
+                )
+                job = self._threads.submit(
+                    self._fill, step, prepared, compute, rows, typed, start, buf, ahead
+                )
+                pending.append(_Computing(start, stop, typed, out, job))
+                if len(pending) >= self._parallel:
+                    yield self._finished(step, pending.popleft())
+            while pending:
+                yield self._finished(step, pending.popleft())
+        finally:
+            for item in pending:
+                item.job.exception()
+                self._out.give(item.buffer)
+            if isinstance(step.source, ComputedTensor):
+                step.source.release()
+
+    def _finished(self, step: Step, item: _Computing) -> Chunk:
+        try:
+            item.job.result()
+        except BaseException:
+            self._out.give(item.buffer)
+            raise
+        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer))
+
+    def _fill(
+        self,
+        step: Step,
+        prepared: list[tuple[RowMaths, bool]],
+        compute: torch.dtype,
+        rows: torch.Tensor,
+        typed: torch.Tensor,
+        start: int,
+        buf: bytearray | None,
+        ahead: _ReadAhead,
+    ) -> None:
+        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread)."""
+        check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
+        # A finite sum of squares of the fp32 result bounds every element far below the bf16
+        # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
+        squares = check and step.dtype == "BF16" and compute == torch.float32 and self.device.type == "cpu"
+        try:
+            for begin, end in _spans(0, typed.shape[0], _fit(step, COMPUTE_ELEMENTS)):
+                target = typed[begin:end]
+                finite = False
+                if prepared:
+                    work = self._compute(rows[begin:end], prepared, compute, start + begin)
+                    target.copy_(work)
+                    flat = work.view(-1)
+                    finite = squares and bool(torch.isfinite(torch.dot(flat, flat)))
+                else:
+                    target.copy_(rows[begin:end])
+                if check and not finite and not all_finite(target):
+                    _non_finite(step, start + begin, start + end)
+        finally:
+            if buf is not None:
+                ahead.release(buf)
+
+    def _prepare(self, op: BlockOp, step: Step, compute: torch.dtype) -> RowMaths:
+        def load(part: str) -> torch.Tensor:
+            return self.load(op.block.parts[part])
+
+        return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
+
+    def _first_pass(self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype) -> None:
+        """Stream the tensor once for every op whose maths needs a whole-tensor statistic
+        (DoRA's column norms), applying the ops before it, so that it sees what it will merge into."""
+        for index, (block, _) in enumerate(prepared):
+            if not block.needs_pass:
+                continue
+            for start, stop in _chunks(step):
+                rows = read_rows(self.reader, step.source, start, stop)
+                work = rows.to(device=self.device, dtype=compute, copy=True)
+                for earlier, inverse in prepared[:index]:
+                    (earlier.unmerge if inverse else earlier.merge)(work, start)
+                block.observe(work, start)
+            block.finish()
+
+    def load(self, source: Source) -> torch.Tensor:
+        """A whole (small) tensor such as an adapter block, in its own dtype."""
+        return read_whole(self.reader, source)
+
+    def _rows(
+        self, step: Step, start: int, stop: int, ahead: _ReadAhead
+    ) -> tuple[torch.Tensor, bytearray | None]:
+        source = step.source
+        rows, cols = rows_cols(source.shape)
+        if not isinstance(source, TensorRef):
+            return source.tensor.reshape(rows, cols)[start:stop], None
+        read, buf = ahead.next()
+        assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"
+        raw = torch.frombuffer(buf, dtype=dtypes.to_torch(source.dtype), count=(stop - start) * cols)
+        return raw.view(stop - start, cols), buf
+
+    def _compute(
+        self,
+        rows: torch.Tensor,
+        prepared: list[tuple[RowMaths, bool]],
+        dtype: torch.dtype,
+        start: int,
+    ) -> torch.Tensor:
+        """The rows in the compute dtype with every block applied, in order, in place."""
+        if self.device.type == "cpu":
+            work = self._work_buffer().view(dtype)[: rows.numel()].view(rows.shape)
+            work.copy_(rows)
+        else:
+            work = rows.to(self.device).to(dtype)
+        for block, inverse in prepared:
+            if inverse:
+                block.unmerge(work, start)
+            else:
+                block.merge(work, start)
+        return work
+
+
+def _non_finite(step: Step, start: int, stop: int) -> None:
+    if step.ops:
+        verb = "unmerging" if step.ops[0].inverse else "merging"
+        what = f"{verb} {', '.join(op.adapter for op in step.ops)} into {step.name}"
+    else:
+        what = f"converting {step.name} to {dtypes.TORCH_NAME[step.dtype]}"
+    raise MergeError(
+        f"{what} gave NaN or Inf in rows {start}-{stop - 1}; the adapter or the input holds "
+        "broken values (pass --no-safe-merge to write them anyway)."
+    )
