@@ -3,9 +3,11 @@
 Tensors stream in row chunks of about `CHUNK_ELEMENTS` elements: a read-ahead thread `pread`s
 raw rows into a small pool of buffers and compute threads convert and transform them, so the
 disk and the CPU work at once. The maths runs on sub-chunks of about `COMPUTE_ELEMENTS`
-elements, small enough that conversion, block maths, rounding and the NaN/Inf check all
-happen in the CPU's L2 cache rather than in four passes over main memory. Every buffer comes
-from a fixed pool, so memory does not grow with the model.
+elements: small enough that conversion, block maths, rounding and the NaN/Inf check stay in
+the CPU's caches instead of making four passes over main memory, large enough that torch's
+fixed cost per call (a few microseconds, a dozen calls per sub-chunk, each taking the GIL)
+stays small. On the 1.1B bench, 1M elements took 8-10% less CPU than 256K for Bone and Bat.
+Every buffer comes from a fixed pool, so memory does not grow with the model.
 
 This is the only part of a run that needs torch; `engine` imports it when the first tensor to
 compute comes up, so that everything before it runs while torch is still loading.
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from bonemerge.plan import Step
 
 CHUNK_ELEMENTS = 2 << 20
-COMPUTE_ELEMENTS = 1 << 18
+COMPUTE_ELEMENTS = 1 << 20
 COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 READ_AHEAD = 3
 

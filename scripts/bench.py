@@ -183,7 +183,12 @@ def _first_byte(out: Path, began: float, found: list[float], stop: threading.Eve
         time.sleep(0.002)
 
 
-def run(command: list[str], out: Path, env: dict[str, str] | None = None) -> Sample:
+# Children run as they would for a user, whose installed packages carry compiled bytecode:
+# with PYTHONDONTWRITEBYTECODE (set on some CI machines) every run would recompile bonemerge.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def run(command: list[str], out: Path, cwd: Path | None = None) -> Sample:
     """Wall time, CPU time (user + system), peak RSS (bytes) and time to the first written
     weight byte of one child process, from `wait4` and a polling thread."""
     began = time.perf_counter()
@@ -191,7 +196,7 @@ def run(command: list[str], out: Path, env: dict[str, str] | None = None) -> Sam
     stop = threading.Event()
     watcher = threading.Thread(target=_first_byte, args=(out, began, found, stop), daemon=True)
     watcher.start()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, env=CHILD_ENV, cwd=cwd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - began
     stop.set()
@@ -255,6 +260,12 @@ def main() -> None:
     )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's own route")
     parser.add_argument("--extra", default="", help="extra options passed to every bonemerge merge")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run each merge with the bonemerge source tree in this folder (a git worktree of "
+        "an earlier commit, say), alternating with this one",
+    )
     parser.add_argument("--prepare", choices=sorted(SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
@@ -285,6 +296,9 @@ def main() -> None:
         for kind in variants:
             merge = [bonemerge, "merge", str(base), str(adapters[kind]), "-o", OUT, "-q", *args.extra.split()]
             contenders[f"bonemerge {kind}"] = merge
+            if args.baseline:
+                main = "from bonemerge.cli import main; main()"
+                contenders[f"baseline {kind}"] = [sys.executable, "-c", main, *merge[1:]]
         if not args.no_peft and 2.2 * total < 0.8 * memory:
             for kind in [k for k in ("bone", "bat", "lora16", "dora16") if k in variants]:
                 route = [sys.executable, "-c", PEFT_ROUTE, str(base), str(adapters[kind]), OUT]
@@ -296,7 +310,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 subprocess.run(["sync"])
                 warm(base)
-                samples[name].append(run([str(out) if part is OUT else part for part in command], out))
+                cwd = args.baseline if name.startswith("baseline") else None
+                samples[name].append(run([str(out) if part is OUT else part for part in command], out, cwd))
                 print(
                     f"  {size} round {round_number + 1} {name}: {samples[name][-1].seconds:.2f} s",
                     file=sys.stderr,
