@@ -1,0 +1,79 @@
+"""Untouched tensors are copied ahead of the writer, on a thread of their own: the bytes land
+where the header says whichever copy path the filesystem allows, and a failure on that thread
+is one clear error with nothing left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bonemerge import merge
+from bonemerge.checkpoint import writer as writer_module
+from bonemerge.errors import OutputError
+from tests import toy
+from tests.conftest import tree_digest
+from tests.reliability.test_faults import no_leftovers
+
+
+@pytest.fixture(scope="module")
+def mostly_untouched(tmp_path_factory) -> tuple[Path, Path]:
+    """A base whose bytes are mostly tensors the adapter leaves alone (a large embedding and
+    LM head around small targeted projections), in three shards."""
+    root = tmp_path_factory.mktemp("untouched")
+    tensors = toy.base_tensors(torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.randn(20_000, 64, generator=generator).to(torch.bfloat16)
+    return toy.write_base(root / "base", tensors, shards=3), toy.write_adapter(root / "bone", seed=2)
+
+
+def weights(folder: Path) -> dict[str, str]:
+    return {name: digest for name, digest in tree_digest(folder).items() if name.endswith(".safetensors")}
+
+
+def refused(*args):
+    raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+
+def test_every_copy_path_writes_the_same_files(tmp_path, mostly_untouched, monkeypatch):
+    """In the kernel (`copy_file_range`), through a buffer when the kernel refuses (EXDEV, as
+    across filesystems), and in pieces smaller than a tensor: identical outputs."""
+    base, adapter = mostly_untouched
+    merge(base, [adapter], tmp_path / "kernel")
+    monkeypatch.setattr(writer_module, "_COPY_PIECE", 4096)
+    merge(base, [adapter], tmp_path / "pieces")
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    merge(base, [adapter], tmp_path / "buffered")
+    expected = weights(tmp_path / "kernel")
+    assert len(expected) == 3
+    assert weights(tmp_path / "pieces") == expected
+    assert weights(tmp_path / "buffered") == expected
+
+
+@pytest.mark.parametrize("path", ["copy_file_range", "pwrite"])
+def test_a_full_disk_while_copying_ahead(tmp_path, mostly_untouched, monkeypatch, path):
+    """ENOSPC on the copy-ahead thread, in the kernel copy or the buffered one: the run fails
+    with the one-sentence error of a full disk, and leaves nothing behind."""
+    base, adapter = mostly_untouched
+    out = tmp_path / "merged"
+    calls = {"n": 0}
+    monkeypatch.setattr(writer_module, "_COPY_PIECE", 64 << 10)
+
+    def full(*args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    if path == "pwrite":
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    real = getattr(os, path)
+    monkeypatch.setattr(os, path, full)
+    with pytest.raises(OutputError, match="No space left on device; free some space"):
+        merge(base, [adapter], out)
+    assert calls["n"] > 3
+    no_leftovers(out)
