@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -48,22 +49,28 @@ class _TorchLoading:
 
     The thread holds back Ctrl-C and SIGTERM, so that they reach the main thread, which turns
     them into a clean exit (raised inside torch's C++ start-up they would abort the process).
-    Once loaded, everything torch allocated is moved out of the garbage collector's sight
-    (`gc.freeze`): a full collection walking those objects stalls every thread for ~0.1 s.
+    The garbage collector is off while torch loads and, after, everything torch allocated is
+    moved out of its sight (`gc.freeze`): otherwise full collections walking those objects
+    cost 0.1 s during the import and stall every thread for as long later. numpy's OpenBLAS,
+    which bonemerge never calls, is kept to one thread: its idle threads spin for 0.1 CPU-s.
     """
 
     def __init__(self) -> None:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         self._thread = threading.Thread(target=self._load, name="bonemerge-torch", daemon=True)
         self._thread.start()
 
     @staticmethod
     def _load() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        gc.disable()
         try:
             importlib.import_module("torch")
         except BaseException:  # the command's own `import torch` raises it where it matters
-            return
-        gc.freeze()
+            pass
+        finally:
+            gc.freeze()
+            gc.enable()
 
     def wait(self) -> None:
         """Let the import finish before the process exits: a daemon thread stopped inside
