@@ -290,7 +290,7 @@ def _write_model(
     notes: Sequence[str],
 ) -> Report:
     """Stream `plan` into the staging folder with index, companions, card and a manifest of
-    every file's SHA-256 and the history (`lineage`, the input's, plus this run's `entry`),
+    every file's digest and the history (`lineage`, the input's, plus this run's `entry`),
     checking that no input changes meanwhile; then publish."""
     from bonemerge import companions
     from bonemerge.checkpoint.reader import InputWatch
@@ -770,7 +770,7 @@ def _conversion_base(adapter: Adapter, base: PathLike | None, to: str | None) ->
 def _write_adapter_manifest(
     folder: Path, lineage: Sequence[dict] | None, entry: dict, config: dict
 ) -> list[str]:
-    """bonemerge.json for an adapter bonemerge wrote: every file's size and SHA-256 (so that
+    """bonemerge.json for an adapter bonemerge wrote: every file's size and digest (so that
     `verify --checksums` works on it) and its history. Returns every file name."""
     created = _now()
     fields = {
@@ -856,7 +856,7 @@ def _verify_mode(merged: Checkpoint, adapters: Sequence[Adapter], options) -> tu
 
 
 def verify_checksums(merged: PathLike):
-    """Check every file of a bonemerge output against the SHA-256 its manifest recorded."""
+    """Check every file of a bonemerge output against the digest its manifest recorded."""
     from bonemerge.checkpoint.folder import loader_weights
     from bonemerge.manifest import listed_files, read_manifest
     from bonemerge.verify import verify_checksums as check

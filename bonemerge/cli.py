@@ -163,7 +163,7 @@ _resume = click.option(
     "--resume",
     is_flag=True,
     help="Reuse the shards an interrupted or crashed run of the same command finished (checked by "
-    "SHA-256); on failure, keep this run's finished shards for the next --resume.",
+    "their BLAKE3 digests); on failure, keep this run's finished shards for the next --resume.",
 )
 _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 _as_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -490,7 +490,7 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 @click.option(
     "--checksums",
     is_flag=True,
-    help="Check every file against the SHA-256 recorded in bonemerge.json (no base needed).",
+    help="Check every file against the digest recorded in bonemerge.json (no base needed).",
 )
 @_options(_adapter_name, _base_revision, _adapter_revision, _as_json)
 @click.option(

@@ -1,7 +1,7 @@
 """`bonemerge.json`: what bonemerge wrote into an output folder, read back without trusting it.
 
-The manifest says how an output was made (inspect shows it) and records the size and SHA-256
-of every file (`verify --checksums`); its presence is also what lets `--overwrite` replace a
+The manifest says how an output was made (inspect shows it) and records the size and BLAKE3
+digest of every file (`verify --checksums`); its presence is also what lets `--overwrite` replace a
 folder. A folder can come from anyone, so a manifest is read as hostile input: it must be an
 object written by bonemerge, its file list a map of relative names inside the folder to sizes
 and digests, and no name may lead out of the folder, however it is spelled or linked.

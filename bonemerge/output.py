@@ -5,7 +5,7 @@ when every file is written and fsynced. A previous output is swapped out atomica
 (`renameat2(RENAME_EXCHANGE)` where the kernel has it) and only then deleted, so at every
 instant the path holds either the old complete result or the new one. A lock beside the
 output keeps a second run away, and the staging folder records enough (the plan's
-fingerprint, each finished shard's SHA-256) for `--resume` to continue a killed run safely.
+fingerprint, each finished shard's digest) for `--resume` to continue a killed run safely.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Staging:
     """A hidden folder beside `output` that becomes `output` on `publish`, or vanishes.
 
     The folder's name is fixed (`.NAME.bonemerge-partial`) and it records a fingerprint of the
-    plan and, as each shard becomes durable, its size and SHA-256. A run started with `resume`
+    plan and, as each shard becomes durable, its size and digest. A run started with `resume`
     finds the folder an interrupted or crashed run left, and if the fingerprint is the same
     keeps every shard whose bytes still match its record; anything else there is discarded.
     Without `resume`, a failed run removes the folder; with it, the finished shards stay.

@@ -121,9 +121,11 @@ def run_now(job: Job, on_skip: Job | None = None) -> None:
 
 
 class ShardWriter:
-    """Streams one shard: `write` and `copy_from` must supply each tensor's bytes in order.
+    """Streams one shard: `write` and `skip` must account for each tensor's bytes in order
+    (`skip` steps over an untouched tensor `place` copied, possibly earlier and from another
+    thread).
 
-    Every byte written also goes through SHA-256, so that `close` can say exactly what the
+    Every byte written is also hashed (`digest.py`), so that `close` can say exactly what the
     file holds (recorded in the output's manifest, checked by `verify --checksums` and by
     `--resume` before it trusts a shard an interrupted run finished). Hashing is handed to
     `feed` in order, which may run it on another thread: `feed(job, on_skip)` must run the
