@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from bonemerge import merge
 from bonemerge.checkpoint import writer as writer_module
+from bonemerge.engine import Engine
 from bonemerge.errors import OutputError
 from tests import toy
 from tests.conftest import tree_digest
@@ -76,4 +79,36 @@ def test_a_full_disk_while_copying_ahead(tmp_path, mostly_untouched, monkeypatch
     with pytest.raises(OutputError, match="No space left on device; free some space"):
         merge(base, [adapter], out)
     assert calls["n"] > 3
+    no_leftovers(out)
+
+
+def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, monkeypatch):
+    """Ctrl-C while untouched tensors are still being copied ahead (slowly, here): the copy
+    stops within a piece, the thread is gone, and nothing is left behind."""
+    base, adapter = mostly_untouched
+    out = tmp_path / "merged"
+    monkeypatch.setattr(writer_module, "_COPY_PIECE", 4096)
+    real_copy = os.copy_file_range
+    copies = {"n": 0}
+
+    def slow_copy(*args):
+        copies["n"] += 1
+        time.sleep(0.01)
+        return real_copy(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    real_stream = Engine.stream
+
+    def interrupted(self):
+        for number, chunk in enumerate(real_stream(self)):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(base, [adapter], out)
+    assert not any(t.name == "bonemerge-copy-ahead" for t in threading.enumerate())
+    pieces = 2 * 20_000 * 64 * 2 // 4096
+    assert 0 < copies["n"] < pieces, "the copy ran to the end instead of stopping"
     no_leftovers(out)
