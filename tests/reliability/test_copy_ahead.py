@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from bonemerge import merge
 from bonemerge.checkpoint import writer as writer_module
 from bonemerge.engine import Engine
-from bonemerge.errors import OutputError
+from bonemerge.errors import BonemergeError, OutputError
 from tests import toy
 from tests.conftest import tree_digest
 from tests.reliability.test_faults import no_leftovers
@@ -111,4 +112,27 @@ def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, mo
     assert not any(t.name == "bonemerge-copy-ahead" for t in threading.enumerate())
     pieces = 2 * 20_000 * 64 * 2 // 4096
     assert 0 < copies["n"] < pieces, "the copy ran to the end instead of stopping"
+    no_leftovers(out)
+
+
+def test_an_input_truncated_under_the_copy_is_one_clear_error(tmp_path, mostly_untouched, monkeypatch):
+    """An input shard cut short just before its untouched tensors are copied ahead: one
+    sentence naming what happened, nothing written (never a shard with missing bytes)."""
+    base, adapter = mostly_untouched
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    out = tmp_path / "merged"
+    real_place = writer_module.ShardWriter.place
+
+    def place(self, name, src_fd, offset, stop=lambda: False):
+        fd = os.open(os.readlink(f"/proc/self/fd/{src_fd}"), os.O_WRONLY)
+        os.ftruncate(fd, offset + 10)
+        os.close(fd)
+        return real_place(self, name, src_fd, offset, stop)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "place", place)
+    with pytest.raises(BonemergeError) as caught:
+        merge(copy, [adapter], out)
+    message = str(caught.value)
+    assert "\n" not in message and ("ended" in message or "changed" in message), message
     no_leftovers(out)
