@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonemerge.adapters.config import AdapterConfig, read_adapter_config
+from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, dtypes, read_header
 from bonemerge.checkpoint.confine import kind_of
 from bonemerge.errors import AdapterError
@@ -162,4 +163,5 @@ def load_adapter(path: str | Path) -> Adapter:
         raise AdapterError(
             f"{weights} holds no {method.name} tensors; it is empty or not a {config.peft_type} adapter."
         )
+    check_scope(blocks, config.raw, folder / "adapter_config.json", weights)
     return Adapter(folder, weights, config, blocks, replacements, frozenset(frozen), saved_as=saved_as)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bonemerge.adapters.config import read_adapter_config
 from bonemerge.adapters.loader import PREFIX, Adapter, check_real
+from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import Checkpoint, Source
 from bonemerge.errors import AdapterError
 from bonemerge.methods import PEFT_TENSOR, Method, claim_training, supported
@@ -143,6 +144,8 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
             method.make_block(module, parts, keys[adapter_name][module], config, where)
             for module, parts in modules.items()
         )
+        if folder is not None:
+            check_scope(blocks, config.raw, folder / "adapter_config.json", where)
         replacements = {name: checkpoint.tensors[key] for name, key in copies.items()}
         adapters[adapter_name] = Adapter(
             checkpoint.root, where, config, blocks, replacements, name=adapter_name
