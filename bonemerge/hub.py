@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonemerge.checkpoint.confine import expand_home
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, shown
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
 METADATA = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
@@ -95,12 +95,16 @@ def locate(
     path = expand_home(text)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name longer than the file system allows, a loop of links
+        raise BonemergeError(f"{shown(text, quote=False)} is not a usable path ({exc.strerror}).") from None
+    if exists:
         if revision:
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
         return Location(path)
     if looks_local(text):
-        raise BonemergeError(f"{text} does not exist; check the path.")
+        raise BonemergeError(f"{shown(text, quote=False)} does not exist; check the path.")
     parsed = parse_reference(text, revision)
     if parsed is None:
         return Location(path)

@@ -146,6 +146,6 @@ def check_scope(blocks: Iterable[Block], raw: dict, config: Path, weights: Path)
         field = excluded_by(raw, block.module, config)
         if field is not None:
             raise AdapterError(
-                f"{weights} holds {block.key}, but the {field} of {config} excludes {block.module}, "
+                f"{weights} holds {block.key}, but the {field} of {config} leave out {block.module}, "
                 f"so PEFT would never load it; remove the tensor or correct {field}."
             )
