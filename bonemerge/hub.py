@@ -68,7 +68,7 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
     pinned = match.group("revision")
     if pinned and revision and pinned != revision:
         raise BonemergeError(
-            f"{reference} pins revision {pinned!r} but {revision!r} was also given; pass one."
+            f"{reference} pins revision {shown(pinned)} but {shown(revision)} was also given; pass one."
         )
     return match.group("repo"), pinned or revision
 
@@ -144,7 +144,9 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
             "the repo is private."
         )
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{repo} has no revision {revision!r} on {where}; check the branch, tag or commit.")
+        return HubError(
+            f"{repo} has no revision {shown(revision)} on {where}; check the branch, tag or commit."
+        )
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} cannot be reached"
         return HubError(
@@ -279,7 +281,7 @@ class Push:
 
         problem = id_problem(self.repo_id)
         if problem:
-            raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id ({problem}).")
+            raise BonemergeError(f"{shown(self.repo_id)} is not a Hub repo id ({problem}).")
         if self.create_pr and self.revision:
             raise BonemergeError(
                 "--create-pr opens a pull request against main; it cannot be combined with --revision."

@@ -7,6 +7,7 @@ Each refusal goes through `fails`: exit 1, one sentence, nothing written, inputs
 from __future__ import annotations
 
 import json
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -289,8 +290,16 @@ def test_a_hostile_base_name_is_cut_short(tmp_path, name):
     assert len(message) < 300
 
 
+def test_a_hostile_tensor_name_is_cut_short(tmp_path):
+    base = toy.write_base(tmp_path / "base")
+    header = json.dumps({"n" * 5000: {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (base / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    message = fails(tmp_path, "inspect", base, expect=("'Q9'", "nnn…nnn"))
+    assert len(message) < 600, len(message)
+
+
 def test_shown_cuts_long_values_only():
     assert shown("q_proj") == "'q_proj'"
     assert shown("IA3", quote=False) == "IA3"
-    cut = shown(HUGE)
-    assert len(cut) == 80 and cut.endswith("…") and cut.startswith("'xxx")
+    cut = shown("'head" + HUGE + "tail'", quote=False)
+    assert len(cut) == 80 and cut.startswith("'headxx") and cut.endswith("xxtail'") and "…" in cut
