@@ -165,6 +165,11 @@ CONFIGS = [
     {"target_modules": ["q_proj", "query"], "layers_to_transform": [4], "layers_pattern": ["layer", "h"]},
     {"target_modules": ["q_proj"], "layers_to_transform": [], "layers_pattern": "layers"},
     {"target_modules": [Q0, "up_proj"], "layers_to_transform": [1]},
+    {
+        "target_modules": ["q_proj", "c_attn"],
+        "layers_to_transform": [2, 12],
+        "layers_pattern": "(?:h|layer)s?",
+    },
     {"target_modules": r".*(q_proj|query)"},
     {"target_modules": "q_proj"},
     {"target_modules": ["q_proj", "up_proj"], "exclude_modules": ["model.layers.1.mlp.up_proj"]},
@@ -188,6 +193,12 @@ def test_scope_is_pefts(config, tmp_path):
 def test_a_pattern_re2_cannot_read_is_one_sentence(tmp_path, base):
     adapter = lora(tmp_path / "adapter", {"target_modules": r".*(?=q)q_proj"})
     refused(tmp_path, base, adapter, "target_modules", "RE2")
+
+
+def test_a_layers_pattern_with_a_group_is_one_sentence(tmp_path, base):
+    """PEFT reads the first group as the layer index (and fails on it); so does bonemerge."""
+    config = {"layers_to_transform": [0], "layers_pattern": "(layers)"}
+    refused(tmp_path, base, lora(tmp_path / "adapter", config), "layers_pattern", "parentheses")
 
 
 def test_a_hostile_pattern_takes_no_time(tmp_path, base):

@@ -103,7 +103,13 @@ def _layer_index(raw: dict, module: str, path: Path) -> int | None:
     for regex in regexes:
         found = _search("start", regex, module, "layers_pattern", path)
         if found is not None:
-            return int(found.group(1))
+            index = found.group(1)
+            if not (index and index.isascii() and index.isdigit()):
+                raise AdapterError(
+                    f"{path} has a layers_pattern with a group of its own, which PEFT would read as "
+                    f"the layer index ({shown(index)} in {module}); write it without parentheses."
+                )
+            return int(index)
     return None
 
 
