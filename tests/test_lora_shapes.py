@@ -309,6 +309,13 @@ def test_a_hostile_tensor_name_is_cut_short(tmp_path):
     assert len(message) < 600, len(message)
 
 
+def test_a_hostile_adapter_key_is_cut_short(tmp_path, base):
+    """Messages name tensors as they are; the CLI cuts any word longer than 300 characters."""
+    adapter = lora(tmp_path / "adapter", **{HUGE + ".lora_A.weight": torch.ones(4, 64)})
+    message = refused(tmp_path, base, adapter, "lora_B", "xxx…xxx")
+    assert len(message) < 800, len(message)
+
+
 def test_shown_cuts_long_values_only():
     assert shown("q_proj") == "'q_proj'"
     assert shown("IA3", quote=False) == "IA3"
