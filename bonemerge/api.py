@@ -24,7 +24,7 @@ from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, RangeReader, Source, TensorRef, dtypes, layout, open_checkpoint
 from bonemerge.dtype_names import parse_dtype
-from bonemerge.errors import AdapterError, BonemergeError
+from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.hub import Location, Push, locate
 from bonemerge.manifest import MANIFEST, write_manifest
 from bonemerge.output import Staging, check_free_space, check_output
@@ -63,7 +63,7 @@ def _options(device: str, precision: str, safe_merge: bool, progress: bool):
     from bonemerge.engine import EngineOptions
 
     if precision not in PRECISIONS:
-        raise BonemergeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+        raise BonemergeError(f"unknown precision {shown(precision)}; choose one of {', '.join(PRECISIONS)}.")
     check_device(device)
     return EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
 
@@ -73,7 +73,7 @@ def check_device(device: str) -> None:
     `xpu`, `mps`...) would fail deep in a run, so it is refused before any work. Only a CUDA
     device waits for torch to load; the CPU needs no asking."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise BonemergeError(f"unknown or unsupported device {device!r}; use cpu, cuda or cuda:N.")
+        raise BonemergeError(f"unknown or unsupported device {shown(device)}; use cpu, cuda or cuda:N.")
     if device == "cpu":
         return
     import torch
@@ -743,9 +743,9 @@ def parse_rank(rank: int | str | None, max_error: float | None):
     try:
         value = int(rank)
     except (TypeError, ValueError):
-        raise BonemergeError(f"--rank {rank!r} is neither a positive integer nor auto.") from None
+        raise BonemergeError(f"--rank {shown(rank)} is neither a positive integer nor auto.") from None
     if value <= 0:
-        raise BonemergeError(f"--rank {rank!r} is neither a positive integer nor auto.")
+        raise BonemergeError(f"--rank {shown(rank)} is neither a positive integer nor auto.")
     if max_error is not None:
         raise BonemergeError("--max-error goes with --rank auto, not with a fixed --rank.")
     return RankRequest(rank=value)

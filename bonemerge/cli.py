@@ -11,6 +11,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -25,7 +26,7 @@ from bonemerge import __version__
 from bonemerge.checkpoint.layout import parse_size
 from bonemerge.dtype_names import HELP as DTYPE_HELP
 from bonemerge.dtype_names import parse_dtype
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, shown
 from bonemerge.methods import conversion_names
 from bonemerge.units import format_size
 
@@ -86,11 +87,18 @@ class _TorchLoading:
                 signal.signal(sig, handler)
 
 
+# Longer than any real path or tensor name a message needs to show whole.
+_LONGEST_WORD = 300
+_LONG_WORD = re.compile(rf"\S{{{_LONGEST_WORD + 1},}}")
+
+
 def printable(text: str) -> str:
     """`text` safe for any terminal: names from hostile files can hold lone surrogates, which
-    no encoding can print, and line breaks, which would split the one-line message."""
+    no encoding can print, and line breaks, which would split the one-line message; and a
+    name of kilobytes, which `shown` cuts here too if the message echoed it whole."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\n", "\\n").replace("\r", "\\r")
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return _LONG_WORD.sub(lambda word: shown(word.group(), _LONGEST_WORD, quote=False), text)
 
 
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:

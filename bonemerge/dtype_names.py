@@ -5,7 +5,7 @@ No torch import: the CLI checks options before torch loads."""
 
 from __future__ import annotations
 
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, shown
 
 _ALIASES = {
     "bf16": "BF16",
@@ -30,5 +30,5 @@ def parse_dtype(value: object) -> str | None:
     if text == "auto":
         return None
     if text not in _ALIASES:
-        raise BonemergeError(f"unknown dtype {value!r}; choose {HELP}.")
+        raise BonemergeError(f"unknown dtype {shown(value)}; choose {HELP}.")
     return _ALIASES[text]

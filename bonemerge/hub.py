@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonemerge.checkpoint.confine import expand_home
-from bonemerge.errors import BonemergeError
+from bonemerge.errors import BonemergeError, shown
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
 METADATA = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
@@ -68,7 +68,7 @@ def parse_reference(reference: str, revision: str | None) -> tuple[str, str | No
     pinned = match.group("revision")
     if pinned and revision and pinned != revision:
         raise BonemergeError(
-            f"{reference} pins revision {pinned!r} but {revision!r} was also given; pass one."
+            f"{reference} pins revision {shown(pinned)} but {shown(revision)} was also given; pass one."
         )
     return match.group("repo"), pinned or revision
 
@@ -95,12 +95,16 @@ def locate(
     path = expand_home(text)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name longer than the file system allows, a loop of links
+        raise BonemergeError(f"{shown(text, quote=False)} is not a usable path ({exc.strerror}).") from None
+    if exists:
         if revision:
             raise BonemergeError(f"{text} is a local path; {what}-revision applies to Hub ids only.")
         return Location(path)
     if looks_local(text):
-        raise BonemergeError(f"{text} does not exist; check the path.")
+        raise BonemergeError(f"{shown(text, quote=False)} does not exist; check the path.")
     parsed = parse_reference(text, revision)
     if parsed is None:
         return Location(path)
@@ -140,7 +144,9 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
             "the repo is private."
         )
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{repo} has no revision {revision!r} on {where}; check the branch, tag or commit.")
+        return HubError(
+            f"{repo} has no revision {shown(revision)} on {where}; check the branch, tag or commit."
+        )
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} cannot be reached"
         return HubError(
@@ -275,7 +281,7 @@ class Push:
 
         problem = id_problem(self.repo_id)
         if problem:
-            raise BonemergeError(f"{self.repo_id!r} is not a Hub repo id ({problem}).")
+            raise BonemergeError(f"{shown(self.repo_id)} is not a Hub repo id ({problem}).")
         if self.create_pr and self.revision:
             raise BonemergeError(
                 "--create-pr opens a pull request against main; it cannot be combined with --revision."

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from bonemerge.checkpoint import read_json
 from bonemerge.checkpoint.confine import refusal
 from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
-from bonemerge.errors import CheckpointError
+from bonemerge.errors import CheckpointError, shown
 
 MANIFEST = "bonemerge.json"
 
@@ -24,17 +24,17 @@ MANIFEST = "bonemerge.json"
 def _file_entry(name: object, entry: object) -> str:
     """Why one `files` entry is malformed, or "" when it is fine."""
     if not isinstance(name, str) or not name or not name.isprintable():
-        return f"the file name {name!r} is not a name"
+        return f"the file name {shown(name)} is not a name"
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts or "\\" in name:
-        return f"the file {name!r} lies outside the folder"
+        return f"the file {shown(name)} lies outside the folder"
     if not isinstance(entry, dict):
-        return f"the entry for {name!r} is not an object"
+        return f"the entry for {shown(name)} is not an object"
     size = entry.get("bytes")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return f"the size of {name!r} is not a byte count"
+        return f"the size of {shown(name)} is not a byte count"
     if recorded(entry) is None:
-        return f"the entry for {name!r} has no BLAKE3 or SHA-256 digest"
+        return f"the entry for {shown(name)} has no BLAKE3 or SHA-256 digest"
     return ""
 
 

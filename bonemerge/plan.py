@@ -26,12 +26,9 @@ from bonemerge.checkpoint.layout import ShardPlan
 from bonemerge.checkpoint.reader import file_identity
 from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
 from bonemerge.errors import AdapterError
-from bonemerge.methods import BlockOp, Target
+from bonemerge.methods import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BlockOp, Target
 
 __all__ = ["BlockOp", "Plan", "Step", "build_plan"]
-
-OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
-INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
 
 
 @dataclass(frozen=True)
@@ -134,6 +131,22 @@ def _leaf(name: str) -> str:
     return _module(name).rsplit(".", 1)[-1]
 
 
+def _resizes_vocabulary(name: str, old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """Whether `old` -> `new` is a vocabulary resize: an input or output embedding (or the output
+    bias) that keeps every dimension but its rows."""
+    embedding = _leaf(name) in INPUT_EMBEDDINGS + OUTPUT_EMBEDDINGS
+    return embedding and len(old) == len(new) >= 1 and old[1:] == new[1:]
+
+
+def _vocabulary(steps: dict[str, Step]) -> dict[str, int]:
+    """Rows of every input and output embedding weight: the vocabulary each one holds."""
+    return {
+        name: step.shape[0]
+        for name, step in steps.items()
+        if name.endswith(".weight") and _leaf(name) in INPUT_EMBEDDINGS + OUTPUT_EMBEDDINGS and step.shape
+    }
+
+
 class _Builder:
     """Applies adapters one after another to a map of output tensor -> current recipe."""
 
@@ -168,7 +181,7 @@ class _Builder:
         self.notes.append(f"{target} was tied to {found[0].name}; it is written on its own and untied")
         return Step(target, found[0].dtype, found[0].shape, found[0].source)
 
-    def _replace(self, target: str, source: Source, adapter: Adapter, why: str) -> None:
+    def _replace(self, target: str, source: Source, adapter: Adapter, why: str, key: str) -> None:
         current = self.steps.get(target)
         if current is None:
             self.notes.append(f"{target} is added from {adapter.label} (not in the base)")
@@ -178,6 +191,12 @@ class _Builder:
             self.notes.append(f"{adapter.label} {why} {target}, superseding the block operations on it")
         shape = tuple(source.shape)
         if current is not None and current.shape != shape:
+            if not _resizes_vocabulary(target, current.shape, shape):
+                raise AdapterError(
+                    f"{key} in {adapter.weights} has shape {list(shape)}, but "
+                    f"{target} has shape {list(current.shape)}; only an embedding's vocabulary (its rows) "
+                    "can change size, so is this adapter for this model?"
+                )
             self.notes.append(f"{target} changes shape from {list(current.shape)} to {list(shape)}")
         dtype = current.dtype if current is not None else source.dtype
         self.steps[target] = Step(target, dtype, shape, source)
@@ -219,11 +238,30 @@ class _Builder:
         op = BlockOp(block, target, adapter.label, inverse)
         self.steps[name] = replace(step, ops=(*step.ops, op))
 
+    def _keep_vocabulary(self, adapter: Adapter, before: dict[str, int]) -> None:
+        """Embeddings that held one vocabulary must still hold one after `adapter`'s full tensors:
+        an input embedding resized without its untied `lm_head` would leave a `vocab_size` that
+        one of them contradicts. PEFT saves every resized embedding layer, so one is missing."""
+        after = _vocabulary(self.steps)
+        for name, rows in after.items():
+            old = before.get(name, rows)
+            if old == rows:
+                continue
+            for other, other_rows in before.items():
+                if other != name and other_rows == old and after.get(other) == old:
+                    raise AdapterError(
+                        f"{adapter.root} resizes {name} from {old} to {rows} rows but leaves {other} at "
+                        f"{old}, so the model's vocabulary would disagree with itself; add the resized "
+                        f"{other} to the adapter (PEFT's save_embedding_layers saves both)."
+                    )
+
     def merge(self, adapter: Adapter, blocks: bool = True) -> None:
         """Apply `adapter`: its saved full tensors replace, then its blocks merge (unless `blocks` is off)."""
         rule = self._rule(adapter)
+        before = _vocabulary(self.steps)
         for name, source in adapter.replacements.items():
-            self._replace(self._target(name, rule), source, adapter, "replaces")
+            self._replace(self._target(name, rule), source, adapter, "replaces", adapter.key_of(name))
+        self._keep_vocabulary(adapter, before)
         if blocks:
             self._blocks(adapter, rule, inverse=False, skip=set())
 
@@ -232,13 +270,15 @@ class _Builder:
         trained copies (modules_to_save, biases) stay, which loses the originals they replaced."""
         rule = self._rule(adapter)
         restored, lossy = set(), []
+        before = _vocabulary(self.steps)
         for name, source in adapter.replacements.items():
             target = self._target(name, rule)
             if name in adapter.frozen:
-                self._replace(target, source, adapter, "restores")
+                self._replace(target, source, adapter, "restores", adapter.key_of(name))
                 restored.add(target)
             else:
                 lossy.append(target)
+        self._keep_vocabulary(adapter, before)
         if lossy and not allow_lossy:
             shown = ", ".join(lossy[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
             raise AdapterError(

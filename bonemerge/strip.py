@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from bonemerge.adapters import Adapter, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
-from bonemerge.errors import AdapterError, BonemergeError
+from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.methods import Converted, RankRequest, Target, kind_name
 from bonemerge.plan import Plan, Step
 
@@ -30,10 +30,10 @@ def parse_layers(text: str) -> frozenset[int]:
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise BonemergeError(f"cannot read {text!r} as layers; write them like 0-11,20.")
+            raise BonemergeError(f"cannot read {shown(text)} as layers; write them like 0-11,20.")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         if last < first:
-            raise BonemergeError(f"the layer range {part.strip()!r} runs backwards.")
+            raise BonemergeError(f"the layer range {shown(part.strip())} runs backwards.")
         layers.update(range(first, last + 1))
     return frozenset(layers)
 
@@ -63,7 +63,7 @@ def _pattern(text: str | None, flag: str) -> re.Pattern[str] | None:
     try:
         return re.compile(text)
     except re.error as exc:
-        raise BonemergeError(f"{flag} {text!r} is not a valid regular expression ({exc}).") from None
+        raise BonemergeError(f"{flag} {shown(text)} is not a valid regular expression ({exc}).") from None
 
 
 def kept_modules(adapter: Adapter, options: StripOptions) -> list[str]:

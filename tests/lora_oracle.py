@@ -257,7 +257,7 @@ def write_lora(
         "peft_type": "LORA",
         "r": 4,
         "lora_alpha": 8,
-        "target_modules": ["q_proj"],
+        "target_modules": sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k}),
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,

@@ -97,7 +97,7 @@ def write_adapter(
         "r": r,
         "init_weights": init,
         "mini_r": mini_r,
-        "target_modules": ["q_proj"],
+        "target_modules": sorted({module.rsplit(".", 1)[-1] for module in blocks}),
     }
     (folder / "adapter_config.json").write_text(json.dumps(settings | (config or {})))
     return folder

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonemerge.checkpoint import read_json
-from bonemerge.errors import AdapterError, CheckpointError
+from bonemerge.errors import AdapterError, CheckpointError, shown
 from bonemerge.methods import AdapterConfig, method_for, supported
 
 __all__ = ["AdapterConfig", "read_adapter_config"]
@@ -38,7 +38,9 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     peft_type = raw.get("peft_type")
     method = method_for(peft_type) if isinstance(peft_type, str) else None
     if method is None:
-        kind = f"is a {peft_type} adapter" if isinstance(peft_type, str) else "is not a PEFT adapter config"
+        kind = "is not a PEFT adapter config"
+        if isinstance(peft_type, str):
+            kind = f"is a {shown(peft_type, quote=False)} adapter"
         raise AdapterError(
             f"{path} {kind}; bonemerge works with {supported()} adapters only "
             "(use PEFT's merge_and_unload for other methods)."

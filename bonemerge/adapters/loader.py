@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonemerge.adapters.config import AdapterConfig, read_adapter_config
+from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, dtypes, read_header
 from bonemerge.checkpoint.confine import kind_of
-from bonemerge.errors import AdapterError
+from bonemerge.errors import AdapterError, shown
 from bonemerge.methods import PEFT_TENSOR, PREFIX, Block
 
 __all__ = ["PREFIX", "Adapter", "Block", "check_real", "load_adapter", "load_pickle", "replaced_name"]
@@ -107,7 +108,7 @@ def load_pickle(path: Path) -> dict:
     for key, tensor in data.items():
         if not key.isprintable() or str(tensor.dtype).removeprefix("torch.") not in dtypes.BY_TORCH_NAME:
             raise AdapterError(
-                f"{path} holds the tensor {key!r} of {tensor.dtype}, a name or dtype that safetensors "
+                f"{path} holds the tensor {shown(key)} of {tensor.dtype}, a name or dtype that safetensors "
                 "cannot store; re-save the adapter with safe_serialization=True."
             )
     return data
@@ -162,4 +163,5 @@ def load_adapter(path: str | Path) -> Adapter:
         raise AdapterError(
             f"{weights} holds no {method.name} tensors; it is empty or not a {config.peft_type} adapter."
         )
+    check_scope(blocks, config.raw, folder / "adapter_config.json", weights)
     return Adapter(folder, weights, config, blocks, replacements, frozenset(frozen), saved_as=saved_as)

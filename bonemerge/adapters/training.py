@@ -18,8 +18,9 @@ from pathlib import Path
 
 from bonemerge.adapters.config import read_adapter_config
 from bonemerge.adapters.loader import PREFIX, Adapter, check_real
+from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import Checkpoint, Source
-from bonemerge.errors import AdapterError
+from bonemerge.errors import AdapterError, shown
 from bonemerge.methods import PEFT_TENSOR, Method, claim_training, supported
 
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<name>[^.]+)\.(?P<rest>.+)$")
@@ -45,7 +46,8 @@ class TrainingCheckpoint:
             return next(iter(self.adapters.values()))
         if name not in self.adapters:
             raise AdapterError(
-                f"{self.path} holds no adapter named {name!r} (it holds {', '.join(sorted(self.adapters))})."
+                f"{self.path} holds no adapter named {shown(name)} "
+                f"(it holds {', '.join(sorted(self.adapters))})."
             )
         return self.adapters[name]
 
@@ -81,7 +83,7 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
     for key in checkpoint.tensors:
         if not key.startswith(PREFIX):
             raise AdapterError(
-                f"{where} mixes PeftModel names with the plain name {key!r}; it is not a checkpoint "
+                f"{where} mixes PeftModel names with the plain name {shown(key)}; it is not a checkpoint "
                 "PEFT wrote, re-save it from the PeftModel."
             )
         name = key[len(PREFIX) :]
@@ -92,7 +94,7 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
             parts = found[adapter].setdefault(claim.module, {})
             if claim.part in parts:
                 raise AdapterError(
-                    f"{where} holds two {claim.part} tensors for {claim.module} of {adapter!r}."
+                    f"{where} holds two {claim.part} tensors for {claim.module} of {shown(adapter)}."
                 )
             parts[claim.part] = checkpoint.tensors[key]
             keys[adapter].setdefault(claim.module, {})[claim.part] = key
@@ -126,7 +128,7 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
     for adapter_name, modules in sorted(found.items()):
         if len(methods[adapter_name]) > 1:
             kinds = ", ".join(sorted(peft_type for _, peft_type in methods[adapter_name]))
-            raise AdapterError(f"adapter {adapter_name!r} in {where} mixes tensors of {kinds}.")
+            raise AdapterError(f"adapter {shown(adapter_name)} in {where} mixes tensors of {kinds}.")
         method, peft_type = methods[adapter_name].pop()
         folder = _config_file(checkpoint.root, adapter_name, len(found) > 1)
         copies = saved.get(adapter_name, {})
@@ -135,7 +137,7 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
             if config.peft_type != peft_type:
                 raise AdapterError(
                     f"{folder / 'adapter_config.json'} says {config.peft_type} but {where} holds "
-                    f"{peft_type} tensors for adapter {adapter_name!r}."
+                    f"{peft_type} tensors for adapter {shown(adapter_name)}."
                 )
         else:
             config = method.infer_config(peft_type, list(modules.items()), shapes, list(copies), where)
@@ -143,6 +145,8 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
             method.make_block(module, parts, keys[adapter_name][module], config, where)
             for module, parts in modules.items()
         )
+        if folder is not None:
+            check_scope(blocks, config.raw, folder / "adapter_config.json", where)
         replacements = {name: checkpoint.tensors[key] for name, key in copies.items()}
         adapters[adapter_name] = Adapter(
             checkpoint.root, where, config, blocks, replacements, name=adapter_name

@@ -19,7 +19,7 @@ from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.confine import kind_of, refusal, root_of
 from bonemerge.checkpoint.header import Header, TensorInfo, read_header
 from bonemerge.checkpoint.reader import file_identity
-from bonemerge.errors import CheckpointError
+from bonemerge.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +173,7 @@ def _indexed(index_path: Path) -> Checkpoint:
     for name, file in weight_map.items():
         if not isinstance(file, str) or "/" in file or file.startswith("."):
             raise CheckpointError(
-                f"{index_path} maps tensor {name!r} to {file!r}, which is not a file name in "
+                f"{index_path} maps tensor {shown(name)} to {shown(file)}, which is not a file name in "
                 "the same folder; fix the index."
             )
         files.setdefault(file, []).append(name)
@@ -192,13 +192,13 @@ def _indexed(index_path: Path) -> Checkpoint:
         for name, info in shard.header.tensors.items():
             if name in shard_of:
                 raise CheckpointError(
-                    f"tensor {name!r} is stored in both {shard_of[name]} and {file} in {root}; "
+                    f"tensor {shown(name)} is stored in both {shard_of[name]} and {file} in {root}; "
                     "remove the stale shard or re-save the checkpoint."
                 )
             if weight_map.get(name) != file:
                 where = f"maps it to {weight_map[name]}" if name in weight_map else "does not list it"
                 raise CheckpointError(
-                    f"tensor {name!r} is stored in {file} but {index_path.name} {where}; "
+                    f"tensor {shown(name)} is stored in {file} but {index_path.name} {where}; "
                     "the index and shards disagree, re-save the checkpoint."
                 )
             tensors[name] = TensorRef.of(path, shard.header, info)
@@ -206,7 +206,7 @@ def _indexed(index_path: Path) -> Checkpoint:
         missing = sorted(set(files[file]) - set(shard.header.tensors))
         if missing:
             raise CheckpointError(
-                f"{index_path.name} maps tensor {missing[0]!r} to {file}, which does not contain "
+                f"{index_path.name} maps tensor {shown(missing[0])} to {file}, which does not contain "
                 f"it ({len(missing)} such tensors); the index and shards disagree, re-save the "
                 "checkpoint."
             )

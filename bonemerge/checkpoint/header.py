@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonemerge.checkpoint import dtypes
-from bonemerge.errors import CheckpointError
+from bonemerge.errors import CheckpointError, shown
 
 MAX_HEADER_BYTES = 100_000_000
 _LENGTH = struct.Struct("<Q")
@@ -58,7 +58,9 @@ def _unicode(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _Invalid(f"the string {text!r} holds an unpaired surrogate escape, not valid Unicode") from None
+        raise _Invalid(
+            f"the string {shown(text)} holds an unpaired surrogate escape, not valid Unicode"
+        ) from None
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -68,7 +70,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         if isinstance(value, str):
             _unicode(value)
         if key in result:
-            raise _Invalid(f"the name {key!r} appears twice")
+            raise _Invalid(f"the name {shown(key)} appears twice")
         result[key] = value
     return result
 
@@ -87,29 +89,29 @@ def _int(value: object) -> bool:
 
 def _entry(name: str, raw: object) -> TensorInfo:
     if not isinstance(raw, dict):
-        raise _Invalid(f"the entry for tensor {name!r} is not an object")
+        raise _Invalid(f"the entry for tensor {shown(name)} is not an object")
     extra = set(raw) - {"dtype", "shape", "data_offsets"}
     if extra:
-        raise _Invalid(f"tensor {name!r} has unknown fields {sorted(extra)}")
+        raise _Invalid(f"tensor {shown(name)} has unknown fields {shown(sorted(extra))}")
     dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in dtypes.BITS:
-        raise _Invalid(f"tensor {name!r} has unknown dtype {dtype!r}")
+        raise _Invalid(f"tensor {shown(name)} has unknown dtype {shown(dtype)}")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
-        raise _Invalid(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _Invalid(f"tensor {shown(name)} has an invalid shape {shown(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_int(o) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _Invalid(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _Invalid(f"tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     expected = dtypes.nbytes(dtype, info.numel)
     if expected is None:
-        raise _Invalid(f"tensor {name!r} of {dtype} does not fill whole bytes")
+        raise _Invalid(f"tensor {shown(name)} of {dtype} does not fill whole bytes")
     if expected != info.nbytes:
         raise _Invalid(
-            f"tensor {name!r} ({dtype} {list(shape)}) needs {expected} bytes "
+            f"tensor {shown(name)} ({dtype} {list(shape)}) needs {expected} bytes "
             f"but its data_offsets span {info.nbytes}"
         )
     return info
@@ -147,7 +149,7 @@ def parse_header(raw: bytes, file_size: int) -> Header:
     for info in sorted(entries, key=lambda t: (t.begin, t.end)):
         if info.begin != position:
             gap = "overlaps the previous tensor" if info.begin < position else "leaves a hole"
-            raise _Invalid(f"tensor {info.name!r} {gap} (starts at {info.begin}, not {position})")
+            raise _Invalid(f"tensor {shown(info.name)} {gap} (starts at {info.begin}, not {position})")
         position = info.end
     if position != data_size:
         if position > data_size:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.writer import Entry
-from bonemerge.errors import BonemergeError, CheckpointError
+from bonemerge.errors import BonemergeError, CheckpointError, shown
 
 _UNITS = {
     "": 1,
@@ -47,10 +47,10 @@ def parse_size(text: str) -> int:
     """`5GB` (10^9, as Hugging Face counts), `500MiB`, or plain bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
     if not match or match.group(2).upper() not in _UNITS:
-        raise BonemergeError(f"cannot read {text!r} as a size; write it like 5GB, 500MB or 2GiB.")
+        raise BonemergeError(f"cannot read {shown(text)} as a size; write it like 5GB, 500MB or 2GiB.")
     value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if value <= 0:
-        raise BonemergeError(f"the size {text!r} must be positive.")
+        raise BonemergeError(f"the size {shown(text)} must be positive.")
     return value
 
 
@@ -72,7 +72,7 @@ def like_base(
     for name in base_files:
         if not name.endswith(".safetensors"):
             raise CheckpointError(
-                f"{where} stores tensors in {name!r}, which is not a .safetensors file name and "
+                f"{where} stores tensors in {shown(name)}, which is not a .safetensors file name and "
                 "would collide with the files written beside the weights; rename the shard to end "
                 "in .safetensors and update the index."
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 from bonemerge.methods.base import (
+    INPUT_EMBEDDINGS,
+    OUTPUT_EMBEDDINGS,
     PREFIX,
     AdapterConfig,
     Block,
@@ -71,6 +73,8 @@ def conversion_names() -> tuple[str, ...]:
 
 
 __all__ = [
+    "INPUT_EMBEDDINGS",
+    "OUTPUT_EMBEDDINGS",
     "PEFT_TENSOR",
     "PREFIX",
     "REGISTRY",

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from bonemerge.checkpoint import Source
 
 PREFIX = "base_model.model."
+# Module names (last segment) of the output and input embeddings across architectures: the
+# vocabulary lives in their rows, and an input embedding is an nn.Embedding, never a Linear.
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonemerge.errors import AdapterError, MergeError
+from bonemerge.errors import AdapterError, MergeError, shown
 from bonemerge.methods.base import (
     PREFIX,
     AdapterConfig,
@@ -234,7 +234,7 @@ class BoneMethod(Method):
     def read_config(self, peft_type: str, raw: dict, path: Path) -> BoneSettings:
         r = raw.get("r", 64)
         if not _positive_int(r):
-            raise AdapterError(f"{path} has r={r!r}; r must be a positive integer.")
+            raise AdapterError(f"{path} has r={shown(r)}; r must be a positive integer.")
         init = raw.get("init_weights", True)
         if init is True or init is False:
             variant = "default"
@@ -242,7 +242,7 @@ class BoneMethod(Method):
             variant = init
         else:
             raise AdapterError(
-                f"{path} has init_weights={init!r}, which is not a {peft_type} variant "
+                f"{path} has init_weights={shown(init)}, which is not a {peft_type} variant "
                 '(expected true, false, "bat" or "mini").'
             )
         if variant == "mini" and peft_type == "BONE":
@@ -254,7 +254,7 @@ class BoneMethod(Method):
         if variant == "mini":
             mini_r = raw.get("mini_r", 1)
             if not _positive_int(mini_r):
-                raise AdapterError(f"{path} has mini_r={mini_r!r}; mini_r must be a positive integer.")
+                raise AdapterError(f"{path} has mini_r={shown(mini_r)}; mini_r must be a positive integer.")
         return BoneSettings(variant, r, mini_r)
 
     def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonemerge.errors import AdapterError
+from bonemerge.errors import AdapterError, shown
 from bonemerge.methods.base import (
+    INPUT_EMBEDDINGS,
+    OUTPUT_EMBEDDINGS,
     PREFIX,
     AdapterConfig,
     Block,
@@ -117,7 +119,7 @@ def _flag(raw: dict, key: str, path: Path) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise AdapterError(f"{path} has {key}={value!r}; it must be true or false.")
+        raise AdapterError(f"{path} has {key}={shown(value)}; it must be true or false.")
     return value
 
 
@@ -133,7 +135,7 @@ def _refuse_unmergeable(raw: dict, path: Path) -> None:
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING):
         raise AdapterError(
-            f'{path} was trained with init_lora_weights "{init}", which changed the base weights '
+            f"{path} was trained with init_lora_weights {shown(init)}, which changed the base weights "
             "when training began, so it cannot be merged into the original base; re-save it with "
             "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain "
             "LoRA adapter."
@@ -159,6 +161,69 @@ def _refuse_unmergeable(raw: dict, path: Path) -> None:
             raise AdapterError(
                 f"{path} uses {what}, which bonemerge does not merge; use PEFT's merge_and_unload for it."
             )
+
+
+def _check_factors(a: tuple[int, ...], b: tuple[int, ...], keys: dict[str, str], where: Path) -> None:
+    """lora_A and lora_B must be matrices; equal extra dimensions are a convolution's LoRA."""
+    if len(a) == len(b) == 2:
+        return
+    if len(a) == len(b) and len(a) in (3, 4, 5):
+        raise AdapterError(
+            f"{keys['A']} and {keys['B']} in {where} have {len(a)} dimensions: a LoRA on a "
+            f"Conv{len(a) - 2}d layer, which bonemerge does not merge (Linear, Conv1D and Embedding "
+            "only); use PEFT's merge_and_unload for it."
+        )
+    part, shape = ("A", a) if len(a) != 2 else ("B", b)
+    other, partner = ("B", b) if part == "A" else ("A", a)
+    layout = "r x in" if part == "A" else "out x r"
+    raise AdapterError(
+        f"{keys[part]} in {where} has {len(shape)} dimension{'s' * (len(shape) != 1)} {list(shape)}, "
+        f"but a LoRA factor is a matrix ({layout}) and {keys[other]} is {list(partner)}; "
+        "the adapter is damaged."
+    )
+
+
+def _check_bias(bias: tuple[int, ...], out: int, kind: str, keys: dict[str, str], where: Path) -> None:
+    """`lora_bias` trains lora_B's bias: one value per output of lora_B, on Linear layers only."""
+    if kind == "embedding":
+        raise AdapterError(
+            f"{where} holds {keys['bias']} for an Embedding LoRA ({keys['A']}), but PEFT's lora_bias "
+            "exists for Linear layers only; the config and weights disagree."
+        )
+    if bias != (out,):
+        raise AdapterError(
+            f"{keys['bias']} in {where} has shape {list(bias)}, but {keys['B']} has {out} outputs, "
+            f"so its bias must be [{out}]; the adapter is damaged."
+        )
+
+
+def _looks_like_embedding(leaf: str) -> bool:
+    return leaf in INPUT_EMBEDDINGS or "emb" in leaf.lower() or leaf in ("wte", "wpe")
+
+
+def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: str) -> None:
+    """PEFT keeps an Embedding's LoRA in `lora_embedding_A/B` and a Linear's in `lora_A/B`, and
+    ignores the other pair on each kind of layer; read the wrong way, the factors merge
+    transposed. The file names are trusted where the layer agrees or the shapes decide (a
+    non-square weight fits one orientation only); refused where the layer is known to be of
+    the other kind (an input embedding, an output projection) or a square weight with no
+    embedding's name leaves the kind open."""
+    leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    if block.params.kind == "linear" and leaf in INPUT_EMBEDDINGS:
+        raise AdapterError(
+            f"{where} holds lora_A/lora_B (a Linear's LoRA) for {name}, an Embedding, where PEFT "
+            "reads lora_embedding_A/B and would ignore these; the adapter was edited by hand or is "
+            "for another model."
+        )
+    if block.params.kind == "embedding" and (
+        leaf in OUTPUT_EMBEDDINGS or (shape[0] == shape[1] and not _looks_like_embedding(leaf))
+    ):
+        which = "a Linear output projection" if leaf in OUTPUT_EMBEDDINGS else "not named like an Embedding"
+        raise AdapterError(
+            f"{where} holds lora_embedding_A/B (an Embedding's LoRA) for {name}, which is {which}; "
+            "PEFT reads lora_A/lora_B on a Linear and would ignore these; the adapter was edited by "
+            "hand or is for another model."
+        )
 
 
 class DeltaRows(RowMaths):
@@ -317,10 +382,10 @@ class LoraMethod(Method):
         _refuse_unmergeable(raw, path)
         r = raw.get("r", 8)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise AdapterError(f"{path} has r={r!r}; r must be a positive integer.")
+            raise AdapterError(f"{path} has r={shown(r)}; r must be a positive integer.")
         alpha = raw.get("lora_alpha", 8)
         if not _number(alpha):
-            raise AdapterError(f"{path} has lora_alpha={alpha!r}; it must be a number.")
+            raise AdapterError(f"{path} has lora_alpha={shown(alpha)}; it must be a number.")
         return LoraSettings(
             r=r,
             alpha=alpha,
@@ -365,11 +430,7 @@ class LoraMethod(Method):
             else "linear"
         )
         a, b = tuple(parts["A"].shape), tuple(parts["B"].shape)
-        if len(a) != 2 or len(b) != 2:
-            raise AdapterError(
-                f"{keys['A']} in {where} has shape {list(a)}: a Conv2d/Conv3d LoRA, which bonemerge "
-                "does not merge (Linear, Conv1D and Embedding only); use PEFT's merge_and_unload for it."
-            )
+        _check_factors(a, b, keys, where)
         r_key = _pattern_key(settings.rank_pattern, module)
         alpha_key = _pattern_key(settings.alpha_pattern, module)
         r = dict(settings.rank_pattern)[r_key] if r_key is not None else settings.r
@@ -394,6 +455,8 @@ class LoraMethod(Method):
                 f"{where} holds {keys['bias']} but adapter_config.json does not set lora_bias; "
                 "the config and weights disagree."
             )
+        if "bias" in parts:
+            _check_bias(tuple(parts["bias"].shape), b[0], kind, keys, where)
         scale = alpha / math.sqrt(r) if settings.rslora else alpha / r
         transposed = kind == "embedding" or settings.fan_in_fan_out
         return Block(module, self, parts, keys, LoraParams(kind, transposed, r, scale, settings.dora))
@@ -440,9 +503,10 @@ class LoraMethod(Method):
             return
         if len(shape) != 2:
             raise AdapterError(
-                f"{where} targets {name} of shape {list(shape)}, which is not a Linear, Conv1D or "
-                "Embedding weight (Conv2d/Conv3d LoRA is not merged by bonemerge)."
+                f"{where} holds 2-D LoRA factors for {name}, which has shape {list(shape)}; they fit "
+                "only a Linear, Conv1D or Embedding weight, so is this adapter for this base model?"
             )
+        _check_layer_kind(block, name, shape, where)
         if tuple(shape) != self._dims(block):
             layout = {
                 "embedding": "an Embedding (lora_embedding_A is r x vocab, lora_embedding_B dim x r)",
