@@ -1,4 +1,4 @@
-"""bonemerge: streaming checkpoint surgery for PEFT adapters (LoRA, rsLoRA, DoRA, Bone, Bat, MiSS).
+"""bonemerge: streaming checkpoint surgery for PEFT adapters ({methods}).
 
 `from bonemerge import merge, unmerge, unload, strip, inspect, verify, push` gives the same
 operations as the command line (`Push` says where `push` publishes). Heavy modules
@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, MergeError, OutputError
+from bonemerge.methods import method_names
+
+# The methods named from the registry, so that the docstring never lags behind it.
+__doc__ = (__doc__ or "").format(methods=method_names())
 
 __version__ = "0.1.0"
 

@@ -37,10 +37,15 @@ PRECISIONS = ("auto", "fp32", "fp64")
 PathLike = str | os.PathLike[str]
 
 
+# What each command did to the tensors it changed with adapter blocks: the summary's words
+# and `--json`'s key (`tensors_merged` stays in unmerge's JSON too, for existing readers).
+_BLOCK_VERBS = {"merge": "merged", "unmerge": "unmerged"}
+
+
 @dataclass
 class Report:
     """What a command wrote; `--json` prints exactly this. `tensors_merged` counts the tensors
-    whose blocks were merged (or, for unmerge, taken out)."""
+    whose blocks were merged (or, for unmerge, taken out: `tensors_unmerged` in `to_dict`)."""
 
     operation: str
     output: str
@@ -56,7 +61,23 @@ class Report:
     conversion: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.operation != "unmerge":
+            return data
+        ordered = {}
+        for key, value in data.items():
+            if key == "tensors_merged":
+                ordered["tensors_unmerged"] = value
+            ordered[key] = value
+        return ordered
+
+    def counts(self) -> str:
+        """`12 tensors merged, 40 copied, 0 converted`: what the summary line says was done,
+        in the words of the command (strip and unload merge nothing, so they say nothing of it)."""
+        verb = _BLOCK_VERBS.get(self.operation)
+        if verb is None:
+            return f"{self.tensors_copied} tensors copied, {self.tensors_converted} converted"
+        return f"{self.tensors_merged} tensors {verb}, {self.tensors_copied} copied, {self.tensors_converted} converted"
 
 
 def _options(device: str, precision: str, safe_merge: bool, progress: bool):
@@ -564,12 +585,26 @@ def unmerge(
     )
 
 
-def _training(location: Location) -> tuple[Checkpoint, TrainingCheckpoint]:
+def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingCheckpoint]:
+    """The full PEFT checkpoint at `location`; anything else is named as what it is, with the
+    command that takes it. `command` (unload, strip) is the one that asked."""
+    name = location.hub_id or location.path
+    unmerge = "to take merged adapters out of a model, use `bonemerge unmerge MERGED ADAPTER -o OUT`"
+    if command == "unload" and _is_adapter_folder(location.path):
+        raise BonemergeError(
+            f"{name} is a PEFT adapter, not a full PEFT checkpoint: it holds no base weights to unload "
+            f"(its base is the model its config names; {unmerge})."
+        )
     checkpoint = open_checkpoint(location.path)
     if not is_training_checkpoint(checkpoint):
+        if command == "strip":
+            raise BonemergeError(
+                f"{name} is a model, not an adapter (no adapter_config.json) or a full PEFT checkpoint (no "
+                f"base_layer or adapter tensors); strip reads adapters and PeftModel checkpoints ({unmerge})."
+            )
         raise BonemergeError(
-            f"{location.hub_id or location.path} is not a full PEFT checkpoint (no base_layer or adapter "
-            "tensors); unload works on checkpoints saved from a PeftModel's state_dict."
+            f"{name} is a model, not a full PEFT checkpoint (no base_layer or adapter tensors); unload "
+            f"works on checkpoints saved from a PeftModel's state_dict ({unmerge})."
         )
     return checkpoint, read_training_checkpoint(checkpoint)
 
@@ -598,7 +633,7 @@ def unload(
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
     location = locate(checkpoint, None, "CHECKPOINT", progress)
-    given, training = _training(location)
+    given, training = _training(location, "unload")
     adapters = [] if original_modules else [training.adapter(adapter_name)]
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
@@ -661,7 +696,7 @@ def strip(
     if _is_adapter_folder(path):
         adapter = load_adapter(path)
     else:
-        _, training = _training(location)
+        _, training = _training(location, "strip")
         adapter = training.adapter(adapter_name)
     strip_options = StripOptions(
         include=include,

@@ -27,7 +27,7 @@ from bonemerge.checkpoint.layout import parse_size
 from bonemerge.dtype_names import HELP as DTYPE_HELP
 from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError, shown
-from bonemerge.methods import conversion_names
+from bonemerge.methods import conversion_names, method_names
 from bonemerge.units import format_size
 
 
@@ -260,8 +260,7 @@ def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(
-            f"{report.operation}: {report.tensors_merged} tensors with blocks, "
-            f"{report.tensors_copied} copied, {report.tensors_converted} converted; "
+            f"{report.operation}: {report.counts()}; "
             f"{format_size(report.bytes_written)} in {report.seconds:.1f} s -> {report.output}"
         )
         for note in report.notes:
@@ -274,10 +273,7 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="bonemerge")
-def main() -> None:
-    """Checkpoint surgery for PEFT Bone, Bat and MiSS adapters, streamed shard by shard.
+_MAIN_HELP = f"""Checkpoint surgery for PEFT {method_names()} adapters, streamed shard by shard.
 
     Every output records its history in bonemerge.json; merge refuses an adapter already
     merged, unmerge one that was never merged or the wrong order. Run `bonemerge COMMAND --help`
@@ -290,6 +286,14 @@ def main() -> None:
       bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
       bonemerge demo
     """
+
+
+@click.group(
+    help=_MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(__version__, prog_name="bonemerge")
+def main() -> None:
+    """The command group; its help text, `_MAIN_HELP`, names the methods from the registry."""
 
 
 @main.command()

@@ -19,6 +19,8 @@ from bonemerge.errors import BonemergeError
 from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.strip import layer_of
 
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
 
 def ranges(numbers: set[int]) -> str:
     """{0, 1, 2, 5} -> `0-2,5`."""
@@ -129,8 +131,16 @@ def architecture(config: dict) -> str | None:
 
 
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
-    """A JSON-ready description of `path`; with `base`, how an adapter fits that base."""
+    """A JSON-ready description of `path`; with `base`, how an adapter fits that base. An
+    adapter's weights file stands for its folder: without its config it is no model either."""
     path = Path(path)
+    if path.is_file() and path.name in _ADAPTER_WEIGHTS:
+        if not (path.parent / "adapter_config.json").is_file():
+            raise BonemergeError(
+                f"{path} is the weights file of a PEFT adapter, and {path.parent} has no adapter_config.json "
+                "beside it; inspect the folder PEFT's save_pretrained wrote."
+            )
+        path = path.parent
     if (
         path.is_dir()
         and (path / "adapter_config.json").is_file()

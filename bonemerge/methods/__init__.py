@@ -58,6 +58,13 @@ def supported() -> str:
     return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
 
 
+def method_names() -> str:
+    """`Bone, Bat, MiSS, LoRA, rsLoRA and DoRA`: every variant users know, for the help texts,
+    so that they name every method the registry holds and nothing else."""
+    names = [variant for method in REGISTRY for variant in method.variants or (method.name,)]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
 def claim_training(name: str) -> tuple[Method, KeyClaim] | None:
     """The method and part of a full PeftModel state-dict key, if any method knows it."""
     for method in REGISTRY:
@@ -92,5 +99,6 @@ __all__ = [
     "conversion_names",
     "kind_name",
     "method_for",
+    "method_names",
     "supported",
 ]

@@ -377,6 +377,7 @@ class BiasRows(RowMaths):
 class LoraMethod(Method):
     name = "LoRA"
     peft_types = ("LORA",)
+    variants = ("LoRA", "rsLoRA", "DoRA")
 
     def read_config(self, peft_type: str, raw: dict, path: Path) -> LoraSettings:
         _refuse_unmergeable(raw, path)
