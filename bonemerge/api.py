@@ -240,13 +240,7 @@ def _open_model(
     location = locate(reference, adapter_revision, "--adapter", progress)
     if _is_adapter_folder(location.path):
         adapter = load_adapter(location.path)
-        named = adapter.config.base_model
-        if not named:
-            raise BonemergeError(
-                f"{reference} is an adapter whose config does not name its base model; pass the base first."
-            )
-        revision = base_revision or adapter.config.raw.get("revision") or None
-        base = locate(named, revision, "--base", progress, relative_to=adapter.root)
+        base = named_base(adapter, reference, base_revision, progress)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -257,6 +251,21 @@ def _open_model(
     training = read_training_checkpoint(checkpoint)
     adapter = training.adapter(adapter_name)
     return _Model(checkpoint, training.base, [adapter], location.hub_id or _hub_id_of(adapter))
+
+
+def named_base(
+    adapter: Adapter, reference: PathLike, base_revision: str | None = None, progress: bool = False
+) -> Location:
+    """The base model `adapter`'s config names (`base_model_name_or_path`, a path taken from the
+    adapter folder, and `revision`): where merge and verify look when no base is given."""
+    named = adapter.config.base_model
+    if not named:
+        raise BonemergeError(
+            f"{reference} is an adapter whose config does not name its base model; pass the base "
+            "model too (merge: BASE first; verify: --base BASE)."
+        )
+    revision = base_revision or adapter.config.raw.get("revision") or None
+    return locate(named, revision, "--base", progress, relative_to=adapter.root)
 
 
 def _hub_id_of(adapter: Adapter) -> str | None:
@@ -606,7 +615,7 @@ def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingChe
             f"{name} is a model, not a full PEFT checkpoint (no base_layer or adapter tensors); unload "
             f"works on checkpoints saved from a PeftModel's state_dict ({unmerge})."
         )
-    return checkpoint, read_training_checkpoint(checkpoint)
+    return checkpoint, read_training_checkpoint(checkpoint, blocks=command != "unload")
 
 
 def unload(
@@ -844,7 +853,7 @@ def inspect(path: PathLike, base: PathLike | None = None) -> dict:
 
 def verify(
     merged: PathLike,
-    base: PathLike,
+    base: PathLike | None,
     adapters: Sequence[PathLike] = (),
     *,
     adapter_name: str | None = None,
@@ -853,7 +862,8 @@ def verify(
     device: str = "cpu",
     precision: str = "auto",
 ):
-    """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor."""
+    """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor.
+    With `base` None, the base is the one the first adapter's config names, as for `merge`."""
     from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
     from bonemerge.verify import verify_plan
@@ -861,11 +871,18 @@ def verify(
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
     merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
+    if base is None:
+        if not adapters:
+            raise BonemergeError("pass the adapters merged into the model (and --base BASE, the model they "
+                                 "were merged into, unless their config names it).")
+        base = named_base(_load_adapter(adapters[0], adapter_revision, False), adapters[0], base_revision).path
+        base_revision = None
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
     exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
+    report.base = str(_input_path(model.base))
     report.stray = stray_weights(merged_checkpoint)
     report.seconds = round(time.perf_counter() - began, 3)
     return report

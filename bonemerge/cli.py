@@ -498,7 +498,11 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@click.option("--base", type=click.Path(), help="The model the adapters were merged into.")
+@click.option(
+    "--base",
+    type=click.Path(),
+    help="The model the adapters were merged into. [default: the one the first adapter's config names]",
+)
 @click.option(
     "--checksums",
     is_flag=True,
@@ -519,8 +523,9 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 def verify(
     merged: str, adapters: tuple[str, ...], base: str | None, checksums: bool, as_json: bool, **options: Any
 ) -> None:
-    """Check MERGED: recompute the merge of ADAPTERS into --base and compare tensor by tensor,
-    and/or (--checksums) compare its files with the checksums bonemerge recorded.
+    """Check MERGED: recompute the merge of ADAPTERS into --base (by default the base the first
+    adapter's config names, as for merge) and compare tensor by tensor, and/or (--checksums)
+    compare its files with the checksums bonemerge recorded.
 
     Untouched tensors must be identical. When MERGED's history says bonemerge merged exactly
     these adapters with the same maths, precision, device and torch version, every merged
@@ -532,17 +537,21 @@ def verify(
     \b
     Examples:
       bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
+      bonemerge verify ./merged ./my-bone-adapter
       bonemerge verify ./merged --checksums
     """
     from bonemerge.api import verify as run
     from bonemerge.api import verify_checksums
 
-    if base is None and not checksums:
-        raise click.UsageError("pass --base BASE (and the adapters) to recompute the merge, or --checksums.")
+    if base is None and not adapters and not checksums:
+        raise click.UsageError(
+            "pass the adapters (and --base BASE unless their config names it) to recompute the merge, "
+            "or --checksums."
+        )
     results = {}
     if checksums:
         results["checksums"] = verify_checksums(merged)
-    if base is not None:
+    if adapters or base is not None:
         results["tensors"] = run(merged, base, adapters, **options)
     if as_json:
         click.echo(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
@@ -566,6 +575,7 @@ def _print_verification(results: dict[str, Any]) -> None:
         _print_stray(report.stray)
     if "tensors" in results:
         report = results["tensors"]
+        click.echo(printable(f"base: {report.base}"))
         click.echo(f"mode: {report.mode} ({report.reason})")
         click.echo(
             f"{report.identical} identical, {report.within_rounding} within rounding, "
