@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,9 +28,10 @@ from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.hub import Location, Push, locate
 from bonemerge.manifest import MANIFEST, write_manifest
-from bonemerge.output import Staging, check_free_space, check_output
+from bonemerge.output import Staging, check_free_space, check_output, resumable_shards
 
 if TYPE_CHECKING:
+    from bonemerge.describe import InspectReport
     from bonemerge.plan import Plan
 
 PRECISIONS = ("auto", "fp32", "fp64")
@@ -334,6 +336,13 @@ def _write_model(
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
     watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
     notes = list(notes) + list(extras.notes)
+    if not target.resume and (left := resumable_shards(target.path, fingerprint)):
+        discarded = (
+            f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
+            f"{target.path} and are written again; --resume would have reused them"
+        )
+        warn(discarded)
+        notes.append(discarded)
     with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
@@ -375,6 +384,13 @@ def _write_model(
         notes=notes,
         pushed_to=pushed,
     )
+
+
+def warn(message: str) -> None:
+    """Say something on stderr at once, while the run goes on (the report's notes say it again
+    at the end): for what the user may want to stop the run for."""
+    sys.stderr.write(f"warning: {message}.\n")
+    sys.stderr.flush()
 
 
 def _dtype_name(plan) -> str:
@@ -843,12 +859,15 @@ def push(folder: PathLike, target: Push) -> str:
     return push_folder(path, target).url
 
 
-def inspect(path: PathLike, base: PathLike | None = None) -> dict:
-    """What `path` is and holds, from headers only; with `base`, how its adapter fits that base."""
-    from bonemerge.describe import inspect_path
+def inspect(path: PathLike, base: PathLike | None = None) -> InspectReport:
+    """What `path` is and holds, from headers only; with `base`, how its adapter fits that base
+    (`report.ok` is False when it does not)."""
+    from bonemerge.describe import InspectReport, inspect_path
 
     located = locate(path, None, "PATH")
-    return inspect_path(located.path, None if base is None else locate(base, None, "--base").path)
+    return InspectReport(
+        inspect_path(located.path, None if base is None else locate(base, None, "--base").path)
+    )
 
 
 def verify(

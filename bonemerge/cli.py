@@ -484,14 +484,14 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
     """
     from bonemerge.api import inspect as run
 
-    info = run(path, base)
+    report = run(path, base)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         from bonemerge.inspect_text import render_inspection
 
-        click.echo("\n".join(printable(line) for line in render_inspection(info)))
-    if info.get("against_base", {}).get("ok") is False:
+        click.echo("\n".join(printable(line) for line in render_inspection(report.to_dict())))
+    if not report.ok:
         sys.exit(1)
 
 

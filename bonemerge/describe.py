@@ -8,9 +8,12 @@ mismatch, and the size of the merged model, without merging anything.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
@@ -118,6 +121,41 @@ def _made_by_bonemerge(folder: Path) -> dict:
         return {"made_by_bonemerge": None}
     merged = None if lineage is None else [a["name"] for a in merged_now(lineage)]
     return {"made_by_bonemerge": found, "adapters_merged_now": merged}
+
+
+class InspectReport(Mapping[str, Any]):
+    """What `inspect` found, as a report like every other command's: `to_dict()` is what
+    `--json` prints, the facts read as attributes (`report.kind`, `report.against_base`), and,
+    for code written when `inspect` returned a dict, as keys (`report["kind"]`)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    @property
+    def ok(self) -> bool:
+        """False only when a base was given and the adapter does not fit it."""
+        return (self._data.get("against_base") or {}).get("ok") is not False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_data"][name]
+        except KeyError:
+            raise AttributeError(f"this inspection has no {name!r}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"InspectReport(path={self._data.get('path')!r}, kind={self._data.get('kind')!r})"
 
 
 def architecture(config: dict) -> str | None:

@@ -111,6 +111,26 @@ def check_free_space(output: Path, needed: int) -> None:
         )
 
 
+def resumable_shards(output: Path, fingerprint: str) -> list[str]:
+    """The shards a killed run of the same plan (`fingerprint`) left finished beside `output`,
+    which `--resume` would reuse (by recorded size; `--resume` also checks their digests).
+    A run without `--resume` discards them, so the caller says so instead of doing it silently."""
+    staging = Staging(output, fingerprint)
+    try:
+        if (staging.path / Staging._PLAN).read_text(encoding="utf-8") != fingerprint:
+            return []
+        lines = (staging.path / Staging._PROGRESS).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+            entry = json.loads(line)
+            if (staging.path / entry["file"]).stat().st_size == int(entry["bytes"]):
+                found.append(str(entry["file"]))
+    return sorted(set(found))
+
+
 class _Lock:
     """An exclusive `flock` on a file beside the output: the kernel drops it when the process
     dies, however it dies, so a crash never leaves the output locked."""
