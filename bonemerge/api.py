@@ -61,6 +61,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     pushed_to: str | None = None
     conversion: dict | None = None
+    lossy: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -79,7 +80,10 @@ class Report:
         verb = _BLOCK_VERBS.get(self.operation)
         if verb is None:
             return f"{self.tensors_copied} tensors copied, {self.tensors_converted} converted"
-        return f"{self.tensors_merged} tensors {verb}, {self.tensors_copied} copied, {self.tensors_converted} converted"
+        return (
+            f"{self.tensors_merged} tensors {verb}, {self.tensors_copied} copied, "
+            f"{self.tensors_converted} converted"
+        )
 
 
 def _options(device: str, precision: str, safe_merge: bool, progress: bool):
@@ -315,7 +319,7 @@ def _write_model(
     *,
     source: Checkpoint,
     adapters: Sequence[Adapter],
-    card: str,
+    card: Callable[[list[str]], str],
     tokenizer_from_adapters: bool,
     lineage: Sequence[dict] | None,
     entry: dict,
@@ -335,7 +339,8 @@ def _write_model(
     options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
     watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
-    notes = list(notes) + list(extras.notes)
+    given_notes = list(notes)
+    notes = given_notes + list(extras.notes)
     if not target.resume and (left := resumable_shards(target.path, fingerprint)):
         discarded = (
             f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
@@ -352,11 +357,14 @@ def _write_model(
             staging.record(file, size, digest)
 
         stats = write_plan(plan, staging.path, options, skip=staging.finished, shard_done=shard_done)
+        lossy = _lossy_note(stats, _dtype_name(plan)) if operation == "unmerge" else None
+        card_notes = [*given_notes, *([lossy] if lossy else [])]
+        notes += [lossy] if lossy else []
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
         companions.write_companions(extras, plan.config_updates, staging.path)
-        (staging.path / "README.md").write_text(card, encoding="utf-8")
+        (staging.path / "README.md").write_text(card(card_notes), encoding="utf-8")
         created = _now()
         manifest = {
             "bonemerge": __version__,
@@ -383,6 +391,28 @@ def _write_model(
         files=sorted([*files, MANIFEST]),
         notes=notes,
         pushed_to=pushed,
+        lossy=(
+            {"elements_unmerged": stats.unmerged_elements, "elements_that_may_differ": stats.may_differ}
+            if operation == "unmerge"
+            else None
+        ),
+    )
+
+
+def _lossy_note(stats, dtype: str) -> str | None:
+    """What an unmerge could not restore exactly, or None when every element came back exactly
+    (the merge rounded each more finely than the base's own precision)."""
+    from bonemerge.units import format_count
+
+    if not stats.may_differ:
+        return None
+    share = stats.may_differ / stats.unmerged_elements
+    return (
+        f"this unmerge is lossy: about {format_count(stats.may_differ)} of the "
+        f"{format_count(stats.unmerged_elements)} elements taken out of ({share:.1%}) may not come back "
+        "exactly, because the merge rounded them to a coarser step than the base stored them with (one "
+        f"unit in the last place of the merged {dtype} value) and the original bits are gone; a merge "
+        "written with --dtype float32 unmerges back almost exactly"
     )
 
 
@@ -473,7 +503,7 @@ def _run_model(
         replace(target, path=path),
         source=job.base,
         adapters=job.adapters if merging else [],
-        card=job.card(plan, notes),
+        card=lambda final: job.card(plan, final),
         tokenizer_from_adapters=job.operation == "merge",
         lineage=lineage,
         entry=entry,
@@ -892,9 +922,12 @@ def verify(
     merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
     if base is None:
         if not adapters:
-            raise BonemergeError("pass the adapters merged into the model (and --base BASE, the model they "
-                                 "were merged into, unless their config names it).")
-        base = named_base(_load_adapter(adapters[0], adapter_revision, False), adapters[0], base_revision).path
+            raise BonemergeError(
+                "pass the adapters merged into the model (and --base BASE, the model they "
+                "were merged into, unless their config names it)."
+            )
+        first = _load_adapter(adapters[0], adapter_revision, False)
+        base = named_base(first, adapters[0], base_revision).path
         base_revision = None
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)

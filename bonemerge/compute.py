@@ -242,11 +242,11 @@ class Compute:
 
     def _finished(self, step: Step, item: _Computing) -> Chunk:
         try:
-            item.job.result()
+            differ = item.job.result()
         except BaseException:
             self._out.give(item.buffer)
             raise
-        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer))
+        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer), differ)
 
     def _fill(
         self,
@@ -258,9 +258,12 @@ class Compute:
         start: int,
         buf: bytearray | None,
         ahead: _ReadAhead,
-    ) -> None:
-        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread)."""
+    ) -> int:
+        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread).
+        Returns, for an unmerge, how many of its elements may differ from the original base."""
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
+        inverting = bool(prepared) and all(inverse for _, inverse in prepared)
+        differ = 0
         # A finite sum of squares of the fp32 result bounds every element far below the bf16
         # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
         squares = check and step.dtype == "BF16" and compute == torch.float32 and self.device.type == "cpu"
@@ -277,9 +280,12 @@ class Compute:
                     target.copy_(rows[begin:end])
                 if check and not finite and not all_finite(target):
                     _non_finite(step, start + begin, start + end)
+                if inverting:
+                    differ += may_differ(rows[begin:end], target)
         finally:
             if buf is not None:
                 ahead.release(buf)
+        return differ
 
     def _prepare(self, op: BlockOp, step: Step, compute: torch.dtype) -> RowMaths:
         def load(part: str) -> torch.Tensor:
@@ -336,6 +342,25 @@ class Compute:
             else:
                 block.merge(work, start)
         return work
+
+
+def _ulp_exponents(values: torch.Tensor) -> torch.Tensor:
+    """log2 of the spacing of the floats of `values`' dtype around each value (subnormals and
+    zero: the smallest spacing)."""
+    info = torch.finfo(values.dtype)
+    digits, lowest = round(-math.log2(info.eps)), round(math.log2(info.tiny))
+    wide = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32)
+    exponent = torch.frexp(wide).exponent - 1
+    return torch.where(wide == 0, lowest, exponent.clamp(min=lowest)) - digits
+
+
+def may_differ(merged: torch.Tensor, restored: torch.Tensor) -> int:
+    """How many elements of an unmerge may not equal the original base, found while streaming
+    at the cost of two `frexp`s: the merge rounded each merged value m to a step ulp(m), so an
+    element comes back exactly when that step is finer than the one of its restored value r
+    (|error| <= ulp(m)/2 < ulp(r)/2) and may be off by up to about ulp(m) where it is coarser,
+    as for a small base value that a larger update lifted into a higher binade."""
+    return int((_ulp_exponents(merged) > _ulp_exponents(restored)).sum())
 
 
 def _non_finite(step: Step, start: int, stop: int) -> None:

@@ -151,5 +151,7 @@ def read_training_checkpoint(checkpoint: Checkpoint, blocks: bool = True) -> Tra
         if folder is not None:
             check_scope(blocks, config.raw, folder / "adapter_config.json", where)
         replacements = {name: checkpoint.tensors[key] for name, key in copies.items()}
-        adapters[adapter_name] = Adapter(checkpoint.root, where, config, made, replacements, name=adapter_name)
+        adapters[adapter_name] = Adapter(
+            checkpoint.root, where, config, made, replacements, name=adapter_name
+        )
     return TrainingCheckpoint(where, base, adapters)
