@@ -411,8 +411,8 @@ def _lossy_note(stats, dtype: str) -> str | None:
         f"this unmerge is lossy: about {format_count(stats.may_differ)} of the "
         f"{format_count(stats.unmerged_elements)} elements taken out of ({share:.1%}) may not come back "
         "exactly, because the merge rounded them to a coarser step than the base stored them with (one "
-        f"unit in the last place of the merged {dtype} value) and the original bits are gone; a merge "
-        "written with --dtype float32 unmerges back almost exactly"
+        "unit in the last place of the merged value) and the original bits are gone; a merge written "
+        f"with --dtype float32 unmerges back to {dtype} almost exactly"
     )
 
 
