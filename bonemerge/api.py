@@ -47,7 +47,8 @@ _BLOCK_VERBS = {"merge": "merged", "unmerge": "unmerged"}
 @dataclass
 class Report:
     """What a command wrote; `--json` prints exactly this. `tensors_merged` counts the tensors
-    whose blocks were merged (or, for unmerge, taken out: `tensors_unmerged` in `to_dict`)."""
+    whose blocks were merged (or, for unmerge, taken out: `tensors_unmerged` in `to_dict`).
+    `lossy` (unmerge only): how many elements of those tensors may not come back exactly."""
 
     operation: str
     output: str
@@ -357,7 +358,9 @@ def _write_model(
             staging.record(file, size, digest)
 
         stats = write_plan(plan, staging.path, options, skip=staging.finished, shard_done=shard_done)
-        lossy = _lossy_note(stats, _dtype_name(plan)) if operation == "unmerge" else None
+        lossy = (
+            _lossy_note(stats, _dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
+        )
         card_notes = [*given_notes, *([lossy] if lossy else [])]
         notes += [lossy] if lossy else []
         if plan.write_index:
@@ -399,20 +402,22 @@ def _write_model(
     )
 
 
-def _lossy_note(stats, dtype: str) -> str | None:
+def _lossy_note(stats, dtype: str, resumed: bool) -> str | None:
     """What an unmerge could not restore exactly, or None when every element came back exactly
-    (the merge rounded each more finely than the base's own precision)."""
+    (the merge rounded each more finely than the base's own precision). Counted while writing,
+    so with `resumed` (shards reused by --resume) it covers the shards this run wrote."""
     from bonemerge.units import format_count
 
     if not stats.may_differ:
         return None
     share = stats.may_differ / stats.unmerged_elements
+    written = " of the shards this run wrote (not those reused)" if resumed else ""
     return (
         f"this unmerge is lossy: about {format_count(stats.may_differ)} of the "
-        f"{format_count(stats.unmerged_elements)} elements taken out of ({share:.1%}) may not come back "
-        "exactly, because the merge rounded them to a coarser step than the base stored them with (one "
-        "unit in the last place of the merged value) and the original bits are gone; a merge written "
-        f"with --dtype float32 unmerges back to {dtype} almost exactly"
+        f"{format_count(stats.unmerged_elements)} elements taken out of{written} ({share:.1%}) may "
+        "not come back exactly, because the merge rounded them to a coarser step than the base "
+        "stored them with (one unit in the last place of the merged value) and the original bits are "
+        f"gone; a merge written with --dtype float32 unmerges back to {dtype} almost exactly"
     )
 
 
