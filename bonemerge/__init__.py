@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+__version__ = "0.1.0"
+
 from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, MergeError, OutputError
 from bonemerge.methods import method_names
 
 # The methods named from the registry, so that the docstring never lags behind it.
 __doc__ = (__doc__ or "").format(methods=method_names())
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from bonemerge.api import Report, inspect, merge, push, strip, unload, unmerge, verify, verify_checksums
