@@ -666,7 +666,7 @@ def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingChe
             f"{name} is a model, not a full PEFT checkpoint (no base_layer or adapter tensors); unload "
             f"works on checkpoints saved from a PeftModel's state_dict ({unmerge})."
         )
-    return checkpoint, read_training_checkpoint(checkpoint, blocks=command != "unload")
+    return checkpoint, read_training_checkpoint(checkpoint, with_blocks=command != "unload")
 
 
 def unload(

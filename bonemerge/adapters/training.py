@@ -72,10 +72,10 @@ def _config_file(root: Path, name: str, several: bool) -> Path | None:
     return None
 
 
-def read_training_checkpoint(checkpoint: Checkpoint, blocks: bool = True) -> TrainingCheckpoint:
-    """Split a full PEFT checkpoint into its base and its adapters (headers only). With `blocks`
-    False (for `unload`, which applies none) the adapters carry only their saved full tensors,
-    so that a config the blocks would need (LoRA's lora_alpha) is not demanded."""
+def read_training_checkpoint(checkpoint: Checkpoint, with_blocks: bool = True) -> TrainingCheckpoint:
+    """Split a full PEFT checkpoint into its base and its adapters (headers only). With
+    `with_blocks` False (for `unload`, which applies none) the adapters carry only their saved
+    full tensors, so that a config the blocks would need (LoRA's lora_alpha) is not demanded."""
     where = _where(checkpoint)
     plain: dict[str, str] = {}
     found: dict[str, dict[str, dict[str, Source]]] = defaultdict(dict)
@@ -146,10 +146,10 @@ def read_training_checkpoint(checkpoint: Checkpoint, blocks: bool = True) -> Tra
         made = tuple(
             method.make_block(module, parts, keys[adapter_name][module], config, where)
             for module, parts in modules.items()
-            if blocks
+            if with_blocks
         )
         if folder is not None:
-            check_scope(blocks, config.raw, folder / "adapter_config.json", where)
+            check_scope(made, config.raw, folder / "adapter_config.json", where)
         replacements = {name: checkpoint.tensors[key] for name, key in copies.items()}
         adapters[adapter_name] = Adapter(
             checkpoint.root, where, config, made, replacements, name=adapter_name
