@@ -609,7 +609,7 @@ def unmerge(
     options = _options(device, precision, safe_merge, progress)
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
-    checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
+    checkpoint = _open_merged(merged, progress)
     loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
     name = _input_path(checkpoint).name
 
@@ -643,6 +643,18 @@ def unmerge(
         max_shard_size,
         _Target(Path(output), overwrite, resume, options, command, began, push),
     )
+
+
+def _open_merged(reference: PathLike, progress: bool = False) -> Checkpoint:
+    """The merged model unmerge and verify take first; an adapter given there (the arguments
+    swapped) is named as such, not sent to the message about merge's base."""
+    path = locate(reference, None, "MERGED", progress).path
+    if _is_adapter_folder(path):
+        raise BonemergeError(
+            f"{reference} is a PEFT adapter, not a merged model; pass the merged model first and the "
+            "adapters after it."
+        )
+    return open_checkpoint(path)
 
 
 def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingCheckpoint]:
@@ -924,7 +936,7 @@ def verify(
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
-    merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
+    merged_checkpoint = _open_merged(merged)
     if base is None:
         if not adapters:
             raise BonemergeError(

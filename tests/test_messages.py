@@ -98,6 +98,14 @@ def test_unload_of_an_adapter_says_it_is_an_adapter(tmp_path, adapter):
     assert "pass the base model first" not in message
 
 
+@pytest.mark.parametrize("command", ["unmerge", "verify"])
+def test_an_adapter_given_as_the_merged_model_is_named(tmp_path, base, adapter, command):
+    out = ["-o", tmp_path / "out"] if command == "unmerge" else ["--base", base]
+    expect = ("is a PEFT adapter, not a merged model",)
+    message = fails(tmp_path, command, adapter, adapter, *out, expect=expect)
+    assert "base model first" not in message
+
+
 def test_strip_of_a_model_says_it_is_a_model(tmp_path, base):
     message = fails(tmp_path, "strip", base, "-o", tmp_path / "out", expect=("is a model, not an adapter",))
     assert "unload works" not in message
