@@ -1,7 +1,8 @@
-"""bonemerge: streaming checkpoint surgery for PEFT adapters (LoRA, rsLoRA, DoRA, Bone, Bat, MiSS).
+"""bonemerge: streaming checkpoint surgery for PEFT adapters ({methods}).
 
-`from bonemerge import merge, unmerge, unload, strip, inspect, verify, push` gives the same
-operations as the command line (`Push` says where `push` publishes). Heavy modules
+`from bonemerge import merge, unmerge, unload, strip, inspect, verify, verify_checksums, push`
+gives the same operations as the command line (`Push` says where `push` publishes); each
+returns a report object whose `to_dict()` is what `--json` prints. Heavy modules
 (torch above all) load on first use, so importing the package and `bonemerge --help` stay fast.
 """
 
@@ -9,16 +10,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, MergeError, OutputError
-
 __version__ = "0.1.0"
 
+from bonemerge.errors import AdapterError, BonemergeError, CheckpointError, MergeError, OutputError
+from bonemerge.methods import method_names
+
+# The methods named from the registry, so that the docstring never lags behind it.
+__doc__ = (__doc__ or "").format(methods=method_names())
+
 if TYPE_CHECKING:
-    from bonemerge.api import Report, inspect, merge, push, strip, unload, unmerge, verify
+    from bonemerge.api import Report, inspect, merge, push, strip, unload, unmerge, verify, verify_checksums
     from bonemerge.hub import Push
 
 _LAZY = dict.fromkeys(
-    ["merge", "unmerge", "unload", "strip", "inspect", "verify", "push", "Report"], "bonemerge.api"
+    ["merge", "unmerge", "unload", "strip", "inspect", "verify", "verify_checksums", "push", "Report"],
+    "bonemerge.api",
 ) | {"Push": "bonemerge.hub"}
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "unload",
     "unmerge",
     "verify",
+    "verify_checksums",
 ]
 
 

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,9 +28,10 @@ from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.hub import Location, Push, locate
 from bonemerge.manifest import MANIFEST, write_manifest
-from bonemerge.output import Staging, check_free_space, check_output
+from bonemerge.output import Staging, check_free_space, check_output, resumable_shards
 
 if TYPE_CHECKING:
+    from bonemerge.describe import InspectReport
     from bonemerge.plan import Plan
 
 PRECISIONS = ("auto", "fp32", "fp64")
@@ -37,10 +39,16 @@ PRECISIONS = ("auto", "fp32", "fp64")
 PathLike = str | os.PathLike[str]
 
 
+# What each command did to the tensors it changed with adapter blocks: the summary's words
+# and `--json`'s key (`tensors_merged` stays in unmerge's JSON too, for existing readers).
+_BLOCK_VERBS = {"merge": "merged", "unmerge": "unmerged"}
+
+
 @dataclass
 class Report:
     """What a command wrote; `--json` prints exactly this. `tensors_merged` counts the tensors
-    whose blocks were merged (or, for unmerge, taken out)."""
+    whose blocks were merged (or, for unmerge, taken out: `tensors_unmerged` in `to_dict`).
+    `lossy` (unmerge only): how many elements of those tensors may not come back exactly."""
 
     operation: str
     output: str
@@ -54,9 +62,29 @@ class Report:
     notes: list[str] = field(default_factory=list)
     pushed_to: str | None = None
     conversion: dict | None = None
+    lossy: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.operation != "unmerge":
+            return data
+        ordered = {}
+        for key, value in data.items():
+            if key == "tensors_merged":
+                ordered["tensors_unmerged"] = value
+            ordered[key] = value
+        return ordered
+
+    def counts(self) -> str:
+        """`12 tensors merged, 40 copied, 0 converted`: what the summary line says was done,
+        in the words of the command (strip and unload merge nothing, so they say nothing of it)."""
+        verb = _BLOCK_VERBS.get(self.operation)
+        if verb is None:
+            return f"{self.tensors_copied} tensors copied, {self.tensors_converted} converted"
+        return (
+            f"{self.tensors_merged} tensors {verb}, {self.tensors_copied} copied, "
+            f"{self.tensors_converted} converted"
+        )
 
 
 def _options(device: str, precision: str, safe_merge: bool, progress: bool):
@@ -219,13 +247,7 @@ def _open_model(
     location = locate(reference, adapter_revision, "--adapter", progress)
     if _is_adapter_folder(location.path):
         adapter = load_adapter(location.path)
-        named = adapter.config.base_model
-        if not named:
-            raise BonemergeError(
-                f"{reference} is an adapter whose config does not name its base model; pass the base first."
-            )
-        revision = base_revision or adapter.config.raw.get("revision") or None
-        base = locate(named, revision, "--base", progress, relative_to=adapter.root)
+        base = named_base(adapter, reference, base_revision, progress)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -236,6 +258,21 @@ def _open_model(
     training = read_training_checkpoint(checkpoint)
     adapter = training.adapter(adapter_name)
     return _Model(checkpoint, training.base, [adapter], location.hub_id or _hub_id_of(adapter))
+
+
+def named_base(
+    adapter: Adapter, reference: PathLike, base_revision: str | None = None, progress: bool = False
+) -> Location:
+    """The base model `adapter`'s config names (`base_model_name_or_path`, a path taken from the
+    adapter folder, and `revision`): where merge and verify look when no base is given."""
+    named = adapter.config.base_model
+    if not named:
+        raise BonemergeError(
+            f"{reference} is an adapter whose config does not name its base model; pass the base "
+            "model too (merge: BASE first; verify: --base BASE)."
+        )
+    revision = base_revision or adapter.config.raw.get("revision") or None
+    return locate(named, revision, "--base", progress, relative_to=adapter.root)
 
 
 def _hub_id_of(adapter: Adapter) -> str | None:
@@ -283,7 +320,7 @@ def _write_model(
     *,
     source: Checkpoint,
     adapters: Sequence[Adapter],
-    card: str,
+    card: Callable[[list[str]], str],
     tokenizer_from_adapters: bool,
     lineage: Sequence[dict] | None,
     entry: dict,
@@ -303,7 +340,15 @@ def _write_model(
     options = target.options
     fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
     watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
-    notes = list(notes) + list(extras.notes)
+    given_notes = list(notes)
+    notes = given_notes + list(extras.notes)
+    if not target.resume and (left := resumable_shards(target.path, fingerprint)):
+        discarded = (
+            f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
+            f"{target.path} and are written again; --resume would have reused them"
+        )
+        warn(discarded)
+        notes.append(discarded)
     with Staging(target.path, fingerprint, target.resume) as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
@@ -313,11 +358,16 @@ def _write_model(
             staging.record(file, size, digest)
 
         stats = write_plan(plan, staging.path, options, skip=staging.finished, shard_done=shard_done)
+        lossy = (
+            _lossy_note(stats, _dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
+        )
+        card_notes = [*given_notes, *([lossy] if lossy else [])]
+        notes += [lossy] if lossy else []
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
         companions.write_companions(extras, plan.config_updates, staging.path)
-        (staging.path / "README.md").write_text(card, encoding="utf-8")
+        (staging.path / "README.md").write_text(card(card_notes), encoding="utf-8")
         created = _now()
         manifest = {
             "bonemerge": __version__,
@@ -344,7 +394,38 @@ def _write_model(
         files=sorted([*files, MANIFEST]),
         notes=notes,
         pushed_to=pushed,
+        lossy=(
+            {"elements_unmerged": stats.unmerged_elements, "elements_that_may_differ": stats.may_differ}
+            if operation == "unmerge"
+            else None
+        ),
     )
+
+
+def _lossy_note(stats, dtype: str, resumed: bool) -> str | None:
+    """What an unmerge could not restore exactly, or None when every element came back exactly
+    (the merge rounded each more finely than the base's own precision). Counted while writing,
+    so with `resumed` (shards reused by --resume) it covers the shards this run wrote."""
+    from bonemerge.units import format_count
+
+    if not stats.may_differ:
+        return None
+    share = stats.may_differ / stats.unmerged_elements
+    written = " of the shards this run wrote (not those reused)" if resumed else ""
+    return (
+        f"this unmerge is lossy: about {format_count(stats.may_differ)} of the "
+        f"{format_count(stats.unmerged_elements)} elements taken out of{written} ({share:.1%}) may "
+        "not come back exactly, because the merge rounded them to a coarser step than the base "
+        "stored them with (one unit in the last place of the merged value) and the original bits are "
+        f"gone; a merge written with --dtype float32 unmerges back to {dtype} almost exactly"
+    )
+
+
+def warn(message: str) -> None:
+    """Say something on stderr at once, while the run goes on (the report's notes say it again
+    at the end): for what the user may want to stop the run for."""
+    sys.stderr.write(f"warning: {message}.\n")
+    sys.stderr.flush()
 
 
 def _dtype_name(plan) -> str:
@@ -427,7 +508,7 @@ def _run_model(
         replace(target, path=path),
         source=job.base,
         adapters=job.adapters if merging else [],
-        card=job.card(plan, notes),
+        card=lambda final: job.card(plan, final),
         tokenizer_from_adapters=job.operation == "merge",
         lineage=lineage,
         entry=entry,
@@ -528,7 +609,7 @@ def unmerge(
     options = _options(device, precision, safe_merge, progress)
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
-    checkpoint = open_checkpoint(locate(merged, None, "MERGED", progress).path)
+    checkpoint = _open_merged(merged, progress)
     loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
     name = _input_path(checkpoint).name
 
@@ -564,14 +645,40 @@ def unmerge(
     )
 
 
-def _training(location: Location) -> tuple[Checkpoint, TrainingCheckpoint]:
+def _open_merged(reference: PathLike, progress: bool = False) -> Checkpoint:
+    """The merged model unmerge and verify take first; an adapter given there (the arguments
+    swapped) is named as such, not sent to the message about merge's base."""
+    path = locate(reference, None, "MERGED", progress).path
+    if _is_adapter_folder(path):
+        raise BonemergeError(
+            f"{reference} is a PEFT adapter, not a merged model; pass the merged model first and the "
+            "adapters after it."
+        )
+    return open_checkpoint(path)
+
+
+def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingCheckpoint]:
+    """The full PEFT checkpoint at `location`; anything else is named as what it is, with the
+    command that takes it. `command` (unload, strip) is the one that asked."""
+    name = location.hub_id or location.path
+    unmerge = "to take merged adapters out of a model, use `bonemerge unmerge MERGED ADAPTER -o OUT`"
+    if command == "unload" and _is_adapter_folder(location.path):
+        raise BonemergeError(
+            f"{name} is a PEFT adapter, not a full PEFT checkpoint: it holds no base weights to unload "
+            f"(its base is the model its config names; {unmerge})."
+        )
     checkpoint = open_checkpoint(location.path)
     if not is_training_checkpoint(checkpoint):
+        if command == "strip":
+            raise BonemergeError(
+                f"{name} is a model, not an adapter (no adapter_config.json) or a full PEFT checkpoint (no "
+                f"base_layer or adapter tensors); strip reads adapters and PeftModel checkpoints ({unmerge})."
+            )
         raise BonemergeError(
-            f"{location.hub_id or location.path} is not a full PEFT checkpoint (no base_layer or adapter "
-            "tensors); unload works on checkpoints saved from a PeftModel's state_dict."
+            f"{name} is a model, not a full PEFT checkpoint (no base_layer or adapter tensors); unload "
+            f"works on checkpoints saved from a PeftModel's state_dict ({unmerge})."
         )
-    return checkpoint, read_training_checkpoint(checkpoint)
+    return checkpoint, read_training_checkpoint(checkpoint, with_blocks=command != "unload")
 
 
 def unload(
@@ -598,7 +705,7 @@ def unload(
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
     location = locate(checkpoint, None, "CHECKPOINT", progress)
-    given, training = _training(location)
+    given, training = _training(location, "unload")
     adapters = [] if original_modules else [training.adapter(adapter_name)]
     kept = (
         "the original modules_to_save modules" if original_modules else "the trained modules_to_save copies"
@@ -661,7 +768,7 @@ def strip(
     if _is_adapter_folder(path):
         adapter = load_adapter(path)
     else:
-        _, training = _training(location)
+        _, training = _training(location, "strip")
         adapter = training.adapter(adapter_name)
     strip_options = StripOptions(
         include=include,
@@ -799,17 +906,20 @@ def push(folder: PathLike, target: Push) -> str:
     return push_folder(path, target).url
 
 
-def inspect(path: PathLike, base: PathLike | None = None) -> dict:
-    """What `path` is and holds, from headers only; with `base`, how its adapter fits that base."""
-    from bonemerge.describe import inspect_path
+def inspect(path: PathLike, base: PathLike | None = None) -> InspectReport:
+    """What `path` is and holds, from headers only; with `base`, how its adapter fits that base
+    (`report.ok` is False when it does not)."""
+    from bonemerge.describe import InspectReport, inspect_path
 
     located = locate(path, None, "PATH")
-    return inspect_path(located.path, None if base is None else locate(base, None, "--base").path)
+    return InspectReport(
+        inspect_path(located.path, None if base is None else locate(base, None, "--base").path)
+    )
 
 
 def verify(
     merged: PathLike,
-    base: PathLike,
+    base: PathLike | None,
     adapters: Sequence[PathLike] = (),
     *,
     adapter_name: str | None = None,
@@ -818,19 +928,30 @@ def verify(
     device: str = "cpu",
     precision: str = "auto",
 ):
-    """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor."""
+    """Recompute the merge of `adapters` into `base` and compare it with `merged`, tensor by tensor.
+    With `base` None, the base is the one the first adapter's config names, as for `merge`."""
     from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
     from bonemerge.verify import verify_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
-    merged_checkpoint = open_checkpoint(locate(merged, None, "MERGED").path)
+    merged_checkpoint = _open_merged(merged)
+    if base is None:
+        if not adapters:
+            raise BonemergeError(
+                "pass the adapters merged into the model (and --base BASE, the model they "
+                "were merged into, unless their config names it)."
+            )
+        first = _load_adapter(adapters[0], adapter_revision, False)
+        base = named_base(first, adapters[0], base_revision).path
+        base_revision = None
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
     exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
+    report.base = str(_input_path(model.base))
     report.stray = stray_weights(merged_checkpoint)
     report.seconds = round(time.perf_counter() - began, 3)
     return report

@@ -27,7 +27,7 @@ from bonemerge.checkpoint.layout import parse_size
 from bonemerge.dtype_names import HELP as DTYPE_HELP
 from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError, shown
-from bonemerge.methods import conversion_names
+from bonemerge.methods import conversion_names, method_names
 from bonemerge.units import format_size
 
 
@@ -260,8 +260,7 @@ def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(
-            f"{report.operation}: {report.tensors_merged} tensors with blocks, "
-            f"{report.tensors_copied} copied, {report.tensors_converted} converted; "
+            f"{report.operation}: {report.counts()}; "
             f"{format_size(report.bytes_written)} in {report.seconds:.1f} s -> {report.output}"
         )
         for note in report.notes:
@@ -274,10 +273,7 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="bonemerge")
-def main() -> None:
-    """Checkpoint surgery for PEFT Bone, Bat and MiSS adapters, streamed shard by shard.
+_MAIN_HELP = f"""Checkpoint surgery for PEFT {method_names()} adapters, streamed shard by shard.
 
     Every output records its history in bonemerge.json; merge refuses an adapter already
     merged, unmerge one that was never merged or the wrong order. Run `bonemerge COMMAND --help`
@@ -290,6 +286,14 @@ def main() -> None:
       bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
       bonemerge demo
     """
+
+
+@click.group(
+    help=_MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(__version__, prog_name="bonemerge")
+def main() -> None:
+    """The command group; its help text, `_MAIN_HELP`, names the methods from the registry."""
 
 
 @main.command()
@@ -480,21 +484,25 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
     """
     from bonemerge.api import inspect as run
 
-    info = run(path, base)
+    report = run(path, base)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         from bonemerge.inspect_text import render_inspection
 
-        click.echo("\n".join(printable(line) for line in render_inspection(info)))
-    if info.get("against_base", {}).get("ok") is False:
+        click.echo("\n".join(printable(line) for line in render_inspection(report.to_dict())))
+    if not report.ok:
         sys.exit(1)
 
 
 @main.command()
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@click.option("--base", type=click.Path(), help="The model the adapters were merged into.")
+@click.option(
+    "--base",
+    type=click.Path(),
+    help="The model the adapters were merged into. [default: the one the first adapter's config names]",
+)
 @click.option(
     "--checksums",
     is_flag=True,
@@ -515,8 +523,9 @@ def inspect(path: str, base: str | None, as_json: bool) -> None:
 def verify(
     merged: str, adapters: tuple[str, ...], base: str | None, checksums: bool, as_json: bool, **options: Any
 ) -> None:
-    """Check MERGED: recompute the merge of ADAPTERS into --base and compare tensor by tensor,
-    and/or (--checksums) compare its files with the checksums bonemerge recorded.
+    """Check MERGED: recompute the merge of ADAPTERS into --base (by default the base the first
+    adapter's config names, as for merge) and compare tensor by tensor, and/or (--checksums)
+    compare its files with the checksums bonemerge recorded.
 
     Untouched tensors must be identical. When MERGED's history says bonemerge merged exactly
     these adapters with the same maths, precision, device and torch version, every merged
@@ -528,17 +537,21 @@ def verify(
     \b
     Examples:
       bonemerge verify ./merged ./my-bone-adapter --base ./Llama-3.2-1B
+      bonemerge verify ./merged ./my-bone-adapter
       bonemerge verify ./merged --checksums
     """
     from bonemerge.api import verify as run
     from bonemerge.api import verify_checksums
 
-    if base is None and not checksums:
-        raise click.UsageError("pass --base BASE (and the adapters) to recompute the merge, or --checksums.")
+    if base is None and not adapters and not checksums:
+        raise click.UsageError(
+            "pass the adapters (and --base BASE unless their config names it) to recompute the merge, "
+            "or --checksums."
+        )
     results = {}
     if checksums:
         results["checksums"] = verify_checksums(merged)
-    if base is not None:
+    if adapters or base is not None:
         results["tensors"] = run(merged, base, adapters, **options)
     if as_json:
         click.echo(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
@@ -562,6 +575,7 @@ def _print_verification(results: dict[str, Any]) -> None:
         _print_stray(report.stray)
     if "tensors" in results:
         report = results["tensors"]
+        click.echo(printable(f"base: {report.base}"))
         click.echo(f"mode: {report.mode} ({report.reason})")
         click.echo(
             f"{report.identical} identical, {report.within_rounding} within rounding, "

@@ -8,9 +8,12 @@ mismatch, and the size of the merged model, without merging anything.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
@@ -18,6 +21,8 @@ from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.errors import BonemergeError
 from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.strip import layer_of
+
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def ranges(numbers: set[int]) -> str:
@@ -118,6 +123,41 @@ def _made_by_bonemerge(folder: Path) -> dict:
     return {"made_by_bonemerge": found, "adapters_merged_now": merged}
 
 
+class InspectReport(Mapping[str, Any]):
+    """What `inspect` found, as a report like every other command's: `to_dict()` is what
+    `--json` prints, the facts read as attributes (`report.kind`, `report.against_base`), and,
+    for code written when `inspect` returned a dict, as keys (`report["kind"]`)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    @property
+    def ok(self) -> bool:
+        """False only when a base was given and the adapter does not fit it."""
+        return (self._data.get("against_base") or {}).get("ok") is not False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_data"][name]
+        except KeyError:
+            raise AttributeError(f"this inspection has no {name!r}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"InspectReport(path={self._data.get('path')!r}, kind={self._data.get('kind')!r})"
+
+
 def architecture(config: dict) -> str | None:
     """The model class a config names (`LlamaForCausalLM`), or its model type; None when the
     config says neither in a usable form."""
@@ -129,8 +169,16 @@ def architecture(config: dict) -> str | None:
 
 
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
-    """A JSON-ready description of `path`; with `base`, how an adapter fits that base."""
+    """A JSON-ready description of `path`; with `base`, how an adapter fits that base. An
+    adapter's weights file stands for its folder: without its config it is no model either."""
     path = Path(path)
+    if path.is_file() and path.name in _ADAPTER_WEIGHTS:
+        if not (path.parent / "adapter_config.json").is_file():
+            raise BonemergeError(
+                f"{path} is the weights file of a PEFT adapter, and {path.parent} has no adapter_config.json "
+                "beside it; inspect the folder PEFT's save_pretrained wrote."
+            )
+        path = path.parent
     if (
         path.is_dir()
         and (path / "adapter_config.json").is_file()

@@ -47,10 +47,16 @@ class EngineOptions:
 
 @dataclass
 class EngineStats:
+    """What `write_plan` did; `unmerged_elements` counts the elements of tensors that blocks were
+    taken out of, and `may_differ` those among them that cannot be guaranteed to come back
+    exactly (see `compute.may_differ`)."""
+
     merged: int = 0
     copied: int = 0
     converted: int = 0
     bytes_written: int = 0
+    unmerged_elements: int = 0
+    may_differ: int = 0
 
 
 @dataclass
@@ -67,6 +73,7 @@ class Chunk:
     stop: int
     data: torch.Tensor | None
     release: Callable[[], None] = field(default=lambda: None)
+    may_differ: int = 0
 
 
 def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -310,6 +317,9 @@ def write_plan(
                 continue
             writer.submit(lambda c=chunk: files.write(c.step.name, c.data, c.release), chunk.release)
             stats.bytes_written += chunk.data.numel() * chunk.data.element_size()
+            if step.ops and all(op.inverse for op in step.ops):
+                stats.unmerged_elements += chunk.data.numel()
+                stats.may_differ += chunk.may_differ
             if chunk.start == 0:
                 stats.merged += bool(step.ops)
                 stats.converted += not step.ops

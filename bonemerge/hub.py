@@ -25,7 +25,14 @@ SINGLE_WEIGHTS = ["model.safetensors", "adapter_model.safetensors"]
 
 
 class HubError(BonemergeError):
-    """The Hub could not give what was asked (missing repo, gated, offline and not cached)."""
+    """The Hub could not give what was asked (missing repo, gated, offline and not cached).
+
+    `reason` says why in a clause (`it is not in the local Hub cache and ... cannot be
+    reached`), for messages that must also say something else about the same name."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message.rstrip(".")
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,8 @@ def locate(
             raise
         # `models/llama` next to a local `models/`: most likely a mistyped local path.
         raise HubError(
-            f"{text} does not exist locally (the local folder {folder} has no {rest}), and looked up "
-            f"as a Hub id: {str(exc).rstrip('.')}."
+            f"{text} does not exist: the local folder {folder} has no {rest}, and as a Hub id "
+            f"{exc.reason}; check the path."
         ) from None
 
 
@@ -136,25 +143,32 @@ def _explain(exc: Exception, repo: str, revision: str | None) -> HubError:
     if isinstance(exc, GatedRepoError):
         return HubError(
             f"{repo} is gated on {where}: accept its conditions on its Hub page and set HF_TOKEN to a token "
-            "of an account with access."
+            "of an account with access.",
+            f"it is a gated repo on {where}",
         )
     if isinstance(exc, RepositoryNotFoundError):
         return HubError(
             f"{repo} is neither a local folder nor a repo on {where}; check the name, or set HF_TOKEN if "
-            "the repo is private."
+            "the repo is private.",
+            f"no repo of that name is on {where}",
         )
     if isinstance(exc, RevisionNotFoundError):
         return HubError(
-            f"{repo} has no revision {shown(revision)} on {where}; check the branch, tag or commit."
+            f"{repo} has no revision {shown(revision)} on {where}; check the branch, tag or commit.",
+            f"it has no revision {shown(revision)} on {where}",
         )
     if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} cannot be reached"
+        cached = f"it is not in the local Hub cache ({constants.HF_HUB_CACHE}) while {why}"
         return HubError(
-            f"{repo}{'@' + revision if revision else ''} is not a local path, and as a Hub id it is not in "
-            f"the local Hub cache ({constants.HF_HUB_CACHE}) while {why}; check the path, or download "
-            "it once online."
+            f"{repo}{'@' + revision if revision else ''} is not a local path, and as a Hub id {cached}; "
+            "check the path, or download it once online.",
+            cached,
         )
-    return HubError(f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.")
+    return HubError(
+        f"cannot download {repo} from {where}: {exc}; check the network, or pass a local folder.",
+        f"it could not be downloaded from {where} ({exc})",
+    )
 
 
 def _snapshot(repo: str, revision: str | None, patterns: list[str], progress: bool) -> Path:

@@ -25,6 +25,7 @@ from bonemerge.checkpoint.confine import expand_home
 from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
 from bonemerge.errors import OutputError
 from bonemerge.manifest import is_bonemerge_output
+from bonemerge.units import format_size
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -84,8 +85,7 @@ def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: 
             f"the staging folder and lock bonemerge keeps beside it; choose a name of at most "
             f"{_NAME_MAX - _SIBLING_EXTRA} bytes."
         )
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
+    # What --overwrite would refuse is said first, so that the advice is never to pass it in vain.
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder; remove it or choose another output.")
     if out.exists() and any(out.iterdir()) and not is_bonemerge_output(out):
@@ -93,6 +93,8 @@ def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: 
             f"{out} is not empty and was not written by bonemerge (it has no valid bonemerge.json), so "
             "--overwrite will not delete it; remove it by hand or choose another output."
         )
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
     return out
 
 
@@ -104,9 +106,29 @@ def check_free_space(output: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed + _SPACE_MARGIN:
         raise OutputError(
-            f"{folder} has {free / 1e9:.2f} GB free but the output needs about "
-            f"{(needed + _SPACE_MARGIN) / 1e9:.2f} GB; free some space or choose another output."
+            f"{folder} has {format_size(free)} free but the output needs about "
+            f"{format_size(needed + _SPACE_MARGIN)}; free some space or choose another output."
         )
+
+
+def resumable_shards(output: Path, fingerprint: str) -> list[str]:
+    """The shards a killed run of the same plan (`fingerprint`) left finished beside `output`,
+    which `--resume` would reuse (by recorded size; `--resume` also checks their digests).
+    A run without `--resume` discards them, so the caller says so instead of doing it silently."""
+    staging = Staging(output, fingerprint)
+    try:
+        if (staging.path / Staging._PLAN).read_text(encoding="utf-8") != fingerprint:
+            return []
+        lines = (staging.path / Staging._PROGRESS).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+            entry = json.loads(line)
+            if (staging.path / entry["file"]).stat().st_size == int(entry["bytes"]):
+                found.append(str(entry["file"]))
+    return sorted(set(found))
 
 
 class _Lock:

@@ -49,6 +49,7 @@ class VerifyReport:
     """What `bonemerge verify` found; `ok` only when nothing differs, is missing or is extra."""
 
     merged: str
+    base: str = ""
     mode: str = "tolerance"
     reason: str = ""
     identical: int = 0

@@ -122,7 +122,7 @@ def test_overwrite_replaces_only_on_success(tmp_path, base, adapter):
 def test_not_enough_free_disk(tmp_path, base, adapter, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("GB free", "needs about"))
+    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=(" free but the output needs",))
 
 
 def test_cuda_requested_without_cuda(tmp_path, base, adapter):
@@ -179,7 +179,7 @@ def test_unmerge_with_adapter_for_another_model(tmp_path, base):
 
 
 def test_unload_needs_a_training_checkpoint(tmp_path, base):
-    fails(tmp_path, "unload", base, "-o", tmp_path / "out", expect=("is not a full PEFT checkpoint",))
+    fails(tmp_path, "unload", base, "-o", tmp_path / "out", expect=("is a model, not a full PEFT",))
 
 
 def test_strip_errors(tmp_path, adapter):

@@ -131,13 +131,20 @@ def test_training_checkpoint_strip_loads_in_peft(tmp_path, checkpoint, sentences
     assert torch.equal(lo.bert_outputs(model, sentences), lo.bert_outputs(original, sentences))
 
 
-def test_training_checkpoint_without_its_config_is_refused(tmp_path, checkpoint):
-    """lora_alpha is not in the weights: without adapter_config.json the scale is unknown."""
-    _, folder, _ = checkpoint
+def test_training_checkpoint_without_its_config(tmp_path, checkpoint):
+    """lora_alpha is not in the weights: without adapter_config.json the scale is unknown, so
+    merge and strip refuse; unload never applies the blocks, so it works and equals PEFT's."""
+    factory, folder, _ = checkpoint
     shutil.copytree(folder, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "adapter_config.json").unlink()
-    fails(tmp_path, "merge", tmp_path / "ckpt", "-o", tmp_path / "out", expect=("adapter_config.json",))
-    fails(tmp_path, "unload", tmp_path / "ckpt", "-o", tmp_path / "out", expect=("adapter_config.json",))
+    for command in ("merge", "strip"):
+        fails(tmp_path, command, tmp_path / "ckpt", "-o", tmp_path / "out", expect=("adapter_config.json",))
+    unload(tmp_path / "ckpt", tmp_path / "unloaded")
+    ours = oracle.read_folder(tmp_path / "unloaded")
+    expected = lo.state(trained(factory).unload())
+    assert set(ours) == set(expected) | ({"bert.embeddings.position_ids"} & set(ours))
+    for name, value in expected.items():
+        assert torch.equal(ours[name], value), name
 
 
 # --- strip of LoRA adapters ---------------------------------------------------------------------

@@ -91,9 +91,11 @@ def test_an_org_name_beside_a_local_folder_says_first_it_is_not_local(tmp_path, 
     )  # fmt: skip
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(
-        f"error: {typed} does not exist locally (the local folder models has no llama-3), and looked up "
-        "as a Hub id: models/llama-3"
+        f"error: {typed} does not exist: the local folder models has no llama-3, and as a Hub id it is "
+        "not in the local Hub cache"
     ), done.stderr
+    assert done.stderr.rstrip().endswith("while HF_HUB_OFFLINE is set; check the path."), done.stderr
+    assert "is not a local path" not in done.stderr  # one consistent sentence, not two glued together
     assert not (tmp_path / "out").exists()
 
 

@@ -157,7 +157,7 @@ def test_strip_extracts_the_adapter_peft_would_save(tmp_path, minilm, classifier
 
 
 def test_plain_model_is_not_a_training_checkpoint(tmp_path, minilm):
-    with pytest.raises(BonemergeError, match="is not a full PEFT checkpoint"):
+    with pytest.raises(BonemergeError, match="is a model, not a full PEFT checkpoint"):
         unload(minilm, tmp_path / "out")
     with pytest.raises(BonemergeError, match="pass at least one adapter"):
         merge(minilm, [], tmp_path / "out")

@@ -72,8 +72,10 @@ def _config_file(root: Path, name: str, several: bool) -> Path | None:
     return None
 
 
-def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
-    """Split a full PEFT checkpoint into its base and its adapters (headers only)."""
+def read_training_checkpoint(checkpoint: Checkpoint, with_blocks: bool = True) -> TrainingCheckpoint:
+    """Split a full PEFT checkpoint into its base and its adapters (headers only). With
+    `with_blocks` False (for `unload`, which applies none) the adapters carry only their saved
+    full tensors, so that a config the blocks would need (LoRA's lora_alpha) is not demanded."""
     where = _where(checkpoint)
     plain: dict[str, str] = {}
     found: dict[str, dict[str, dict[str, Source]]] = defaultdict(dict)
@@ -141,14 +143,15 @@ def read_training_checkpoint(checkpoint: Checkpoint) -> TrainingCheckpoint:
                 )
         else:
             config = method.infer_config(peft_type, list(modules.items()), shapes, list(copies), where)
-        blocks = tuple(
+        made = tuple(
             method.make_block(module, parts, keys[adapter_name][module], config, where)
             for module, parts in modules.items()
+            if with_blocks
         )
         if folder is not None:
-            check_scope(blocks, config.raw, folder / "adapter_config.json", where)
+            check_scope(made, config.raw, folder / "adapter_config.json", where)
         replacements = {name: checkpoint.tensors[key] for name, key in copies.items()}
         adapters[adapter_name] = Adapter(
-            checkpoint.root, where, config, blocks, replacements, name=adapter_name
+            checkpoint.root, where, config, made, replacements, name=adapter_name
         )
     return TrainingCheckpoint(where, base, adapters)

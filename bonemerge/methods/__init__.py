@@ -52,10 +52,20 @@ def kind_name(peft_type: str) -> str:
     return method.kind_name(peft_type) if method else peft_type
 
 
+def _listed(names: list[str]) -> str:
+    """`A, B and C`."""
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
 def supported() -> str:
     """`Bone/MiSS and LoRA`: the methods, as messages name them."""
-    names = [method.name for method in REGISTRY]
-    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    return _listed([method.name for method in REGISTRY])
+
+
+def method_names() -> str:
+    """`Bone, Bat, MiSS, LoRA, rsLoRA and DoRA`: every variant users know, for the help texts,
+    so that they name every method the registry holds and nothing else."""
+    return _listed([variant for method in REGISTRY for variant in method.variants or (method.name,)])
 
 
 def claim_training(name: str) -> tuple[Method, KeyClaim] | None:
@@ -92,5 +102,6 @@ __all__ = [
     "conversion_names",
     "kind_name",
     "method_for",
+    "method_names",
     "supported",
 ]

@@ -242,6 +242,8 @@ class Method:
     name: str = ""
     #: the `peft_type` values it reads
     peft_types: tuple[str, ...] = ()
+    #: the names users know its variants by, for the help texts (`Bone`, `Bat`, `MiSS`)
+    variants: tuple[str, ...] = ()
 
     # -- configs and files ---------------------------------------------------------------
     def read_config(self, peft_type: str, raw: dict, path: Path) -> Any:

@@ -230,6 +230,7 @@ def _implied_variant(settings: BoneSettings, key: str, shape: tuple[int, ...], w
 class BoneMethod(Method):
     name = "Bone/MiSS"
     peft_types = ("BONE", "MISS")
+    variants = ("Bone", "Bat", "MiSS")
 
     def read_config(self, peft_type: str, raw: dict, path: Path) -> BoneSettings:
         r = raw.get("r", 64)

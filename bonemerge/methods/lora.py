@@ -79,7 +79,7 @@ class LoraSettings:
     """What a LoRA config says about the maths."""
 
     r: int
-    alpha: float
+    alpha: float | None  # None: not known (a checkpoint without its config; see `infer_config`)
     rslora: bool
     dora: bool
     fan_in_fan_out: bool
@@ -377,6 +377,7 @@ class BiasRows(RowMaths):
 class LoraMethod(Method):
     name = "LoRA"
     peft_types = ("LORA",)
+    variants = ("LoRA", "rsLoRA", "DoRA")
 
     def read_config(self, peft_type: str, raw: dict, path: Path) -> LoraSettings:
         _refuse_unmergeable(raw, path)
@@ -418,6 +419,11 @@ class LoraMethod(Method):
         self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
     ) -> Block:
         settings: LoraSettings = config.settings
+        if settings.alpha is None:
+            raise AdapterError(
+                f"{where} holds LoRA tensors but no adapter_config.json beside it; lora_alpha is not in "
+                "the weights, so put the adapter's adapter_config.json next to the checkpoint."
+            )
         missing = [p for p in ("A", "B") if p not in parts]
         if missing:
             raise AdapterError(
@@ -469,10 +475,27 @@ class LoraMethod(Method):
         saved: list[str],
         where: Path,
     ) -> AdapterConfig:
-        raise AdapterError(
-            f"{where} holds LoRA tensors but no adapter_config.json beside it; lora_alpha is not in "
-            "the weights, so put the adapter's adapter_config.json next to the checkpoint."
-        )
+        """What the tensors tell: the ranks, DoRA, the bias. lora_alpha is not in them, so it
+        stays unknown and `make_block` refuses to build blocks from this config: `unload`, which
+        never applies them, works without the adapter's adapter_config.json; merges do not."""
+        ranks = {module: parts["A"].shape[0] for module, parts in blocks if "A" in parts and parts["A"].shape}
+        r = max(sorted(set(ranks.values())), key=list(ranks.values()).count) if ranks else 8
+        dora = any("magnitude" in parts for _, parts in blocks)
+        bias = any("bias" in parts for _, parts in blocks)
+        rank_pattern = tuple(sorted((module, rank) for module, rank in ranks.items() if rank != r))
+        raw = {
+            "peft_type": peft_type,
+            "r": r,
+            "lora_alpha": None,
+            "use_dora": dora,
+            "lora_bias": bias,
+            "rank_pattern": dict(rank_pattern),
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m, _ in blocks}),
+            "modules_to_save": sorted({m.rsplit(".", 1)[0] for m in saved}) or None,
+            "base_model_name_or_path": None,
+        }
+        settings = LoraSettings(r, None, False, dora, False, bias, rank_pattern, ())
+        return AdapterConfig(self, peft_type, settings, raw)
 
     def targets(self, block: Block) -> tuple[Target, ...]:
         if "bias" in block.parts:
@@ -587,7 +610,7 @@ class LoraMethod(Method):
     def describe(self, config: AdapterConfig) -> str:
         s: LoraSettings = config.settings
         name = "DoRA" if s.dora else "LoRA"
-        details = [f"r={s.r}", f"alpha={s.alpha:g}"]
+        details = [f"r={s.r}", "alpha unknown" if s.alpha is None else f"alpha={s.alpha:g}"]
         if s.rslora:
             name = "rsLoRA" if not s.dora else "DoRA, rsLoRA scaling"
         if s.rank_pattern or s.alpha_pattern:

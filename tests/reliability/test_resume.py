@@ -66,6 +66,7 @@ def test_without_resume_a_crashed_run_is_redone_from_scratch(tmp_path, slow_inpu
     crash_midway(base, adapter, out)
     report = run_json("merge", base, adapter, "-o", out)
     assert not [n for n in report["notes"] if n.startswith("reused")] and report["tensors_merged"] == 6
+    assert [n for n in report["notes"] if n.endswith("--resume would have reused them")], report["notes"]
     assert same_weights(out, reference)
 
 
