@@ -280,6 +280,15 @@ class Method:
     def targets(self, block: Block) -> tuple[Target, ...]:
         return (Target("weight"),)
 
+    def place(
+        self, block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] | None], where: str
+    ) -> list[tuple[str, Target]]:
+        """The base tensors `block` changes, by name, once its module is named as the base names
+        it (`module`): `<module>.<suffix>` for each target, unless the block is a parameter that
+        the checkpoint stores in other pieces (fused MoE experts, one tensor per expert).
+        `shape_of` gives a base tensor's current shape, or None if there is none."""
+        return [(f"{module}.{target.suffix}", target) for target in self.targets(block)]
+
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
     ) -> None:

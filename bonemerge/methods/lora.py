@@ -42,6 +42,14 @@ from bonemerge.methods.base import (
     RowMaths,
     Target,
 )
+from bonemerge.methods.lora_params import (
+    ParamBlock,
+    ParamTarget,
+    check_piece,
+    expert_rows,
+    parameter_module,
+    place,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +94,7 @@ class LoraSettings:
     lora_bias: bool
     rank_pattern: tuple[tuple[str, int], ...]
     alpha_pattern: tuple[tuple[str, float], ...]
+    target_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,15 @@ def _pattern(raw: dict, key: str, path: Path, check: Callable[[object], bool]) -
     return tuple(value.items())
 
 
+def _names(raw: dict, key: str, path: Path) -> tuple[str, ...]:
+    value = raw.get(key) or ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterError(f"{path} has a malformed {key}; it must be a list of parameter names.")
+    return tuple(value)
+
+
 def _refuse_unmergeable(raw: dict, path: Path) -> None:
     """One sentence for every LoRA variant whose maths is not `W + s·B@A` on the saved base."""
     init = raw.get("init_lora_weights", True)
@@ -146,10 +164,17 @@ def _refuse_unmergeable(raw: dict, path: Path) -> None:
             "invocation tokens and has no merged form; serve it with the adapter instead."
         )
     if raw.get("target_parameters"):
-        raise AdapterError(
-            f"{path} puts LoRA on raw parameters (target_parameters, e.g. fused MoE experts), "
-            "which bonemerge does not merge; use PEFT's merge_and_unload for it."
-        )
+        # PEFT's ParamWrapper refuses these, so no adapter trained by PEFT has them.
+        for key, what in (
+            ("use_dora", "DoRA"),
+            ("lora_bias", "lora_bias"),
+            ("fan_in_fan_out", "fan_in_fan_out"),
+        ):
+            if raw.get(key):
+                raise AdapterError(
+                    f"{path} sets {key} together with target_parameters, which PEFT refuses "
+                    f"(lora.ParamWrapper does not work with {what}); this is not an adapter PEFT can load."
+                )
     unsupported = {
         "layer_replication": "layer_replication (it changes the model's layers)",
         "use_qalora": "QA-LoRA (use_qalora)",
@@ -398,6 +423,7 @@ class LoraMethod(Method):
                 raw, "rank_pattern", path, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
             ),
             alpha_pattern=_pattern(raw, "alpha_pattern", path, _number),
+            target_parameters=_names(raw, "target_parameters", path),
         )
 
     def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
@@ -430,6 +456,16 @@ class LoraMethod(Method):
                 f"{where} holds {next(iter(keys.values()))} but no lora_{missing[0]} for {module}; "
                 "the adapter was not saved completely."
             )
+        parameter = parameter_module(module, settings)
+        if parameter is not None:
+            extra = sorted(set(parts) - {"A", "B"})
+            shapes = [len(parts[p].shape) for p in ("A", "B")]
+            if extra or shapes != [2, 2]:
+                raise AdapterError(
+                    f"{keys[extra[0] if extra else 'A']} in {where} is not a lora_A/lora_B matrix of the "
+                    f"target_parameters block {module}; the adapter is damaged."
+                )
+            return Block(module, self, parts, keys, parameter)
         kind = (
             "embedding"
             if keys["A"].endswith("lora_embedding_A") or ".lora_embedding_A." in keys["A"]
@@ -497,6 +533,11 @@ class LoraMethod(Method):
         settings = LoraSettings(r, None, False, dora, False, bias, rank_pattern, ())
         return AdapterConfig(self, peft_type, settings, raw)
 
+    def place(self, block: Block, module: str, shape_of, where: str) -> list[tuple[str, Target]]:
+        if isinstance(block.params, ParamBlock):
+            return place(block, module, shape_of, where)
+        return super().place(block, module, shape_of, where)
+
     def targets(self, block: Block) -> tuple[Target, ...]:
         if "bias" in block.parts:
             return (Target("weight"), Target("bias", "bias"))
@@ -510,6 +551,9 @@ class LoraMethod(Method):
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
     ) -> None:
+        if isinstance(target, ParamTarget):
+            check_piece(target, name, shape, where)
+            return
         params: LoraParams = block.params
         if inverse and params.dora:
             raise AdapterError(
@@ -553,6 +597,8 @@ class LoraMethod(Method):
 
     def settings_digest(self, block: Block) -> str:
         p: LoraParams = block.params
+        if isinstance(p, ParamBlock):
+            return repr(p)
         return f"{p.kind} transposed={p.transposed} scale={p.scale!r} dora={p.dora}"
 
     def prepare(
@@ -571,6 +617,8 @@ class LoraMethod(Method):
         product = torch.float64 if precision == "fp64" else torch.float32
         if op.target.part == "bias":
             return BiasRows(load("bias").to(device), params.scale, dtype)
+        if isinstance(op.target, ParamTarget):
+            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device)
         a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
         left, right = (a.t(), b.t()) if params.transposed else (b, a)
         if not params.dora:
@@ -580,10 +628,15 @@ class LoraMethod(Method):
         return kind(left, right, params.scale, product, magnitude)
 
     def product_terms(self, op: BlockOp) -> int:
+        if isinstance(op.target, ParamTarget):
+            return op.target.r
         return op.block.params.r if op.target.part == "weight" else 0
 
     def rounds_delta(self, op: BlockOp) -> bool:
-        # PEFT's Embedding.merge adds `delta.to(weight dtype)`; Linear and Conv1D add in fp32.
+        # PEFT's Embedding.merge and ParamWrapper add `delta.to(weight dtype)`; Linear and
+        # Conv1D add in fp32.
+        if isinstance(op.target, ParamTarget):
+            return True
         return op.block.params.kind == "embedding" and op.target.part == "weight"
 
     def error_bound(
@@ -592,9 +645,12 @@ class LoraMethod(Method):
         import torch
 
         params: LoraParams = op.block.params
-        scale = abs(params.scale)
+        target = op.target
+        scale = abs(target.scale if isinstance(target, ParamTarget) else params.scale)
 
         def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
+            if isinstance(target, ParamTarget):
+                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu")
             if op.target.part == "bias":
                 return BiasRows(loader("bias"), scale, torch.float64)
             a, b = loader("A"), loader("B")
@@ -602,7 +658,7 @@ class LoraMethod(Method):
             return DeltaRows(left, right, scale, torch.float64)
 
         magnitudes = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
-        if not params.dora or op.target.part != "weight":
+        if isinstance(target, ParamTarget) or not params.dora or op.target.part != "weight":
             return magnitudes
         exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
         return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
@@ -617,6 +673,8 @@ class LoraMethod(Method):
             details.append("per-module ranks")
         if s.lora_bias:
             details.append("bias")
+        if s.target_parameters:
+            details.append("parameters " + ", ".join(s.target_parameters))
         return f"{name} ({', '.join(details)})"
 
     def summary(self, config: AdapterConfig) -> dict[str, object]:
@@ -630,7 +688,7 @@ class LoraMethod(Method):
             "lora_bias": s.lora_bias,
             "rank_pattern": dict(s.rank_pattern),
             "alpha_pattern": dict(s.alpha_pattern),
-        }
+        } | ({"target_parameters": list(s.target_parameters)} if s.target_parameters else {})
 
     def tag(self, config: AdapterConfig) -> str:
         return "dora" if config.settings.dora else "lora"
@@ -639,7 +697,7 @@ class LoraMethod(Method):
         stem = PREFIX + block.module
         names = (
             {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-            if block.params.kind == "embedding"
+            if getattr(block.params, "kind", None) == "embedding"
             else {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"}
         )
         names["magnitude"] = "lora_magnitude_vector"
