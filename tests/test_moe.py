@@ -413,3 +413,101 @@ def test_an_expert_block_of_the_wrong_shape_is_refused(tmp_path):
     base = _fused_base(tmp_path / "base", {"m.experts.gate_up_proj": (4, 8, 6)})
     adapter = _expert_adapter(tmp_path / "adapter", "m.experts", (8, 8), (5, 8), ["experts.gate_up_proj"])
     fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("fit none of the parameters",))
+
+
+def _expert_adapter_of(base: Path, folder: Path) -> Path:
+    return train(base, folder, target_modules=ATTENTION, target_parameters=EXPERTS)
+
+
+def test_peft_merge_verifies_and_unmerge_restores(tmp_path, models):
+    """verify (tolerance mode) accepts PEFT's bf16 merge, saved per expert by save_pretrained,
+    within each element's rounding bound; unmerge takes the experts back out."""
+    from bonemerge import unmerge, verify
+
+    base = models("qwen3", "bfloat16", "saved")
+    adapter = _expert_adapter_of(base, tmp_path / "adapter")
+    model = oracle.peft_model(factory(base), [adapter])
+    model.merge_and_unload(progressbar=False, adapter_names=["a0"]).save_pretrained(tmp_path / "peft")
+    report = verify(tmp_path / "peft", base, [adapter])
+    assert report.ok and report.mode == "tolerance", report.to_dict()
+    assert report.within_rounding > 0 and report.identical > 0
+    # a wrong expert (another adapter seed) is caught
+    other = train(base, tmp_path / "other", seed=4, target_modules=ATTENTION, target_parameters=EXPERTS)
+    assert not verify(tmp_path / "peft", base, [other]).ok
+
+    fp32 = models("qwen3", "float32", "saved")
+    adapter = _expert_adapter_of(fp32, tmp_path / "adapter32")
+    merge(fp32, [adapter], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "unmerged")
+    original, merged = oracle.read_folder(fp32), oracle.read_folder(tmp_path / "merged")
+    restored = oracle.read_folder(tmp_path / "unmerged")
+    changed = [n for n in original if not torch.equal(original[n], merged[n])]
+    assert len(changed) == 2 * (1 + 3 * E)
+    for name in changed:
+        assert torch.allclose(restored[name], original[name], rtol=0, atol=1e-6), name
+
+
+def test_training_checkpoint_merges_and_unloads(tmp_path, models):
+    """A full PeftModel state dict with expert parameters (wrapped twice: `experts.base_layer.
+    base_layer.gate_up_proj`): merge equals PEFT's merge, unload gives the fused base back."""
+    import shutil
+
+    from bonemerge import unload
+
+    base = models("qwen3", "float32", "saved")
+    config = LoraConfig(
+        r=2, lora_alpha=3, init_lora_weights=False, target_modules=ATTENTION, target_parameters=EXPERTS
+    )
+    model = lo.lora_model(factory(base), config, seed=3)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", checkpoint)
+    model.peft_config["default"].save_pretrained(checkpoint)
+    expected = lo.state(model.merge_and_unload(progressbar=False))
+    merge(checkpoint, [], tmp_path / "merged")
+    assert all(torch.equal(v, expected[k]) for k, v in as_model(tmp_path / "merged").items())
+    unload(checkpoint, tmp_path / "unloaded")
+    unloaded = oracle.read_folder(tmp_path / "unloaded")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in unloaded
+    assert all(torch.equal(v, unloaded[k]) for k, v in lo.state(factory(base)()).items() if k in unloaded)
+
+
+def test_strip_layers_and_include_on_expert_adapters(tmp_path, models):
+    """strip keeps PEFT's nested key names, so the stripped adapter merges the kept experts as before."""
+    from bonemerge import strip
+
+    base = models("qwen3", "float32", "saved")
+    adapter = _expert_adapter_of(base, tmp_path / "adapter")
+    strip(adapter, tmp_path / "layer1", layers="1")
+    strip(adapter, tmp_path / "experts", include="experts")
+    kept = oracle.read_folder(tmp_path / "layer1")
+    assert sorted(kept) == sorted(k for k in oracle.read_folder(adapter) if ".layers.1." in k)
+    assert sum(".experts.base_layer.lora_" in k for k in oracle.read_folder(tmp_path / "experts")) == 4
+    merge(base, [adapter], tmp_path / "all")
+    merge(base, [tmp_path / "experts"], tmp_path / "only-experts")
+    everything, experts = oracle.read_folder(tmp_path / "all"), oracle.read_folder(tmp_path / "only-experts")
+    original = oracle.read_folder(base)
+    for name, tensor in experts.items():
+        assert torch.equal(tensor, original[name] if "q_proj" in name else everything[name]), name
+
+
+def test_inspect_lists_experts_as_ranges(tmp_path, models):
+    from bonemerge.inspect_text import render_inspection
+
+    base = models("qwen3", "bfloat16", "saved")
+    adapter = _expert_adapter_of(base, tmp_path / "adapter")
+    from bonemerge import inspect
+
+    text = "\n".join(render_inspection(inspect(base)))
+    assert "model.layers.{0-1}.mlp.experts.{0-3}.gate_proj.weight" in text, text
+    described = inspect(adapter, base)
+    assert described["modules"] == {
+        "experts": {"count": 4, "layers": "0-1"},
+        "q_proj": {"count": 2, "layers": "0-1"},
+    }
+    assert described["target_parameters"] == EXPERTS
+    text = "\n".join(render_inspection(described))
+    assert "parameters mlp.experts.gate_up_proj, mlp.experts.down_proj" in text
+    assert "model.layers.{0-1}.mlp.experts.{0-3}.up_proj.weight" in text, text
