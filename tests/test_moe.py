@@ -511,3 +511,37 @@ def test_inspect_lists_experts_as_ranges(tmp_path, models):
     text = "\n".join(render_inspection(described))
     assert "parameters mlp.experts.gate_up_proj, mlp.experts.down_proj" in text
     assert "model.layers.{0-1}.mlp.experts.{0-3}.up_proj.weight" in text, text
+
+
+@pytest.mark.parametrize("band", [1, 5, 7, 64])
+def test_fused_experts_stream_in_row_bands_of_any_size(band):
+    """A fused [E, d1, d2] tensor streams as E·d1 rows of d2; bands that start and end inside
+    experts give the bits of the whole tensor at once, and the float64 maths is PEFT's einsum."""
+    from bonemerge.checkpoint.dtypes import rows_cols
+    from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
+    from bonemerge.methods.lora_params import ParamTarget, expert_rows
+    from bonemerge.plan import Step
+
+    experts, d1, d2, r = 5, 12, 9, 3
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(experts * r, d1, generator=generator)
+    b = torch.randn(d2, r * experts, generator=generator)
+    weight = torch.randn(experts, d1, d2, generator=generator)
+    target = ParamTarget("gate_up_proj", "weight", "m.experts.gate_up_proj", experts, None, 0, d1, d1, r, 0.7)
+    rows = weight.reshape(-1, d2)
+    whole = rows.clone()
+    expert_rows(target, a, b, 0.7, torch.float32, "cpu").merge(whole, 0)
+    banded = rows.clone()
+    maths = expert_rows(target, a, b, 0.7, torch.float32, "cpu")
+    for start in range(0, rows.shape[0], band):
+        maths.merge(banded[start : start + band], start)
+    assert torch.equal(banded, whole)
+    exact = rows.double().clone()
+    expert_rows(target, a.double(), b.double(), 0.7, torch.float64, "cpu").merge(exact, 0)
+    einsum = torch.einsum(
+        "o r e, e r i -> e i o", b.double().reshape(d2, r, experts), a.double().reshape(experts, r, d1)
+    )
+    assert torch.allclose(exact, (weight.double() + 0.7 * einsum).reshape(-1, d2), rtol=0, atol=1e-12)
+    # the engine's chunks of a large fused tensor are bands inside one expert, not whole experts
+    big = Step("m.experts.gate_up_proj", "BF16", (128, 5760, 2880), None)
+    assert chunk_rows(big) * rows_cols(big.shape)[1] <= CHUNK_ELEMENTS
