@@ -545,3 +545,18 @@ def test_fused_experts_stream_in_row_bands_of_any_size(band):
     # the engine's chunks of a large fused tensor are bands inside one expert, not whole experts
     big = Step("m.experts.gate_up_proj", "BF16", (128, 5760, 2880), None)
     assert chunk_rows(big) * rows_cols(big.shape)[1] <= CHUNK_ELEMENTS
+
+
+def test_mxfp4_experts_are_refused_with_the_way_out(tmp_path):
+    """gpt-oss's released files hold the experts as MXFP4 blocks and scales: not merged yet."""
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(4, 32, 1, 16, dtype=torch.uint8),
+        "model.layers.0.mlp.experts.gate_up_proj_scales": torch.zeros(4, 32, 1, dtype=torch.uint8),
+    }
+    save_file(tensors, base / "model.safetensors")
+    adapter = _expert_adapter(
+        tmp_path / "adapter", "model.layers.0.mlp.experts", (8, 32), (32, 8), EXPERTS[:1]
+    )
+    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("stores as MXFP4", "dequantize"))

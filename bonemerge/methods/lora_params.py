@@ -144,6 +144,15 @@ def place(block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] |
             f"{where} fits the parameters {', '.join(fits)} of {plain} alike ({shapes}); PEFT names "
             "the block by its module only, so which one it trained cannot be told from the files."
         )
+    packed = [
+        f"{plain}.{leaf}" for leaf in params.candidates if shape_of(f"{plain}.{leaf}_blocks") is not None
+    ]
+    if not fits and packed:
+        raise AdapterError(
+            f"{where} targets {packed[0]}, which the base stores as MXFP4 ({packed[0]}_blocks and "
+            "_scales); bonemerge does not merge into MXFP4 yet, dequantize the base first "
+            "(transformers' Mxfp4Config(dequantize=True), then save_pretrained)."
+        )
     if not fits:
         listed = ", ".join(f"{plain}.{leaf}" for leaf in params.candidates)
         raise AdapterError(
