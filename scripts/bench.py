@@ -67,6 +67,16 @@ SHARD_BYTES = 10**9
 OUT = "<output folder>"
 
 
+def attention(p: str, hidden: int, heads: int, kv: int) -> list[tuple[str, tuple[int, ...]]]:
+    head = hidden // heads
+    return [
+        (p + "self_attn.q_proj.weight", (heads * head, hidden)),
+        (p + "self_attn.k_proj.weight", (kv * head, hidden)),
+        (p + "self_attn.v_proj.weight", (kv * head, hidden)),
+        (p + "self_attn.o_proj.weight", (hidden, heads * head)),
+    ]
+
+
 def moe_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a Qwen3MoeForCausalLM as save_pretrained writes it (per expert)."""
     hidden, inter, layers, heads, kv, vocab, experts = MOE_SIZES[size]
@@ -75,10 +85,7 @@ def moe_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [
-            (p + "self_attn.q_proj.weight", (heads * head, hidden)),
-            (p + "self_attn.k_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.v_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, heads * head)),
+            *attention(p, hidden, heads, kv),
             (p + "self_attn.q_norm.weight", (head,)),
             (p + "self_attn.k_norm.weight", (head,)),
             (p + "mlp.gate.weight", (experts, hidden)),
@@ -99,15 +106,12 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     if size in MOE_SIZES:
         return moe_shapes(size)
     hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
-    head = hidden // heads
+    hidden // heads
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.v_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            *attention(p, hidden, heads, kv),
             (p + "mlp.gate_proj.weight", (inter, hidden)),
             (p + "mlp.up_proj.weight", (inter, hidden)),
             (p + "mlp.down_proj.weight", (hidden, inter)),
