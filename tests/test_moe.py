@@ -560,3 +560,16 @@ def test_mxfp4_experts_are_refused_with_the_way_out(tmp_path):
         tmp_path / "adapter", "model.layers.0.mlp.experts", (8, 32), (32, 8), EXPERTS[:1]
     )
     fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("stores as MXFP4", "dequantize"))
+
+
+def test_targets_without_a_module_part_leave_linear_lora_alone(tmp_path, models):
+    """target_parameters ["gate_up_proj", "down_proj"] name no module: PEFT wraps only modules
+    that have such a parameter, so q_proj stays a Linear LoRA (and qwen3's experts are found)."""
+    base = models("qwen3", "float32", "saved")
+    adapter = train(
+        base, tmp_path / "adapter", target_modules=ATTENTION, target_parameters=["gate_up_proj", "down_proj"]
+    )
+    merge(base, [adapter], tmp_path / "merged")
+    peft, reference = peft_and_reference(base, adapter)
+    assert len(reference) == 6
+    check_against_peft(as_model(tmp_path / "merged"), peft, reference, exact=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from bonemerge.errors import AdapterError
 
-__all__ = ["RENAMES", "RULES", "ExpertRule", "Piece", "locate"]
+__all__ = ["RENAMES", "RULES", "ExpertRule", "Piece", "locate", "present"]
 
 Shape = tuple[int, ...]
 
@@ -74,6 +74,17 @@ class Piece:
     expert: int | None
     start: int
     stop: int
+
+
+def present(param: str, shape_of: Callable[[str], Shape | None]) -> bool:
+    """Whether the checkpoint holds the model's parameter `param`, fused or as expert 0's tensors."""
+    module, _, leaf = param.rpartition(".")
+    return shape_of(param) is not None or any(
+        shape_of(f"{disk}.0.{rule.parts[0]}.weight") is not None
+        for rule in RULES
+        if rule.fused == leaf
+        for disk in _disk_modules(module)
+    )
 
 
 def locate(

@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,7 @@ from bonemerge.methods.lora_params import (
     expert_rows,
     parameter_module,
     place,
+    targets_a_parameter,
 )
 
 if TYPE_CHECKING:
@@ -399,6 +400,11 @@ class BiasRows(RowMaths):
         work.sub_(self.delta[row0 : row0 + work.shape[0]])
 
 
+def _linear(block: Block) -> LoraParams:
+    """The module LoRA settings of a block (for a parameter block, its Linear reading)."""
+    return block.params.linear if isinstance(block.params, ParamBlock) else block.params
+
+
 class LoraMethod(Method):
     name = "LoRA"
     peft_types = ("LORA",)
@@ -465,7 +471,22 @@ class LoraMethod(Method):
                     f"{keys[extra[0] if extra else 'A']} in {where} is not a lora_A/lora_B matrix of the "
                     f"target_parameters block {module}; the adapter is damaged."
                 )
-            return Block(module, self, parts, keys, parameter)
+            linear = None
+            if not module.endswith(".base_layer"):
+                # a target without a module part ("gate_up_proj") names no module; whether this
+                # one is a Linear LoRA or a parameter's is told by the base (see `place`)
+                try:
+                    linear = self._module_block(module, parts, keys, config, where).params
+                except AdapterError:
+                    linear = None
+            return Block(module, self, parts, keys, replace(parameter, linear=linear))
+        return self._module_block(module, parts, keys, config, where)
+
+    def _module_block(
+        self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
+    ) -> Block:
+        """A LoRA block on a module (Linear, Conv1D, Embedding)."""
+        settings: LoraSettings = config.settings
         kind = (
             "embedding"
             if keys["A"].endswith("lora_embedding_A") or ".lora_embedding_A." in keys["A"]
@@ -534,7 +555,8 @@ class LoraMethod(Method):
         return AdapterConfig(self, peft_type, settings, raw)
 
     def place(self, block: Block, module: str, shape_of, where: str) -> list[tuple[str, Target]]:
-        if isinstance(block.params, ParamBlock):
+        parameter = isinstance(block.params, ParamBlock)
+        if parameter and (block.params.linear is None or targets_a_parameter(block, module, shape_of)):
             return place(block, module, shape_of, where)
         return super().place(block, module, shape_of, where)
 
@@ -546,7 +568,7 @@ class LoraMethod(Method):
     def _dims(self, block: Block) -> tuple[int, int]:
         """(rows, columns) the stored weight must have."""
         a, b = block.parts["A"].shape, block.parts["B"].shape
-        return (a[1], b[0]) if block.params.transposed else (b[0], a[1])
+        return (a[1], b[0]) if _linear(block).transposed else (b[0], a[1])
 
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
@@ -554,7 +576,7 @@ class LoraMethod(Method):
         if isinstance(target, ParamTarget):
             check_piece(target, name, shape, where)
             return
-        params: LoraParams = block.params
+        params = _linear(block)
         if inverse and params.dora:
             raise AdapterError(
                 f"{where} is DoRA, whose merge rescales each output by m / ‖W + ΔW‖ of the original "
@@ -612,7 +634,7 @@ class LoraMethod(Method):
     ) -> RowMaths:
         import torch
 
-        params: LoraParams = op.block.params
+        params = _linear(op.block)
         # PEFT's product runs in fp32; fp64 only when asked for, so that default merges match it.
         product = torch.float64 if precision == "fp64" else torch.float32
         if op.target.part == "bias":
@@ -630,21 +652,21 @@ class LoraMethod(Method):
     def product_terms(self, op: BlockOp) -> int:
         if isinstance(op.target, ParamTarget):
             return op.target.r
-        return op.block.params.r if op.target.part == "weight" else 0
+        return _linear(op.block).r if op.target.part == "weight" else 0
 
     def rounds_delta(self, op: BlockOp) -> bool:
         # PEFT's Embedding.merge and ParamWrapper add `delta.to(weight dtype)`; Linear and
         # Conv1D add in fp32.
         if isinstance(op.target, ParamTarget):
             return True
-        return op.block.params.kind == "embedding" and op.target.part == "weight"
+        return _linear(op.block).kind == "embedding" and op.target.part == "weight"
 
     def error_bound(
         self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
     ) -> ErrorBound:
         import torch
 
-        params: LoraParams = op.block.params
+        params = _linear(op.block)
         target = op.target
         scale = abs(target.scale if isinstance(target, ParamTarget) else params.scale)
 

@@ -25,9 +25,9 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from bonemerge.checkpoint.experts import Piece, locate
+from bonemerge.checkpoint.experts import Piece, locate, present
 from bonemerge.errors import AdapterError
 from bonemerge.methods.base import Block, RowMaths, Target
 
@@ -47,6 +47,7 @@ class ParamBlock:
     module: str
     candidates: tuple[str, ...]
     settings: LoraSettings
+    linear: Any = None  # LoraParams of the block read as a Linear LoRA, where it can be one
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,17 @@ def _fits(block: Block, leaf: str, module: str, shape_of, where: str) -> list[tu
         )
 
     return [(piece.name, target(piece)) for piece in pieces]
+
+
+def targets_a_parameter(block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] | None]) -> bool:
+    """Whether the base holds one of the parameters the block may be (fused, per expert or
+    MXFP4): PEFT wraps a module's parameter only if the module has it."""
+    params: ParamBlock = block.params
+    plain = _WRAPPER.sub("", module)
+    return any(
+        present(f"{plain}.{leaf}", shape_of) or shape_of(f"{plain}.{leaf}_blocks") is not None
+        for leaf in params.candidates
+    )
 
 
 def place(block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] | None], where: str):
