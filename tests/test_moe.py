@@ -573,3 +573,29 @@ def test_targets_without_a_module_part_leave_linear_lora_alone(tmp_path, models)
     peft, reference = peft_and_reference(base, adapter)
     assert len(reference) == 6
     check_against_peft(as_model(tmp_path / "merged"), peft, reference, exact=True)
+
+
+def test_fused_experts_merge_in_bounded_memory(tmp_path):
+    """128 experts fused in one tensor: the merge holds one band of rows and one product buffer
+    per thread, not one per expert (which alone would take 512 MB here)."""
+    from tests.test_memory import LIMIT, peak_rss
+
+    experts, rows, cols = 128, 512, 1024
+    generator = torch.Generator().manual_seed(0)
+    base = tmp_path / "base"
+    base.mkdir()
+    weight = (torch.randn(experts, rows, cols, generator=generator) * 0.02).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": weight}, base / "model.safetensors")
+    del weight
+    adapter = _expert_adapter(
+        tmp_path / "adapter",
+        "model.layers.0.mlp.experts",
+        (experts * 2, rows),
+        (cols, experts * 2),
+        EXPERTS[:1],
+    )
+    peak = peak_rss("merge", base, adapter, "-o", tmp_path / "out", "-q")
+    print(
+        f"peak RSS merging 128 fused experts ({128 * 512 * 1024 * 2 / 2**20:.0f} MiB): {peak / 2**20:.0f} MiB"
+    )
+    assert peak < LIMIT

@@ -255,7 +255,14 @@ def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: st
 class DeltaRows(RowMaths):
     """Plain LoRA: add (or subtract) `s · left[rows] @ right` to each chunk of rows."""
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        scale: float,
+        dtype: torch.dtype,
+        scratch: threading.local | None = None,
+    ) -> None:
         self.left = left.to(dtype).contiguous()
         self.right = right.to(dtype).contiguous()
         self.scale = scale
@@ -264,7 +271,8 @@ class DeltaRows(RowMaths):
         # (`add_(alpha=)`, one pass over the chunk instead of two) with the same bits.
         mantissa, exponent = math.frexp(scale)
         self._exact_scale = mantissa == 0.5 and exponent >= 1
-        self._scratch = threading.local()
+        # each thread's product buffer; the experts of one tensor share theirs (`scratch`)
+        self._scratch = scratch if scratch is not None else threading.local()
 
     def product(self, rows: int, row0: int) -> torch.Tensor:
         """`left[row0:row0+rows] @ right`, unscaled, in this thread's reused buffer."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -239,9 +240,10 @@ def expert_rows(
         )
     r, e = target.r, target.experts
     wanted = range(e) if target.expert is None else (target.expert,)
+    scratch = threading.local()  # one product buffer per thread for all experts, not one each
     deltas = {}
     for expert in wanted:
         left = a[expert * r : (expert + 1) * r].t()  # (d1, r): A_eᵀ
         right = b[:, expert::e].t()  # (r, d2): B_eᵀ, whose rank index runs over columns r·E + e
-        deltas[expert] = DeltaRows(ready(left), ready(right), scale, dtype)
+        deltas[expert] = DeltaRows(ready(left), ready(right), scale, dtype, scratch)
     return ExpertRows(deltas, target.rows, target.expert, target.start)
