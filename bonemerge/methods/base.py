@@ -295,6 +295,12 @@ class Method:
         """The block must fit the tensor `name` it changes; refuse what cannot be done."""
         raise NotImplementedError
 
+    def module_scoped(self, block: Block) -> bool:
+        """Whether PEFT's module scope (target_modules, exclude_modules, layers_to_transform)
+        decides if it loads this block; not for blocks on parameters, which PEFT matches
+        against target_parameters alone."""
+        return True
+
     def row_multiple(self, op: BlockOp) -> int:
         """Rows that must stay together in one chunk."""
         return 1

@@ -235,13 +235,13 @@ def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: st
     the other kind (an input embedding, an output projection) or a square weight with no
     embedding's name leaves the kind open."""
     leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-    if block.params.kind == "linear" and leaf in INPUT_EMBEDDINGS:
+    if _linear(block).kind == "linear" and leaf in INPUT_EMBEDDINGS:
         raise AdapterError(
             f"{where} holds lora_A/lora_B (a Linear's LoRA) for {name}, an Embedding, where PEFT "
             "reads lora_embedding_A/B and would ignore these; the adapter was edited by hand or is "
             "for another model."
         )
-    if block.params.kind == "embedding" and (
+    if _linear(block).kind == "embedding" and (
         leaf in OUTPUT_EMBEDDINGS or (shape[0] == shape[1] and not _looks_like_embedding(leaf))
     ):
         which = "a Linear output projection" if leaf in OUTPUT_EMBEDDINGS else "not named like an Embedding"
@@ -567,6 +567,11 @@ class LoraMethod(Method):
         if parameter and (block.params.linear is None or targets_a_parameter(block, module, shape_of)):
             return place(block, module, shape_of, where)
         return super().place(block, module, shape_of, where)
+
+    def module_scoped(self, block: Block) -> bool:
+        # the module names of parameter blocks match target_parameters (PEFT's
+        # `_inject_parameters` applies no other field)
+        return not isinstance(block.params, ParamBlock)
 
     def targets(self, block: Block) -> tuple[Target, ...]:
         if "bias" in block.parts:
