@@ -40,6 +40,7 @@ CHUNK_ELEMENTS = 2 << 20
 COMPUTE_ELEMENTS = 1 << 20
 COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 READ_AHEAD = 3
+KEEP_LOADED = 4
 
 
 def _row_multiple(step: Step) -> int:
@@ -165,6 +166,8 @@ class Compute:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BonemergeError("--device cuda was asked for, but torch sees no CUDA device here.")
         self.reader = reader
+        self._loaded: dict[Source, torch.Tensor] = {}
+        self._loaded_lock = threading.Lock()
         transformed = [s for s in steps if s.nbytes]
 
         def chunk_bytes(step: Step, dtype: str) -> int:
@@ -319,8 +322,16 @@ class Compute:
             block.finish()
 
     def load(self, source: Source) -> torch.Tensor:
-        """A whole (small) tensor such as an adapter block, in its own dtype."""
-        return read_whole(self.reader, source)
+        """A whole (small) tensor such as an adapter block, in its own dtype. The last few
+        stay loaded: one MoE parameter's lora_A and lora_B serve each of its per-expert tensors."""
+        with self._loaded_lock:
+            found = self._loaded.pop(source, None)
+            if found is None:
+                found = read_whole(self.reader, source)
+            self._loaded[source] = found
+            while len(self._loaded) > KEEP_LOADED:
+                del self._loaded[next(iter(self._loaded))]
+            return found
 
     def _rows(
         self, step: Step, start: int, stop: int, ahead: _ReadAhead

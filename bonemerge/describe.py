@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +39,32 @@ def ranges(numbers: set[int]) -> str:
     return ",".join(parts)
 
 
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
+_EXPERT = re.compile(r"(?<=\.experts\.)\d+(?=\.)")
+
+
+def _group(names: list[str], number: re.Pattern) -> list[str]:
+    groups: dict[str, set[int]] = defaultdict(set)
+    singles: list[str] = []
+    for name in names:
+        match = number.search(name)
+        if match is None:
+            singles.append(name)
+            continue
+        groups[name[: match.start()] + "{}" + name[match.end() :]].add(int(match.group()))
+    grouped = [
+        pattern.replace("{}", str(next(iter(numbers))) if len(numbers) == 1 else "{" + ranges(numbers) + "}")
+        for pattern, numbers in groups.items()
+    ]
+    return sorted(grouped + singles)
+
+
+def group_names(names: list[str]) -> list[str]:
+    """Names that differ only in their expert number, then only in their first numbered
+    segment, as one pattern each: `model.layers.{0-2,5}.mlp.experts.{0-127}.up_proj.weight`."""
+    return _group(_group(names, _EXPERT), _NUMBER)
+
+
 def _dtypes(sources) -> dict[str, int]:
     sizes: Counter[str] = Counter()
     for source in sources:
@@ -51,7 +78,8 @@ def describe_adapter(adapter: Adapter) -> dict:
     counts: Counter[str] = Counter()
     layers: set[int] = set()
     for block in adapter.blocks:
-        leaf = block.module.rsplit(".", 1)[-1]
+        # PEFT nests the wrappers of several parameters of one module (`experts.base_layer`)
+        leaf = re.sub(r"(\.base_layer)+$", "", block.module).rsplit(".", 1)[-1]
         counts[leaf] += 1
         found = layer_of(block.module)
         if found:
@@ -79,13 +107,14 @@ def describe_adapter(adapter: Adapter) -> dict:
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict:
+    experts = group_names([name for name in checkpoint.tensors if ".experts." in name])
     return {
         "tensors": len(checkpoint.tensors),
         "parameters": sum(math.prod(t.shape) for t in checkpoint.tensors.values()),
         "dtypes": _dtypes(checkpoint.tensors.values()),
         "files": [{"name": s.name, "bytes": s.size} for s in checkpoint.shards],
         "bytes": sum(s.size for s in checkpoint.shards),
-    }
+    } | ({"experts": experts} if experts else {})
 
 
 def _against_base(adapters: list[Adapter], base_path: Path) -> dict:

@@ -12,7 +12,6 @@ The engine decides nothing about *what* to compute; it only moves bytes as fast 
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonemerge.checkpoint import RangeReader, ShardWriter
+from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.writer import METADATA
 from bonemerge.pipeline import Worker
 
@@ -74,12 +74,6 @@ class Chunk:
     data: torch.Tensor | None
     release: Callable[[], None] = field(default=lambda: None)
     may_differ: int = 0
-
-
-def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    """A tensor seen as rows: its first dimension, and everything else flattened."""
-    rows = shape[0] if shape else 1
-    return rows, (math.prod(shape) // rows if rows else 0)
 
 
 class Engine:

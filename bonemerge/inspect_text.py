@@ -4,34 +4,12 @@ a few items. `--json` prints the description itself; this is only its text form.
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-
-from bonemerge.describe import ranges
+from bonemerge.describe import group_names
 from bonemerge.history import short
 from bonemerge.units import format_count, format_size
 
 _WIDTH = 16
 _SHOWN = 10
-_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
-
-
-def group_names(names: list[str]) -> list[str]:
-    """Names that differ only in their first numbered segment, as one pattern each:
-    `model.layers.{0-2,5}.mlp.up_proj.weight`."""
-    groups: dict[str, set[int]] = defaultdict(set)
-    singles: list[str] = []
-    for name in names:
-        match = _NUMBER.search(name)
-        if match is None:
-            singles.append(name)
-            continue
-        groups[name[: match.start()] + "{}" + name[match.end() :]].add(int(match.group()))
-    grouped = [
-        pattern.replace("{}", str(next(iter(numbers))) if len(numbers) == 1 else "{" + ranges(numbers) + "}")
-        for pattern, numbers in groups.items()
-    ]
-    return sorted(grouped + singles)
 
 
 def _line(label: str, value: object) -> str:
@@ -78,6 +56,7 @@ def _checkpoint(info: dict) -> list[str]:
         _line("tensors", f"{info['tensors']} tensors, {format_count(info['parameters'])} parameters"),
         _line("dtypes", _dtypes(info["dtypes"])),
     ]
+    lines += _list("experts", info.get("experts") or [])
     files = info["files"]
     lines += _list(
         "files",

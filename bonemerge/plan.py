@@ -212,12 +212,16 @@ class _Builder:
         mapped = rule.apply(name)
         return mapped if mapped in self.steps or name not in self.steps else name
 
+    def _shape_of(self, name: str) -> tuple[int, ...] | None:
+        step = self.steps.get(name)
+        return step.shape if step is not None else None
+
     def _blocks(self, adapter: Adapter, rule: PrefixRule, inverse: bool, skip: set[str]) -> None:
         for block in adapter.blocks:
-            for target in block.method.targets(block):
-                self._block(
-                    adapter, block, target, rule.apply(block.module) + "." + target.suffix, inverse, skip
-                )
+            where = f"block {block.key} of {adapter.root}"
+            placed = block.method.place(block, rule.apply(block.module), self._shape_of, where)
+            for name, target in placed:
+                self._block(adapter, block, target, name, inverse, skip)
 
     def _block(
         self, adapter: Adapter, block: Block, target: Target, name: str, inverse: bool, skip: set[str]

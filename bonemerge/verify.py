@@ -170,7 +170,7 @@ def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
 
 def _spans(step: Step) -> list[tuple[int, int]]:
     """Row ranges of about CHUNK_ELEMENTS elements, keeping the rows each method needs together."""
-    rows = step.shape[0] if step.shape else 1
+    rows = dtypes.rows_cols(step.shape)[0]
     size = chunk_rows(step)
     return [(start, min(rows, start + size)) for start in range(0, rows, size)]
 
@@ -208,7 +208,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
                     finally:
                         chunk.release()
                     continue
-                cols = math.prod(step.shape) // max(chunk.stop, 1)
+                cols = dtypes.rows_cols(step.shape)[1]
                 size = max(1, CHUNK_ELEMENTS // max(cols, 1))
                 for start in range(0, chunk.stop, size):
                     stop = min(chunk.stop, start + size)

@@ -7,7 +7,9 @@
 Checkpoints are Llama-shaped bf16 with random weights, real tensor names, shapes and 1 GB
 shards; adapters are made with PEFT (on a meta-device model, so no weights are built) for
 Bone r=64, Bat r=64, MiSS mini, LoRA r=16 and r=128 and DoRA r=16 on all seven projections,
-and LoRA r=16 on q_proj and v_proj only (PEFT's default for Llama).
+and LoRA r=16 on q_proj and v_proj only (PEFT's default for Llama). `--size moe --variants
+experts16` is the mixture-of-experts row: a Qwen3-MoE with 64 experts stored one tensor per
+expert, and LoRA r=16 on its fused expert parameters (target_parameters) and q/v.
 Everything is generated once into `--cache`. Each round runs every contender once, in turn
 (A/B alternation), after reading the base once to warm the page cache; the table reports
 medians. Wall time and peak RSS are whole process figures (interpreter start and imports
@@ -36,6 +38,12 @@ SIZES = {
     "1b": (2048, 5632, 22, 32, 4, 32000, False),  # TinyLlama-1.1B
     "7b": (4096, 11008, 32, 32, 32, 32000, False),  # Llama-2-7B
 }
+MOE_SIZES = {
+    # name: (hidden, expert intermediate, layers, heads, kv_heads, vocab, experts)
+    # Qwen3-30B-A3B's layer shapes, 64 of its 128 experts, 4 of its 48 layers, one tensor per
+    # expert and projection as save_pretrained writes them
+    "moe": (2048, 768, 4, 32, 4, 32000, 64),
+}
 ADAPTERS = {
     "bone": {"peft_type": "BONE", "r": 64, "init_weights": True},
     "bat": {"peft_type": "BONE", "r": 64, "init_weights": "bat"},
@@ -45,24 +53,65 @@ ADAPTERS = {
     "dora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_dora": True},
     # PEFT's default targets for Llama: most of the checkpoint is copied untouched.
     "lora16qv": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+    # MoE sizes only: LoRA on the fused expert parameters (PEFT target_parameters) and attention
+    "experts16": {
+        "peft_type": "LORA",
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": ["q_proj", "v_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    },
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 10**9
 OUT = "<output folder>"
 
 
-def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes in the order transformers writes a LlamaForCausalLM."""
-    hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
+def attention(p: str, hidden: int, heads: int, kv: int) -> list[tuple[str, tuple[int, ...]]]:
+    head = hidden // heads
+    return [
+        (p + "self_attn.q_proj.weight", (heads * head, hidden)),
+        (p + "self_attn.k_proj.weight", (kv * head, hidden)),
+        (p + "self_attn.v_proj.weight", (kv * head, hidden)),
+        (p + "self_attn.o_proj.weight", (hidden, heads * head)),
+    ]
+
+
+def moe_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Qwen3MoeForCausalLM as save_pretrained writes it (per expert)."""
+    hidden, inter, layers, heads, kv, vocab, experts = MOE_SIZES[size]
     head = hidden // heads
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.v_proj.weight", (kv * head, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            *attention(p, hidden, heads, kv),
+            (p + "self_attn.q_norm.weight", (head,)),
+            (p + "self_attn.k_norm.weight", (head,)),
+            (p + "mlp.gate.weight", (experts, hidden)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+        for e in range(experts):
+            shapes += [
+                (p + f"mlp.experts.{e}.gate_proj.weight", (inter, hidden)),
+                (p + f"mlp.experts.{e}.up_proj.weight", (inter, hidden)),
+                (p + f"mlp.experts.{e}.down_proj.weight", (hidden, inter)),
+            ]
+    return [*shapes, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in the order transformers writes a LlamaForCausalLM (or a Qwen3-MoE)."""
+    if size in MOE_SIZES:
+        return moe_shapes(size)
+    hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
+    hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            *attention(p, hidden, heads, kv),
             (p + "mlp.gate_proj.weight", (inter, hidden)),
             (p + "mlp.up_proj.weight", (inter, hidden)),
             (p + "mlp.down_proj.weight", (hidden, inter)),
@@ -76,6 +125,26 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def config(size: str) -> dict:
+    if size in MOE_SIZES:
+        hidden, inter, layers, heads, kv, vocab, experts = MOE_SIZES[size]
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": hidden,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": hidden // heads,
+            "num_experts": experts,
+            "num_experts_per_tok": 8,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "vocab_size": vocab,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
     hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -135,7 +204,7 @@ def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
     import torch
     from peft import BoneConfig, LoraConfig, MissConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = cache / f"adapter-{size}-{kind}"
     if (folder / "adapter_model.safetensors").is_file():
@@ -143,10 +212,10 @@ def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
     settings = dict(ADAPTERS[kind])
     method = settings.pop("peft_type")
     cls = {"BONE": BoneConfig, "MISS": MissConfig, "LORA": LoraConfig}[method]
+    described = config(size)
+    settings_of = {k: v for k, v in described.items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):
-        model = LlamaForCausalLM(
-            LlamaConfig(**{k: v for k, v in config(size).items() if k != "architectures"})
-        )
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(described["model_type"], **settings_of))
     settings.setdefault("target_modules", TARGETS)
     peft_config = cls(base_model_name_or_path=str(base), **settings)
     model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
@@ -247,7 +316,10 @@ def machine(cache: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--size", action="append", choices=sorted(SIZES), help="model size (repeatable; default 1b)"
+        "--size",
+        action="append",
+        choices=sorted(SIZES | MOE_SIZES),
+        help="model size (repeatable; default 1b); moe: a Qwen3-MoE, 64 experts (--variants experts16)",
     )
     parser.add_argument(
         "--cache", type=Path, default=Path("bench-cache"), help="where checkpoints are generated"
@@ -266,7 +338,7 @@ def main() -> None:
         help="also run each merge with the bonemerge source tree in this folder (a git worktree of "
         "an earlier commit, say), alternating with this one",
     )
-    parser.add_argument("--prepare", choices=sorted(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", choices=sorted(SIZES | MOE_SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
         # Generation runs in its own process: a child forked from a large parent inherits

@@ -334,7 +334,7 @@ def test_toy_lora_is_valid(tmp_path, base):
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [
-        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"], "use_dora": True}, "target_parameters"),
         ({"init_lora_weights": "pissa"}, "pissa"),
         ({"init_lora_weights": "pissa_niter_16"}, "pissa_niter_16"),
         ({"init_lora_weights": "olora"}, "olora"),
@@ -346,7 +346,7 @@ def test_toy_lora_is_valid(tmp_path, base):
         ({"peft_type": "OFT"}, "OFT"),
     ],
     ids=[
-        "target_parameters",
+        "target_parameters-dora",
         "pissa",
         "pissa-niter",
         "olora",

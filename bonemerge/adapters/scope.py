@@ -15,7 +15,8 @@ than merging the tensor (a model PEFT never builds) or skipping it (trained weig
 lost): the file and its config contradict each other, which happens only when one of them
 was edited by hand, and only its author knows which one is right. Two cases are not checked
 because PEFT decides them from the model rather than the config: `target_modules` absent (the
-architecture's defaults) and `"all-linear"` (every Linear layer but the output head).
+architecture's defaults) and `"all-linear"` (every Linear layer but the output head). Blocks
+on parameters (LoRA's `target_parameters`) have their own scope, which their method checks.
 
 Patterns are matched with RE2, in time linear in the name, so that no pattern can stall a run;
 a pattern RE2 cannot read (look-around, back-references) is refused in one sentence.
@@ -149,6 +150,8 @@ def excluded_by(raw: dict, module: str, path: Path) -> str | None:
 def check_scope(blocks: Iterable[Block], raw: dict, config: Path, weights: Path) -> None:
     """Refuse the first block whose module the config at `config` keeps PEFT from adapting."""
     for block in blocks:
+        if not block.method.module_scoped(block):
+            continue
         field = excluded_by(raw, block.module, config)
         if field is not None:
             raise AdapterError(

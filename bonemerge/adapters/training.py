@@ -25,6 +25,7 @@ from bonemerge.methods import PEFT_TENSOR, Method, claim_training, supported
 
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<name>[^.]+)\.(?P<rest>.+)$")
 _ORIGINAL = ".original_module."
+_WRAPPERS = re.compile(r"(?:\.base_layer)+\.")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def read_training_checkpoint(checkpoint: Checkpoint, with_blocks: bool = True) -
                 f"{where} holds {key}, a tensor of a PEFT method bonemerge does not know; it works "
                 f"with {supported()} only."
             )
-        target = name.replace(".base_layer.", ".").replace(_ORIGINAL, ".")
+        # a module with several targeted parameters is wrapped once per parameter
+        target = _WRAPPERS.sub(".", name).replace(_ORIGINAL, ".")
         if target in plain:
             raise AdapterError(
                 f"{where} holds both {plain[target]} and {key} for {target}; re-save the checkpoint."

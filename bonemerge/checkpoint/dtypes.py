@@ -7,6 +7,7 @@ actually needed, so that header work stays cheap.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -112,3 +113,13 @@ def to_torch(dtype: str) -> torch.dtype:
 def from_torch(dtype: torch.dtype) -> str:
     """safetensors name of a torch dtype; KeyError for dtypes safetensors cannot store."""
     return BY_TORCH_NAME[str(dtype).removeprefix("torch.")]
+
+
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor seen as rows: its first dimension, and everything else flattened; from three
+    dimensions on, every dimension but the last (a fused [E, d1, d2] MoE tensor is E·d1 rows
+    of d2), so that a chunk is a band of rows of one expert, never whole experts."""
+    if len(shape) >= 3:
+        return math.prod(shape[:-1]), shape[-1]
+    rows = shape[0] if shape else 1
+    return rows, (math.prod(shape) // rows if rows else 0)

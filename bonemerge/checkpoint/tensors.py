@@ -8,7 +8,6 @@ high rank holds blocks of gigabytes, and a hostile header can promise far more.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -39,8 +38,7 @@ def read_rows(reader: RangeReader, source: Source, start: int, stop: int) -> tor
     """Rows [start, stop) of the tensor seen as (rows, columns). For dtypes torch cannot hold
     (F4, F6_*) the bytes spanning those rows come back as one row of uint8, which is enough
     to compare two such tensors read alike."""
-    rows = source.shape[0] if source.shape else 1
-    cols = math.prod(source.shape) // rows if rows else 0
+    rows, cols = dtypes.rows_cols(source.shape)
     if not isinstance(source, TensorRef):
         return source.tensor.reshape(rows, cols)[start:stop]
     bits = dtypes.BITS[source.dtype]

@@ -280,11 +280,26 @@ class Method:
     def targets(self, block: Block) -> tuple[Target, ...]:
         return (Target("weight"),)
 
+    def place(
+        self, block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] | None], where: str
+    ) -> list[tuple[str, Target]]:
+        """The base tensors `block` changes, by name, once its module is named as the base names
+        it (`module`): `<module>.<suffix>` for each target, unless the block is a parameter that
+        the checkpoint stores in other pieces (fused MoE experts, one tensor per expert).
+        `shape_of` gives a base tensor's current shape, or None if there is none."""
+        return [(f"{module}.{target.suffix}", target) for target in self.targets(block)]
+
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
     ) -> None:
         """The block must fit the tensor `name` it changes; refuse what cannot be done."""
         raise NotImplementedError
+
+    def module_scoped(self, block: Block) -> bool:
+        """Whether PEFT's module scope (target_modules, exclude_modules, layers_to_transform)
+        decides if it loads this block; not for blocks on parameters, which PEFT matches
+        against target_parameters alone."""
+        return True
 
     def row_multiple(self, op: BlockOp) -> int:
         """Rows that must stay together in one chunk."""

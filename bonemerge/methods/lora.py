@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,15 @@ from bonemerge.methods.base import (
     Method,
     RowMaths,
     Target,
+)
+from bonemerge.methods.lora_params import (
+    ParamBlock,
+    ParamTarget,
+    check_piece,
+    expert_rows,
+    parameter_module,
+    place,
+    targets_a_parameter,
 )
 
 if TYPE_CHECKING:
@@ -86,6 +95,7 @@ class LoraSettings:
     lora_bias: bool
     rank_pattern: tuple[tuple[str, int], ...]
     alpha_pattern: tuple[tuple[str, float], ...]
+    target_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,15 @@ def _pattern(raw: dict, key: str, path: Path, check: Callable[[object], bool]) -
     return tuple(value.items())
 
 
+def _names(raw: dict, key: str, path: Path) -> tuple[str, ...]:
+    value = raw.get(key) or ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterError(f"{path} has a malformed {key}; it must be a list of parameter names.")
+    return tuple(value)
+
+
 def _refuse_unmergeable(raw: dict, path: Path) -> None:
     """One sentence for every LoRA variant whose maths is not `W + s·B@A` on the saved base."""
     init = raw.get("init_lora_weights", True)
@@ -146,10 +165,17 @@ def _refuse_unmergeable(raw: dict, path: Path) -> None:
             "invocation tokens and has no merged form; serve it with the adapter instead."
         )
     if raw.get("target_parameters"):
-        raise AdapterError(
-            f"{path} puts LoRA on raw parameters (target_parameters, e.g. fused MoE experts), "
-            "which bonemerge does not merge; use PEFT's merge_and_unload for it."
-        )
+        # PEFT's ParamWrapper refuses these, so no adapter trained by PEFT has them.
+        for key, what in (
+            ("use_dora", "DoRA"),
+            ("lora_bias", "lora_bias"),
+            ("fan_in_fan_out", "fan_in_fan_out"),
+        ):
+            if raw.get(key):
+                raise AdapterError(
+                    f"{path} sets {key} together with target_parameters, which PEFT refuses "
+                    f"(lora.ParamWrapper does not work with {what}); this is not an adapter PEFT can load."
+                )
     unsupported = {
         "layer_replication": "layer_replication (it changes the model's layers)",
         "use_qalora": "QA-LoRA (use_qalora)",
@@ -209,13 +235,13 @@ def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: st
     the other kind (an input embedding, an output projection) or a square weight with no
     embedding's name leaves the kind open."""
     leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-    if block.params.kind == "linear" and leaf in INPUT_EMBEDDINGS:
+    if _linear(block).kind == "linear" and leaf in INPUT_EMBEDDINGS:
         raise AdapterError(
             f"{where} holds lora_A/lora_B (a Linear's LoRA) for {name}, an Embedding, where PEFT "
             "reads lora_embedding_A/B and would ignore these; the adapter was edited by hand or is "
             "for another model."
         )
-    if block.params.kind == "embedding" and (
+    if _linear(block).kind == "embedding" and (
         leaf in OUTPUT_EMBEDDINGS or (shape[0] == shape[1] and not _looks_like_embedding(leaf))
     ):
         which = "a Linear output projection" if leaf in OUTPUT_EMBEDDINGS else "not named like an Embedding"
@@ -229,7 +255,14 @@ def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: st
 class DeltaRows(RowMaths):
     """Plain LoRA: add (or subtract) `s · left[rows] @ right` to each chunk of rows."""
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        scale: float,
+        dtype: torch.dtype,
+        scratch: threading.local | None = None,
+    ) -> None:
         self.left = left.to(dtype).contiguous()
         self.right = right.to(dtype).contiguous()
         self.scale = scale
@@ -238,7 +271,8 @@ class DeltaRows(RowMaths):
         # (`add_(alpha=)`, one pass over the chunk instead of two) with the same bits.
         mantissa, exponent = math.frexp(scale)
         self._exact_scale = mantissa == 0.5 and exponent >= 1
-        self._scratch = threading.local()
+        # each thread's product buffer; the experts of one tensor share theirs (`scratch`)
+        self._scratch = scratch if scratch is not None else threading.local()
 
     def product(self, rows: int, row0: int) -> torch.Tensor:
         """`left[row0:row0+rows] @ right`, unscaled, in this thread's reused buffer."""
@@ -374,6 +408,11 @@ class BiasRows(RowMaths):
         work.sub_(self.delta[row0 : row0 + work.shape[0]])
 
 
+def _linear(block: Block) -> LoraParams:
+    """The module LoRA settings of a block (for a parameter block, its Linear reading)."""
+    return block.params.linear if isinstance(block.params, ParamBlock) else block.params
+
+
 class LoraMethod(Method):
     name = "LoRA"
     peft_types = ("LORA",)
@@ -398,6 +437,7 @@ class LoraMethod(Method):
                 raw, "rank_pattern", path, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
             ),
             alpha_pattern=_pattern(raw, "alpha_pattern", path, _number),
+            target_parameters=_names(raw, "target_parameters", path),
         )
 
     def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
@@ -430,6 +470,31 @@ class LoraMethod(Method):
                 f"{where} holds {next(iter(keys.values()))} but no lora_{missing[0]} for {module}; "
                 "the adapter was not saved completely."
             )
+        parameter = parameter_module(module, settings)
+        if parameter is not None:
+            extra = sorted(set(parts) - {"A", "B"})
+            shapes = [len(parts[p].shape) for p in ("A", "B")]
+            if extra or shapes != [2, 2]:
+                raise AdapterError(
+                    f"{keys[extra[0] if extra else 'A']} in {where} is not a lora_A/lora_B matrix of the "
+                    f"target_parameters block {module}; the adapter is damaged."
+                )
+            linear = None
+            if not module.endswith(".base_layer"):
+                # a target without a module part ("gate_up_proj") names no module; whether this
+                # one is a Linear LoRA or a parameter's is told by the base (see `place`)
+                try:
+                    linear = self._module_block(module, parts, keys, config, where).params
+                except AdapterError:
+                    linear = None
+            return Block(module, self, parts, keys, replace(parameter, linear=linear))
+        return self._module_block(module, parts, keys, config, where)
+
+    def _module_block(
+        self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
+    ) -> Block:
+        """A LoRA block on a module (Linear, Conv1D, Embedding)."""
+        settings: LoraSettings = config.settings
         kind = (
             "embedding"
             if keys["A"].endswith("lora_embedding_A") or ".lora_embedding_A." in keys["A"]
@@ -497,6 +562,17 @@ class LoraMethod(Method):
         settings = LoraSettings(r, None, False, dora, False, bias, rank_pattern, ())
         return AdapterConfig(self, peft_type, settings, raw)
 
+    def place(self, block: Block, module: str, shape_of, where: str) -> list[tuple[str, Target]]:
+        parameter = isinstance(block.params, ParamBlock)
+        if parameter and (block.params.linear is None or targets_a_parameter(block, module, shape_of)):
+            return place(block, module, shape_of, where)
+        return super().place(block, module, shape_of, where)
+
+    def module_scoped(self, block: Block) -> bool:
+        # the module names of parameter blocks match target_parameters (PEFT's
+        # `_inject_parameters` applies no other field)
+        return not isinstance(block.params, ParamBlock)
+
     def targets(self, block: Block) -> tuple[Target, ...]:
         if "bias" in block.parts:
             return (Target("weight"), Target("bias", "bias"))
@@ -505,12 +581,15 @@ class LoraMethod(Method):
     def _dims(self, block: Block) -> tuple[int, int]:
         """(rows, columns) the stored weight must have."""
         a, b = block.parts["A"].shape, block.parts["B"].shape
-        return (a[1], b[0]) if block.params.transposed else (b[0], a[1])
+        return (a[1], b[0]) if _linear(block).transposed else (b[0], a[1])
 
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
     ) -> None:
-        params: LoraParams = block.params
+        if isinstance(target, ParamTarget):
+            check_piece(target, name, shape, where)
+            return
+        params = _linear(block)
         if inverse and params.dora:
             raise AdapterError(
                 f"{where} is DoRA, whose merge rescales each output by m / ‖W + ΔW‖ of the original "
@@ -553,6 +632,8 @@ class LoraMethod(Method):
 
     def settings_digest(self, block: Block) -> str:
         p: LoraParams = block.params
+        if isinstance(p, ParamBlock):
+            return repr(p)
         return f"{p.kind} transposed={p.transposed} scale={p.scale!r} dora={p.dora}"
 
     def prepare(
@@ -566,11 +647,13 @@ class LoraMethod(Method):
     ) -> RowMaths:
         import torch
 
-        params: LoraParams = op.block.params
+        params = _linear(op.block)
         # PEFT's product runs in fp32; fp64 only when asked for, so that default merges match it.
         product = torch.float64 if precision == "fp64" else torch.float32
         if op.target.part == "bias":
             return BiasRows(load("bias").to(device), params.scale, dtype)
+        if isinstance(op.target, ParamTarget):
+            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device)
         a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
         left, right = (a.t(), b.t()) if params.transposed else (b, a)
         if not params.dora:
@@ -580,21 +663,29 @@ class LoraMethod(Method):
         return kind(left, right, params.scale, product, magnitude)
 
     def product_terms(self, op: BlockOp) -> int:
-        return op.block.params.r if op.target.part == "weight" else 0
+        if isinstance(op.target, ParamTarget):
+            return op.target.r
+        return _linear(op.block).r if op.target.part == "weight" else 0
 
     def rounds_delta(self, op: BlockOp) -> bool:
-        # PEFT's Embedding.merge adds `delta.to(weight dtype)`; Linear and Conv1D add in fp32.
-        return op.block.params.kind == "embedding" and op.target.part == "weight"
+        # PEFT's Embedding.merge and ParamWrapper add `delta.to(weight dtype)`; Linear and
+        # Conv1D add in fp32.
+        if isinstance(op.target, ParamTarget):
+            return True
+        return _linear(op.block).kind == "embedding" and op.target.part == "weight"
 
     def error_bound(
         self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
     ) -> ErrorBound:
         import torch
 
-        params: LoraParams = op.block.params
-        scale = abs(params.scale)
+        params = _linear(op.block)
+        target = op.target
+        scale = abs(target.scale if isinstance(target, ParamTarget) else params.scale)
 
         def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
+            if isinstance(target, ParamTarget):
+                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu")
             if op.target.part == "bias":
                 return BiasRows(loader("bias"), scale, torch.float64)
             a, b = loader("A"), loader("B")
@@ -602,7 +693,7 @@ class LoraMethod(Method):
             return DeltaRows(left, right, scale, torch.float64)
 
         magnitudes = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
-        if not params.dora or op.target.part != "weight":
+        if isinstance(target, ParamTarget) or not params.dora or op.target.part != "weight":
             return magnitudes
         exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
         return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
@@ -617,6 +708,8 @@ class LoraMethod(Method):
             details.append("per-module ranks")
         if s.lora_bias:
             details.append("bias")
+        if s.target_parameters:
+            details.append("parameters " + ", ".join(s.target_parameters))
         return f"{name} ({', '.join(details)})"
 
     def summary(self, config: AdapterConfig) -> dict[str, object]:
@@ -630,7 +723,7 @@ class LoraMethod(Method):
             "lora_bias": s.lora_bias,
             "rank_pattern": dict(s.rank_pattern),
             "alpha_pattern": dict(s.alpha_pattern),
-        }
+        } | ({"target_parameters": list(s.target_parameters)} if s.target_parameters else {})
 
     def tag(self, config: AdapterConfig) -> str:
         return "dora" if config.settings.dora else "lora"
@@ -639,7 +732,7 @@ class LoraMethod(Method):
         stem = PREFIX + block.module
         names = (
             {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-            if block.params.kind == "embedding"
+            if getattr(block.params, "kind", None) == "embedding"
             else {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"}
         )
         names["magnitude"] = "lora_magnitude_vector"
