@@ -45,4 +45,35 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
             f"{path} {kind}; bonemerge works with {supported()} adapters only "
             "(use PEFT's merge_and_unload for other methods)."
         )
+    _check_placement(raw, path)
     return AdapterConfig(method, peft_type, method.read_config(peft_type, raw, path), raw)
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _indices(value: object) -> bool:
+    def index(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return index(value) or (isinstance(value, list) and all(index(v) for v in value))
+
+
+# The fields (every method has them) that say which modules an adapter sits on, and the JSON
+# values PEFT accepts for each: anything else would fail in PEFT, and in bonemerge's reports.
+_PLACEMENT = {
+    "target_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
+    "modules_to_save": (_names, "a list of module names"),
+    "layers_to_transform": (_indices, "a layer index or a list of them"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _names(v), "a name or a list of names"),
+}
+
+
+def _check_placement(raw: dict, path: Path) -> None:
+    """Refuse a placement field of the wrong JSON type in one sentence (null means unset)."""
+    for key, (valid, expected) in _PLACEMENT.items():
+        value = raw.get(key)
+        if value is not None and not valid(value):
+            raise AdapterError(f"{path} has {key}={shown(value)}; it must be {expected} (or null).")
