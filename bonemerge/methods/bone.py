@@ -574,60 +574,41 @@ def _lora_pair(
     }
 
 
-def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """ΔW of a Bat block on `weight` in float64: W_ac · B_a + B_a on every r x r tile."""
-    out_features, in_features = weight.shape
-    r = block.shape[-1]
-    weight, block = weight.double(), block.double()
-    tiles = weight.reshape(out_features // r, r, in_features // r, r).permute(0, 2, 1, 3)
-    delta = tiles @ block.unsqueeze(1) + block.unsqueeze(1)
-    return delta.permute(0, 2, 1, 3).reshape(out_features, in_features)
-
-
 def _bat_to_lora(
     block: Block, base: Source, load: Callable[[Source], torch.Tensor], rank: RankRequest
 ) -> Converted:
     """Bat's ΔW depends on the base, and has full rank in general: keep its best rank-K
-    approximation (truncated SVD in float64). The singular values are computed now, to choose
-    K and know the error; the factors are computed again when the engine writes them."""
-    import torch
+    approximation (`lowrank`). The eigenvalues are computed now, to choose K and know the
+    error; the factors (one eigendecomposition) when the engine writes them."""
+    from bonemerge.methods.lowrank import BatUpdate, Spectrum, check_budget, compact_rank
 
     if not rank.given:
         raise AdapterError(
             f"{block.key} is a Bat block, whose update depends on the base and is approximated as "
             "LoRA; pass --rank K, or --rank auto with --max-error E."
         )
-    values = torch.linalg.svdvals(bat_delta(load(base), load(block.parts["block"])))
-    squares = values.square()
-    total = float(squares.sum())
-    # tail[k] = what keeping k singular values leaves out
-    tail = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
-    if rank.rank is not None:
-        k = min(rank.rank, values.numel())
-    else:
-        assert rank.max_error is not None
-        allowed = rank.max_error**2 * total
-        k = next(k for k in range(1, values.numel() + 1) if float(tail[k]) <= allowed)
-    out_features, in_features = base.shape
+    shape = tuple(base.shape)
+    spectrum = Spectrum.of(BatUpdate(load(base), load(block.parts["block"])), block.key, base.name)
+    k = spectrum.rank(rank)
+    check_budget(block.key, shape, base.nbytes, k)
     cache: dict[str, torch.Tensor] = {}
 
     def factor(which: str) -> Callable[[], torch.Tensor]:
         def compute() -> torch.Tensor:
             if not cache:
-                delta = bat_delta(load(base), load(block.parts["block"]))
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                root = s[:k].sqrt()
-                cache["A"] = (root.unsqueeze(1) * vh[:k]).float()
-                cache["B"] = (u[:, :k] * root).float()
+                update = BatUpdate(load(base), load(block.parts["block"]))
+                cache["A"], cache["B"] = update.factors(k)
             return cache.pop(which)
 
         return compute
 
     return Converted(
-        _lora_pair(block, "F32", k, (out_features, in_features), factor("A"), factor("B")),
+        _lora_pair(block, "F32", k, shape, factor("A"), factor("B")),
         rank=k,
-        discarded=float(tail[k]),
-        total=total,
+        discarded=spectrum.discarded(k),
+        total=spectrum.total,
+        full_rank=min(shape),
+        compact_error=spectrum.error(compact_rank(shape)),
     )
 
 
