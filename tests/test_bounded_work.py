@@ -134,6 +134,10 @@ BAT_TARGETS = {
 }
 
 
+def to_lora(bat, base) -> tuple:
+    return ("strip", bat, "--to", "lora", "--base", base)
+
+
 def bat_pair(tmp_path, base_tensors=None, r: int = 8):
     base = toy.write_base(tmp_path / "base", base_tensors)
     generator = torch.Generator().manual_seed(3)
@@ -174,12 +178,7 @@ def test_bat_conversion_over_the_memory_budget_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(lowrank, "MEMORY_BUDGET", 300_000)
     fails(
         tmp_path,
-        "strip",
-        bat,
-        "--to",
-        "lora",
-        "--base",
-        base,
+        *to_lora(bat, base),
         "--rank",
         "4",
         "-o",
@@ -199,12 +198,7 @@ def test_bat_conversion_on_a_broken_base_is_one_sentence(tmp_path, value, rank):
     extra = ["--max-error", "0.1"] if "auto" in rank else []
     fails(
         tmp_path,
-        "strip",
-        bat,
-        "--to",
-        "lora",
-        "--base",
-        base,
+        *to_lora(bat, base),
         *rank,
         *extra,
         "-o",
@@ -216,12 +210,7 @@ def test_bat_conversion_on_a_broken_base_is_one_sentence(tmp_path, value, rank):
 def test_bat_conversion_warns_when_lora_outgrows_the_weights(tmp_path):
     base, bat = bat_pair(tmp_path)
     result = run(
-        "strip",
-        bat,
-        "--to",
-        "lora",
-        "--base",
-        base,
+        *to_lora(bat, base),
         "--rank",
         "auto",
         "--max-error",
@@ -238,12 +227,7 @@ def test_bat_conversion_warns_when_lora_outgrows_the_weights(tmp_path):
     assert "outgrow the weights they adapt" in warnings[1]
     advised = re.search(r"--max-error (\S+) keeps", warnings[0])[1]
     result = run(
-        "strip",
-        bat,
-        "--to",
-        "lora",
-        "--base",
-        base,
+        *to_lora(bat, base),
         "--rank",
         "auto",
         "--max-error",
@@ -269,11 +253,11 @@ def shown_progress(monkeypatch):
 
 def test_bat_strip_shows_progress(tmp_path, shown_progress):
     base, bat = bat_pair(tmp_path)
-    result = run("strip", bat, "--to", "lora", "--base", base, "--rank", "4", "-o", tmp_path / "a")
+    result = run(*to_lora(bat, base), "--rank", "4", "-o", tmp_path / "a")
     assert result.exit_code == 0, result.output
     assert "converting" in result.stderr and "writing" in result.stderr
     for flag in ("-q", "--json"):
-        result = run("strip", bat, "--to", "lora", "--base", base, "--rank", "4", "-o", tmp_path / flag, flag)
+        result = run(*to_lora(bat, base), "--rank", "4", "-o", tmp_path / flag, flag)
         assert result.exit_code == 0 and result.stderr == "", result.stderr
 
 
