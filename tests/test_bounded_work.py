@@ -109,6 +109,7 @@ BIG = 10**400
         ({"modules_to_save": "lm_head"}, "modules_to_save"),
         ({"target_modules": [1, 2]}, "target_modules"),
         ({"layers_to_transform": [0.5]}, "layers_to_transform"),
+        ({"revision": 5}, "revision=5"),
     ],
 )
 def test_hostile_config_values_are_one_sentence(tmp_path, config, fragment):

@@ -45,7 +45,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
             f"{path} {kind}; bonemerge works with {supported()} adapters only "
             "(use PEFT's merge_and_unload for other methods)."
         )
-    _check_placement(raw, path)
+    _check_shared_fields(raw, path)
     return AdapterConfig(method, peft_type, method.read_config(peft_type, raw, path), raw)
 
 
@@ -60,20 +60,22 @@ def _indices(value: object) -> bool:
     return index(value) or (isinstance(value, list) and all(index(v) for v in value))
 
 
-# The fields (every method has them) that say which modules an adapter sits on, and the JSON
-# values PEFT accepts for each: anything else would fail in PEFT, and in bonemerge's reports.
-_PLACEMENT = {
+# The fields every method has that say which modules an adapter sits on and on which base
+# revision, and the JSON values PEFT accepts for each: anything else would fail in PEFT, and in
+# bonemerge's reports.
+_SHARED_FIELDS = {
     "target_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
     "exclude_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
     "modules_to_save": (_names, "a list of module names"),
     "layers_to_transform": (_indices, "a layer index or a list of them"),
     "layers_pattern": (lambda v: isinstance(v, str) or _names(v), "a name or a list of names"),
+    "revision": (lambda v: isinstance(v, str), "a Hub revision name"),
 }
 
 
-def _check_placement(raw: dict, path: Path) -> None:
-    """Refuse a placement field of the wrong JSON type in one sentence (null means unset)."""
-    for key, (valid, expected) in _PLACEMENT.items():
+def _check_shared_fields(raw: dict, path: Path) -> None:
+    """Refuse a shared field of the wrong JSON type in one sentence (null means unset)."""
+    for key, (valid, expected) in _SHARED_FIELDS.items():
         value = raw.get(key)
         if value is not None and not valid(value):
             raise AdapterError(f"{path} has {key}={shown(value)}; it must be {expected} (or null).")
