@@ -83,4 +83,6 @@ def fullmatch(pattern: str, name: str) -> bool:
     """`re.fullmatch(pattern, name)`, as PEFT applies a string `target_modules` or
     `exclude_modules`; `pattern` must have passed `check_pattern`."""
     program = _compiled(pattern)
-    return program is not None and program.fullmatch(name) is not None
+    if program is None:
+        raise ValueError(f"{_shown(pattern)} was not checked with check_pattern")
+    return program.fullmatch(name) is not None
