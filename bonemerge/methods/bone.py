@@ -127,18 +127,7 @@ class BatBlock(RowMaths):
         import torch
 
         if self._inverse is None:
-            wide = self.block.double()
-            eye = torch.eye(self.r, dtype=torch.float64, device=wide.device)
-            plus = wide + eye
-            condition = torch.linalg.cond(plus)
-            worst = int(torch.argmax(torch.nan_to_num(condition, nan=math.inf)).item())
-            if not torch.isfinite(condition[worst]) or condition[worst] > MAX_CONDITION:
-                raise MergeError(
-                    f"I + B is singular or ill-conditioned for Bat block {worst} "
-                    f"(condition number {condition[worst].item():.3g}), so the merge cannot be "
-                    "undone reliably"
-                )
-            self._inverse = torch.linalg.inv(plus).to(self.block.dtype)
+            self._inverse = torch.linalg.inv(invertible(self.block)).to(self.block.dtype)
         return self._inverse
 
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
@@ -147,6 +136,22 @@ class BatBlock(RowMaths):
         work.view(k, self.r, self.columns, self.r).sub_(b.unsqueeze(2))
         tiles = self._tiles(work)
         tiles.copy_(self._product(tiles, self.inverse()[a0 : a0 + k]))
+
+
+def invertible(block: torch.Tensor) -> torch.Tensor:
+    """I + B_a for every a, in fp64, refused when one is singular or ill-conditioned."""
+    import torch
+
+    plus = block.double() + torch.eye(block.shape[-1], dtype=torch.float64, device=block.device)
+    condition = torch.linalg.cond(plus)
+    worst = int(torch.argmax(torch.nan_to_num(condition, nan=math.inf)).item())
+    if not torch.isfinite(condition[worst]) or condition[worst] > MAX_CONDITION:
+        raise MergeError(
+            f"I + B is singular or ill-conditioned for Bat block {worst} "
+            f"(condition number {condition[worst].item():.3g}), so the merge cannot be "
+            "undone reliably"
+        )
+    return plus
 
 
 def expand_mini(block: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -378,13 +383,9 @@ class BoneMethod(Method):
         return prepare_block(op.block.params.variant, load("block"), shape, dtype, device, op.inverse)
 
     def check_inverse(self, block: Block, load: Callable[[str], torch.Tensor]) -> None:
-        import torch
-
-        if block.params.variant != "bat":
-            return
-        values = load("block")
-        r = values.shape[-1]
-        prepare_block("bat", values, (values.shape[0] * r, r), torch.float64, inverse=True)
+        # The condition numbers only: the engine computes the inverses it uses when it gets there.
+        if block.params.variant == "bat":
+            invertible(load("block"))
 
     def product_terms(self, op: BlockOp) -> int:
         return op.block.params.r if op.block.params.variant == "bat" else 0
