@@ -49,26 +49,14 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     return AdapterConfig(method, peft_type, method.read_config(peft_type, raw, path), raw)
 
 
-def _names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _indices(value: object) -> bool:
-    def index(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    return index(value) or (isinstance(value, list) and all(index(v) for v in value))
-
-
-# The fields every method has that say which modules an adapter sits on and on which base
-# revision, and the JSON values PEFT accepts for each: anything else would fail in PEFT, and in
+# Fields every method has that no other check reads, with the JSON values PEFT accepts
+# (`scope` checks the ones that place the adapter): anything else would fail in PEFT, and in
 # bonemerge's reports.
 _SHARED_FIELDS = {
-    "target_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
-    "exclude_modules": (lambda v: isinstance(v, str) or _names(v), "a module name regex or a list of names"),
-    "modules_to_save": (_names, "a list of module names"),
-    "layers_to_transform": (_indices, "a layer index or a list of them"),
-    "layers_pattern": (lambda v: isinstance(v, str) or _names(v), "a name or a list of names"),
+    "modules_to_save": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of module names",
+    ),
     "revision": (lambda v: isinstance(v, str), "a Hub revision name"),
 }
 

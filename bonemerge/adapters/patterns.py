@@ -8,8 +8,9 @@ for hours. The same expressions are run here with RE2 (google-re2), whose automa
 time linear in the name and memory bounded by `max_mem`, and so keep the promise of bounded
 work for any adapter.
 
-The two engines agree on whether a name matches for every expression both accept (tested
-against PEFT's own functions), with two documented edges that PEFT's module names never
+`scope` matches `target_modules`, `exclude_modules` and `layers_pattern` with the same
+programs. The two engines agree on whether a name matches for every expression both accept
+(tested against PEFT's own functions), with two documented edges that PEFT's module names never
 reach: RE2's `$` is the end of the name only (Python's also matches before a final newline),
 and `\\d`, `\\w`, `\\s`, `\\b` are ASCII in RE2. Python syntax that RE2 lacks (backreferences,
 lookarounds, `\\Z`, repetition counts over 1000) is refused in one sentence rather than run on
@@ -24,19 +25,14 @@ from collections.abc import Iterable
 
 import re2
 
-from bonemerge.errors import AdapterError
+from bonemerge.errors import AdapterError, shown
 
 _OPTIONS = re2.Options()
 _OPTIONS.log_errors = False  # the refusal below says it once; RE2 would also print to stderr
-_SHOWN = 80  # characters of a hostile pattern quoted in a message
-
-
-def _shown(pattern: str) -> str:
-    return repr(pattern if len(pattern) <= _SHOWN else pattern[:_SHOWN] + "...")
 
 
 @functools.lru_cache(maxsize=4096)
-def _compiled(expression: str) -> re2._Regexp | None:
+def compiled(expression: str) -> re2._Regexp | None:
     """The RE2 program of `expression`, or None when RE2 cannot run it."""
     try:
         return re2.compile(expression, _OPTIONS)
@@ -52,12 +48,12 @@ def check_pattern(pattern: str, what: str, where: object, wrapped: str | None = 
         re.compile(expression)
     except (re.error, RecursionError, OverflowError) as exc:
         raise AdapterError(
-            f"{where} has {what} {_shown(pattern)}, which is not a valid regular expression ({exc}); "
+            f"{where} has {what} {shown(pattern)}, which is not a valid regular expression ({exc}); "
             "PEFT cannot load it either, fix the config."
         ) from None
-    if _compiled(expression) is None:
+    if compiled(expression) is None:
         raise AdapterError(
-            f"{where} has {what} {_shown(pattern)}, whose regular-expression syntax (backreferences, "
+            f"{where} has {what} {shown(pattern)}, whose regular-expression syntax (backreferences, "
             "lookarounds, \\Z, counts over 1000, or a program over 8 MiB) bonemerge does not run, as it "
             "matches names in linear time only; rewrite it without them."
         )
@@ -73,16 +69,7 @@ def pattern_key(keys: Iterable[str], module: str) -> str | None:
     None (PEFT returns the module itself, which no key equals unless it matched). Keys must
     have passed `check_pattern` with `key_expression`."""
     for key in keys:
-        program = _compiled(key_expression(key))
+        program = compiled(key_expression(key))
         if program is not None and program.match(module):
             return key
     return None
-
-
-def fullmatch(pattern: str, name: str) -> bool:
-    """`re.fullmatch(pattern, name)`, as PEFT applies a string `target_modules` or
-    `exclude_modules`; `pattern` must have passed `check_pattern`."""
-    program = _compiled(pattern)
-    if program is None:
-        raise ValueError(f"{_shown(pattern)} was not checked with check_pattern")
-    return program.fullmatch(name) is not None
