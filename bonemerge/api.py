@@ -146,16 +146,27 @@ def _finite(reader: RangeReader, source: Source) -> bool:
 def check_invertible(adapters: Sequence[Adapter], progress: bool = False) -> None:
     """Refuse, before any output exists, a block whose merge cannot be undone reliably (Bat's
     inverses take a while on a large model: `progress` shows a bar)."""
+    import torch
+
     from bonemerge.checkpoint.tensors import load_whole
     from bonemerge.errors import MergeError
     from bonemerge.progress import counted
 
     blocks = [(adapter, block) for adapter in adapters for block in adapter.blocks]
-    for adapter, block in counted(blocks, "checking inverses", progress):
-        try:
-            block.method.check_inverse(block, lambda part, b=block: load_whole(b.parts[part]))
-        except MergeError as exc:
-            raise MergeError(f"block {block.key} of {adapter.root}: {exc}; nothing was written.") from None
+    threads = torch.get_num_threads()
+    # The checks are batches of r x r decompositions: more threads only spin on them (20x the
+    # CPU time with two threads on a busy two-core machine), and nothing else runs yet.
+    torch.set_num_threads(1)
+    try:
+        for adapter, block in counted(blocks, "checking inverses", progress):
+            try:
+                block.method.check_inverse(block, lambda part, b=block: load_whole(b.parts[part]))
+            except MergeError as exc:
+                raise MergeError(
+                    f"block {block.key} of {adapter.root}: {exc}; nothing was written."
+                ) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _input_path(checkpoint: Checkpoint) -> Path:
