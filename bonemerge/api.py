@@ -143,19 +143,30 @@ def _finite(reader: RangeReader, source: Source) -> bool:
     return all(all_finite(piece) for piece in values(reader, source))
 
 
-def check_invertible(adapters: Sequence[Adapter]) -> None:
-    """Refuse, before any output exists, a block whose merge cannot be undone reliably."""
+def check_invertible(adapters: Sequence[Adapter], progress: bool = False) -> None:
+    """Refuse, before any output exists, a block whose merge cannot be undone reliably (Bat's
+    inverses take a while on a large model: `progress` shows a bar)."""
+    import torch
+
     from bonemerge.checkpoint.tensors import load_whole
     from bonemerge.errors import MergeError
+    from bonemerge.progress import counted
 
-    for adapter in adapters:
-        for block in adapter.blocks:
+    blocks = [(adapter, block) for adapter in adapters for block in adapter.blocks]
+    threads = torch.get_num_threads()
+    # The checks are batches of r x r decompositions: more threads only spin on them (20x the
+    # CPU time with two threads on a busy two-core machine), and nothing else runs yet.
+    torch.set_num_threads(1)
+    try:
+        for adapter, block in counted(blocks, "checking inverses", progress):
             try:
                 block.method.check_inverse(block, lambda part, b=block: load_whole(b.parts[part]))
             except MergeError as exc:
                 raise MergeError(
                     f"block {block.key} of {adapter.root}: {exc}; nothing was written."
                 ) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _input_path(checkpoint: Checkpoint) -> Path:
@@ -493,7 +504,7 @@ def _run_model(
     if merging:
         check_blocks_finite(job.adapters)
     if job.operation == "unmerge":
-        check_invertible(job.adapters)
+        check_invertible(job.adapters, target.options.progress)
     entry = _entry(
         job.operation,
         job.adapters,
@@ -751,6 +762,7 @@ def strip(
     rank: int | str | None = None,
     max_error: float | None = None,
     overwrite: bool = False,
+    progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
 ) -> Report:
@@ -789,13 +801,13 @@ def strip(
     if push is not None:
         push.check()
     extracted = training is not None
-    plan, config, summary = build_strip_plan(adapter, strip_options, base_checkpoint, extracted)
+    plan, config, summary = build_strip_plan(adapter, strip_options, base_checkpoint, extracted, progress)
     check_free_space(target, plan.file_bytes)
     lineage = history.read_history(path if path.is_dir() else None)
     prints = _fingerprints([source], [adapter])
     name = location.hub_id or path.name
     with Staging(target) as staging:
-        stats = write_plan(plan, staging.path, _options("cpu", "auto", True, False))
+        stats = write_plan(plan, staging.path, _options("cpu", "auto", True, progress))
         (staging.path / "adapter_config.json").write_text(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )

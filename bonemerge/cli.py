@@ -458,7 +458,7 @@ def strip(source: str, quiet: bool, as_json: bool, **options: Any) -> None:
     from bonemerge.api import strip as run
 
     push = _push(options)
-    report = run(source, command=_command_line(), push=push, **options)
+    report = run(source, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options)
     _print_report(report, quiet, as_json)
 
 

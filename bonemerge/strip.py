@@ -9,6 +9,7 @@ that are gone nor warns about missing keys.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.methods import Converted, RankRequest, Target, kind_name
 from bonemerge.plan import Plan, Step
+from bonemerge.units import format_size
 
 WEIGHTS = "adapter_model.safetensors"
 _LAYER = re.compile(r"(?:^|\.)([^.]+)\.(\d+)(?:\.|$)")
@@ -141,6 +143,7 @@ class Conversion:
     ranks: dict[str, int]
     errors: dict[str, float]
     error: float
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -149,6 +152,7 @@ class Conversion:
             "ranks": self.ranks,
             "errors": self.errors,
             "error": self.error,
+            "warnings": list(self.warnings),
         }
 
     def note(self) -> str:
@@ -175,19 +179,23 @@ def build_strip_plan(
     options: StripOptions,
     base: Checkpoint | None = None,
     extracted: bool = False,
+    progress: bool = False,
 ) -> tuple[Plan, dict, StripSummary]:
     """The reduced adapter's tensors (one file, PEFT's key names), its config and what was
     done (`extracted`: the adapter came out of a full PEFT checkpoint). `base` is required when `needs_base`
-    says so; conversions that need its values read them one tensor at a time."""
+    says so; conversions that need its values read them one tensor at a time (Bat's take a
+    while: `progress` shows a bar)."""
     from bonemerge.checkpoint.tensors import load_whole
+    from bonemerge.progress import counted
 
     kept = kept_modules(adapter, options)
     peft_type = _peft_type(adapter, options.to)
     kept_set = set(kept)
     blocks = [block for block in adapter.blocks if block.module in kept_set]
+    pairs = list(zip(blocks, _base_weights(adapter, blocks, base), strict=True))
     converted = {
         block.module: block.method.convert(block, peft_type, base=target, load=load_whole, rank=options.rank)
-        for block, target in zip(blocks, _base_weights(adapter, blocks, base), strict=True)
+        for block, target in counted(pairs, "converting", progress and base is not None)
     }
     steps: dict[str, Step] = {}
     for result in converted.values():
@@ -223,6 +231,7 @@ def build_strip_plan(
             {m: c.rank for m, c in converted.items() if c.rank is not None},
             {m: c.error for m, c in converted.items() if c.total},
             (discarded / total) ** 0.5 if total else 0.0,
+            _size_warnings(converted, pairs, steps),
         )
     block_keys = {key for c in converted.values() for key in c.tensors}
     block_steps = len(block_keys)
@@ -241,6 +250,53 @@ def build_strip_plan(
         ),
     )
     return plan, config, summary
+
+
+def _size_warnings(
+    converted: Mapping[str, Converted], pairs: list, steps: Mapping[str, Step]
+) -> tuple[str, ...]:
+    """Warnings for an approximation that stopped being a small adapter: modules whose rank
+    gives factors with more values than the weight (full rank among them), or factors larger
+    than the weights they adapt; each says which `--max-error` keeps every module's factors at
+    most half its weight."""
+    approximate = {m: c for m, c in converted.items() if c.full_rank}
+    if not approximate:
+        return ()
+    shapes = {block.module: tuple(target.shape) for block, target in pairs if block.module in approximate}
+    large = sorted(
+        (m for m, c in approximate.items() if (c.rank or 0) * sum(shapes[m]) >= math.prod(shapes[m])),
+        key=lambda m: (-(approximate[m].rank or 0), m),
+    )
+    written = sum(steps[key].nbytes for c in approximate.values() for key in c.tensors)
+    adapted = sum(target.nbytes for block, target in pairs if block.module in approximate)
+    bound = _round_up(max(c.compact_error for c in approximate.values()))
+    advice = (
+        f"--rank auto --max-error {bound} keeps every module's factors at most half the size of its weight"
+        if float(bound) < 1
+        else "a smaller --rank keeps it small"
+    )
+    found = []
+    if large:
+        first = large[0]
+        found.append(
+            f"warning: {len(large)} of {len(approximate)} modules reached a rank whose factors hold more "
+            f"values than the weight itself (e.g. {first} at rank {approximate[first].rank} of "
+            f"{approximate[first].full_rank}); {advice}"
+        )
+    if written > adapted:
+        found.append(
+            f"warning: the LoRA factors ({format_size(written)}) outgrow the weights they adapt "
+            f"({format_size(adapted)}); {advice}"
+        )
+    return tuple(found)
+
+
+def _round_up(value: float) -> str:
+    """`value` with two significant digits, rounded up, so that the advice it gives holds."""
+    if value <= 0:
+        return f"{value:.2g}"
+    exponent = math.floor(math.log10(value)) - 1
+    return f"{math.ceil(round(value / 10**exponent, 9)) * 10**exponent:.2g}"
 
 
 def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
@@ -289,6 +345,7 @@ class StripSummary:
             done.append(f"cast {self.cast} tensors to {dtypes.TORCH_NAME[self.dtype or 'F32']}")
         if self.conversion:
             done.append(self.conversion.note())
+            done.extend(self.conversion.warnings)
         return done
 
     def heading(self, name: str) -> str:

@@ -45,4 +45,25 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
             f"{path} {kind}; bonemerge works with {supported()} adapters only "
             "(use PEFT's merge_and_unload for other methods)."
         )
+    _check_shared_fields(raw, path)
     return AdapterConfig(method, peft_type, method.read_config(peft_type, raw, path), raw)
+
+
+# Fields every method has that no other check reads, with the JSON values PEFT accepts
+# (`scope` checks the ones that place the adapter): anything else would fail in PEFT, and in
+# bonemerge's reports.
+_SHARED_FIELDS = {
+    "modules_to_save": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of module names",
+    ),
+    "revision": (lambda v: isinstance(v, str), "a Hub revision name"),
+}
+
+
+def _check_shared_fields(raw: dict, path: Path) -> None:
+    """Refuse a shared field of the wrong JSON type in one sentence (null means unset)."""
+    for key, (valid, expected) in _SHARED_FIELDS.items():
+        value = raw.get(key)
+        if value is not None and not valid(value):
+            raise AdapterError(f"{path} has {key}={shown(value)}; it must be {expected} (or null).")

@@ -25,29 +25,13 @@ a pattern RE2 cannot read (look-around, back-references) is refused in one sente
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 
+from bonemerge.adapters.patterns import compiled
 from bonemerge.errors import AdapterError, shown
 from bonemerge.methods import Block
 
 __all__ = ["check_scope", "excluded_by"]
-
-
-class _BadPattern(Exception):
-    """A pattern RE2 cannot compile."""
-
-
-@lru_cache(maxsize=256)
-def _compiled(pattern: str):
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False  # RE2 would print its parse error to stderr besides raising
-    try:
-        return re2.compile(pattern, options)
-    except re2.error:
-        raise _BadPattern(pattern) from None
 
 
 def _names(raw: dict, field: str, path: Path) -> str | list[str] | None:
@@ -75,14 +59,13 @@ def _layers(raw: dict, path: Path) -> int | list[int] | None:
 
 def _search(kind: str, pattern: str, module: str, field: str, path: Path):
     """RE2's full match (`kind` "full") or match at the start of `module`, or None."""
-    try:
-        compiled = _compiled(pattern)
-    except _BadPattern:
+    program = compiled(pattern)
+    if program is None:
         raise AdapterError(
             f"{path} has {field} {shown(pattern)}, which is not a regular expression bonemerge can "
             "match (RE2 syntax: no look-around or back-references); rewrite it without them."
-        ) from None
-    return compiled.fullmatch(module) if kind == "full" else compiled.match(module)
+        )
+    return program.fullmatch(module) if kind == "full" else program.match(module)
 
 
 def _listed(names: list[str], module: str) -> bool:

@@ -207,6 +207,11 @@ class Converted:
     rank: int | None = None
     discarded: float = 0.0
     total: float = 0.0
+    # An approximation's rank at which it is exact (min(out, in)), and its relative error at
+    # the largest rank whose factors hold at most half the values of the weight: what
+    # `--max-error` keeps the adapter small. Unset (0) for exact conversions.
+    full_rank: int = 0
+    compact_error: float = 0.0
 
     @property
     def error(self) -> float:

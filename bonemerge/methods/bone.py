@@ -127,18 +127,7 @@ class BatBlock(RowMaths):
         import torch
 
         if self._inverse is None:
-            wide = self.block.double()
-            eye = torch.eye(self.r, dtype=torch.float64, device=wide.device)
-            plus = wide + eye
-            condition = torch.linalg.cond(plus)
-            worst = int(torch.argmax(torch.nan_to_num(condition, nan=math.inf)).item())
-            if not torch.isfinite(condition[worst]) or condition[worst] > MAX_CONDITION:
-                raise MergeError(
-                    f"I + B is singular or ill-conditioned for Bat block {worst} "
-                    f"(condition number {condition[worst].item():.3g}), so the merge cannot be "
-                    "undone reliably"
-                )
-            self._inverse = torch.linalg.inv(plus).to(self.block.dtype)
+            self._inverse = torch.linalg.inv(invertible(self.block)).to(self.block.dtype)
         return self._inverse
 
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
@@ -147,6 +136,22 @@ class BatBlock(RowMaths):
         work.view(k, self.r, self.columns, self.r).sub_(b.unsqueeze(2))
         tiles = self._tiles(work)
         tiles.copy_(self._product(tiles, self.inverse()[a0 : a0 + k]))
+
+
+def invertible(block: torch.Tensor) -> torch.Tensor:
+    """I + B_a for every a, in fp64, refused when one is singular or ill-conditioned."""
+    import torch
+
+    plus = block.double() + torch.eye(block.shape[-1], dtype=torch.float64, device=block.device)
+    condition = torch.linalg.cond(plus)
+    worst = int(torch.argmax(torch.nan_to_num(condition, nan=math.inf)).item())
+    if not torch.isfinite(condition[worst]) or condition[worst] > MAX_CONDITION:
+        raise MergeError(
+            f"I + B is singular or ill-conditioned for Bat block {worst} "
+            f"(condition number {condition[worst].item():.3g}), so the merge cannot be "
+            "undone reliably"
+        )
+    return plus
 
 
 def expand_mini(block: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -378,13 +383,9 @@ class BoneMethod(Method):
         return prepare_block(op.block.params.variant, load("block"), shape, dtype, device, op.inverse)
 
     def check_inverse(self, block: Block, load: Callable[[str], torch.Tensor]) -> None:
-        import torch
-
-        if block.params.variant != "bat":
-            return
-        values = load("block")
-        r = values.shape[-1]
-        prepare_block("bat", values, (values.shape[0] * r, r), torch.float64, inverse=True)
+        # The condition numbers only: the engine computes the inverses it uses when it gets there.
+        if block.params.variant == "bat":
+            invertible(load("block"))
 
     def product_terms(self, op: BlockOp) -> int:
         return op.block.params.r if op.block.params.variant == "bat" else 0
@@ -574,60 +575,41 @@ def _lora_pair(
     }
 
 
-def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """ΔW of a Bat block on `weight` in float64: W_ac · B_a + B_a on every r x r tile."""
-    out_features, in_features = weight.shape
-    r = block.shape[-1]
-    weight, block = weight.double(), block.double()
-    tiles = weight.reshape(out_features // r, r, in_features // r, r).permute(0, 2, 1, 3)
-    delta = tiles @ block.unsqueeze(1) + block.unsqueeze(1)
-    return delta.permute(0, 2, 1, 3).reshape(out_features, in_features)
-
-
 def _bat_to_lora(
     block: Block, base: Source, load: Callable[[Source], torch.Tensor], rank: RankRequest
 ) -> Converted:
     """Bat's ΔW depends on the base, and has full rank in general: keep its best rank-K
-    approximation (truncated SVD in float64). The singular values are computed now, to choose
-    K and know the error; the factors are computed again when the engine writes them."""
-    import torch
+    approximation (`lowrank`). The eigenvalues are computed now, to choose K and know the
+    error; the factors (one eigendecomposition) when the engine writes them."""
+    from bonemerge.methods.lowrank import BatUpdate, Spectrum, check_budget, compact_rank
 
     if not rank.given:
         raise AdapterError(
             f"{block.key} is a Bat block, whose update depends on the base and is approximated as "
             "LoRA; pass --rank K, or --rank auto with --max-error E."
         )
-    values = torch.linalg.svdvals(bat_delta(load(base), load(block.parts["block"])))
-    squares = values.square()
-    total = float(squares.sum())
-    # tail[k] = what keeping k singular values leaves out
-    tail = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
-    if rank.rank is not None:
-        k = min(rank.rank, values.numel())
-    else:
-        assert rank.max_error is not None
-        allowed = rank.max_error**2 * total
-        k = next(k for k in range(1, values.numel() + 1) if float(tail[k]) <= allowed)
-    out_features, in_features = base.shape
+    shape = tuple(base.shape)
+    spectrum = Spectrum.of(BatUpdate(load(base), load(block.parts["block"])), block.key, base.name)
+    k = spectrum.rank(rank)
+    check_budget(block.key, shape, base.nbytes, k)
     cache: dict[str, torch.Tensor] = {}
 
     def factor(which: str) -> Callable[[], torch.Tensor]:
         def compute() -> torch.Tensor:
             if not cache:
-                delta = bat_delta(load(base), load(block.parts["block"]))
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                root = s[:k].sqrt()
-                cache["A"] = (root.unsqueeze(1) * vh[:k]).float()
-                cache["B"] = (u[:, :k] * root).float()
+                update = BatUpdate(load(base), load(block.parts["block"]))
+                cache["A"], cache["B"] = update.factors(k)
             return cache.pop(which)
 
         return compute
 
     return Converted(
-        _lora_pair(block, "F32", k, (out_features, in_features), factor("A"), factor("B")),
+        _lora_pair(block, "F32", k, shape, factor("A"), factor("B")),
         rank=k,
-        discarded=float(tail[k]),
-        total=total,
+        discarded=spectrum.discarded(k),
+        total=spectrum.total,
+        full_rank=min(shape),
+        compact_error=spectrum.error(compact_rank(shape)),
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -110,18 +111,22 @@ class LoraParams:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number that is finite as a float (an integer such as 10**400 is not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _LARGEST
+    return math.isfinite(value)
+
+
+_LARGEST = sys.float_info.max
 
 
 def _pattern_key(patterns: tuple[tuple[str, object], ...], module: str) -> str | None:
     """The pattern PEFT applies to `module`: the first key matching a dotted suffix of it."""
-    for key, _ in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
-    return None
+    from bonemerge.adapters.patterns import pattern_key
+
+    return pattern_key((key for key, _ in patterns), module)
 
 
 def _flag(raw: dict, key: str, path: Path) -> bool:
@@ -134,9 +139,17 @@ def _flag(raw: dict, key: str, path: Path) -> bool:
 
 
 def _pattern(raw: dict, key: str, path: Path, check: Callable[[object], bool]) -> tuple:
+    """A `rank_pattern`/`alpha_pattern` as (key, value) pairs, every key checked to be a
+    regular expression that PEFT compiles and bonemerge can match in linear time."""
+    from bonemerge.adapters.patterns import check_pattern, key_expression
+
     value = raw.get(key) or {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
-        raise AdapterError(f"{path} has a malformed {key}; it must map module names to numbers.")
+        raise AdapterError(
+            f"{path} has a malformed {key}; it must map module names to finite numbers (at most ~1.8e308)."
+        )
+    for name in value:
+        check_pattern(name, f"a {key} key", path, key_expression(name))
     return tuple(value.items())
 
 
@@ -425,7 +438,9 @@ class LoraMethod(Method):
             raise AdapterError(f"{path} has r={shown(r)}; r must be a positive integer.")
         alpha = raw.get("lora_alpha", 8)
         if not _number(alpha):
-            raise AdapterError(f"{path} has lora_alpha={shown(alpha)}; it must be a number.")
+            raise AdapterError(
+                f"{path} has lora_alpha={shown(alpha)}; it must be a finite number (at most ~1.8e308)."
+            )
         return LoraSettings(
             r=r,
             alpha=alpha,
