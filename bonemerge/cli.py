@@ -577,20 +577,11 @@ def _print_verification(results: dict[str, Any]) -> None:
         report = results["tensors"]
         click.echo(printable(f"base: {report.base}"))
         click.echo(f"mode: {report.mode} ({report.reason})")
-        click.echo(
-            f"{report.identical} identical, {report.within_rounding} within rounding, "
-            f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
-            f"{len(report.mismatched)} of another shape or dtype"
-        )
-        allowed = "no difference allowed" if report.mode == "exact" else "beyond their rounding bound"
+        click.echo(report.counts())
         _listed(
-            "differing tensors",
-            [
-                f"differs: {d.name}: {d.elements} elements {allowed}, largest {d.max_abs:.3g} "
-                f"({d.max_ulp:g} ulp of the element)"
-                for d in report.differing
-            ],
+            "differing tensors", [f"differs: {d.describe(report.mode == 'exact')}" for d in report.differing]
         )
+        _listed("tensors not checkable", [f"not checkable: {u.describe()}" for u in report.unchecked])
         _listed("missing tensors", [f"missing: {name}" for name in report.missing])
         _listed("extra tensors", [f"extra: {name}" for name in report.extra])
         _listed("mismatched tensors", [f"mismatch: {line}" for line in report.mismatched])

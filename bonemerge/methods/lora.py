@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Source
+    from bonemerge.sketch import Sketch
 
 _FILE_PARTS = {
     "lora_A.weight": "A",
@@ -606,6 +607,25 @@ class LoraMethod(Method):
             return magnitudes
         exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
         return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
+
+    def sketch(
+        self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...]
+    ) -> tuple[Sketch, ...] | None:
+        """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
+        norm), so a DoRA update is identified by the tensors that define it, ΔW and the
+        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m."""
+        from bonemerge.sketch import of_matrix, of_vector, parts
+
+        params: LoraParams = op.block.params
+        if op.target.part == "bias":
+            return parts(of_vector("delta", load("bias").double() * params.scale))
+        a, b = load("A").double(), load("B").double()
+        left, right = (a.t(), b.t()) if params.transposed else (b, a)
+        space = "dora" if params.dora else "delta"
+        delta = of_matrix(space, lambda x: (left @ (right @ x)).mul_(params.scale), shape)
+        if not params.dora:
+            return parts(delta)
+        return parts(delta, of_vector("dora-magnitude", load("magnitude")))
 
     def describe(self, config: AdapterConfig) -> str:
         s: LoraSettings = config.settings
