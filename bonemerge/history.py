@@ -262,15 +262,15 @@ def _conflict(
             )
     earlier = [(e, e["name"], f"already merged into {base} {_how(e)}") for e in reversed(held)]
     earlier += [(done, other, "given before it") for other, done in given]
-    for other, name, where in earlier:
-        common = _shared(other, adapter)
+    for previous, name, where in earlier:
+        common = _shared(previous, adapter)
         if common:
             more = ", …" if len(common) > 1 else ""
             what = f"{len(common)} tensor{'s' if len(common) != 1 else ''} ({common[0]}{more})"
             return (
-                f"{label} changes {what} exactly as {name}, {where}; merging it would apply "
+                f"{label} changes {what} the same way as {name}, {where}; merging it would apply "
                 "those updates twice",
-                f"{label} changes {what} exactly as {name} and is merged anyway",
+                f"{label} changes {what} the same way as {name} and is merged anyway",
             )
     return None
 

@@ -88,14 +88,14 @@ def test_a_filtered_copy_shares_part_of_the_update(merged, tmp_path):
         tmp_path,
         "merge", root / "merged", tmp_path / "layer0", "-o", tmp_path / "out",
         expect=(
-            f"{tmp_path / 'layer0'} changes 1 tensor (model.layers.0.self_attn.q_proj.weight) exactly "
-            f"as adapter, already merged into {root / 'merged'} on ",
+            f"{tmp_path / 'layer0'} changes 1 tensor (model.layers.0.self_attn.q_proj.weight) the same "
+            f"way as adapter, already merged into {root / 'merged'} on ",
             "would apply those updates twice, pass --allow-remerge",
         ),
     )  # fmt: skip
     done = run("merge", root / "merged", tmp_path / "layer0", "-o", tmp_path / "out", "--allow-remerge")
     assert done.exit_code == 0, done.output
-    assert "exactly as adapter and is merged anyway (--allow-remerge)" in done.stdout
+    assert "the same way as adapter and is merged anyway (--allow-remerge)" in done.stdout
 
 
 def test_unmerge_takes_out_the_update_in_any_representation(merged, tmp_path):

@@ -406,7 +406,7 @@ class BoneMethod(Method):
         from bonemerge.sketch import of_matrix, parts
 
         settings: BoneSettings = op.block.params
-        block = load("block").double()
+        block = load("block").float()
         if settings.variant == "bat":
             flat = block.reshape(-1, block.shape[-1])
             return parts(of_matrix("bat", lambda x: flat @ x, tuple(flat.shape)))
@@ -415,8 +415,9 @@ class BoneMethod(Method):
         r = block.shape[0]
 
         def apply(x: torch.Tensor) -> torch.Tensor:
-            folded = x.new_zeros(r, x.shape[1]).index_add_(0, torch.arange(x.shape[0]) % r, x)
-            return block.t() @ folded
+            groups = -(-x.shape[0] // r)
+            padded = torch.cat([x, x.new_zeros(groups * r - x.shape[0], x.shape[1])])
+            return (padded.view(groups, r, x.shape[1]).sum(dim=0).t() @ block).t()
 
         return parts(of_matrix("delta", apply, shape))
 

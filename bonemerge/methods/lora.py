@@ -618,8 +618,8 @@ class LoraMethod(Method):
 
         params: LoraParams = op.block.params
         if op.target.part == "bias":
-            return parts(of_vector("delta", load("bias").double() * params.scale))
-        a, b = load("A").double(), load("B").double()
+            return parts(of_vector("delta", load("bias").float() * params.scale))
+        a, b = load("A").float(), load("B").float()
         left, right = (a.t(), b.t()) if params.transposed else (b, a)
         space = "dora" if params.dora else "delta"
         delta = of_matrix(space, lambda x: (left @ (right @ x)).mul_(params.scale), shape)
