@@ -564,10 +564,7 @@ def verify(
 def _print_verification(results: dict[str, Any]) -> None:
     if "checksums" in results:
         report = results["checksums"]
-        click.echo(
-            f"checksums: {len(report.matching)} files intact, {len(report.differing)} differing, "
-            f"{len(report.missing)} missing"
-        )
+        click.echo(report.counts())
         for name in report.differing:
             click.echo(f"differs: {name}")
         for name in report.missing:

@@ -45,6 +45,7 @@ from bonemerge.errors import AdapterError, CheckpointError
 from bonemerge.manifest import MANIFEST
 
 if TYPE_CHECKING:
+    from bonemerge.methods import BlockOp
     from bonemerge.plan import Plan
     from bonemerge.sketch import Sketch
 
@@ -90,26 +91,39 @@ def fingerprint(adapter: Adapter) -> str:
 
 def sketches(plan: Plan, adapters: Sequence[Adapter]) -> list[dict | None]:
     """Each adapter's sketch (as bonemerge.json records it) from the block operations `plan`
-    makes with it, None when its method cannot sketch one of them."""
-    from bonemerge.checkpoint.tensors import read_whole
-
+    makes with it; None when its method, or the dtype of one of its tensors, has none."""
     found: list[dict | None] = []
     with RangeReader() as reader:
         for adapter in adapters:
             mine = {id(block) for block in adapter.blocks}
-            parts: dict[str, tuple[Sketch, ...]] = {}
-            complete = True
+            parts: dict[str, tuple[Sketch, ...] | None] = {}
             for step in plan.steps.values():
                 for op in step.ops:
-                    if id(op.block) not in mine:
-                        continue
-                    taken = op.block.method.sketch(
-                        op, lambda part, op=op: read_whole(reader, op.block.parts[part]), step.shape
-                    )
-                    complete = complete and taken is not None
-                    parts[step.name] = taken or ()
-            found.append(sketch.to_json(parts) if complete and parts else None)
+                    if id(op.block) in mine:
+                        parts[step.name] = _sketch(op, step.shape, reader)
+            complete = parts and all(p is not None for p in parts.values())
+            found.append(
+                sketch.to_json({n: p for n, p in parts.items() if p is not None}) if complete else None
+            )
     return found
+
+
+def _sketch(op: BlockOp, shape: tuple[int, ...], reader: RangeReader) -> tuple[Sketch, ...] | None:
+    """The method's sketch of `op`, its tensors read as numpy arrays (torch may still be loading)."""
+    from bonemerge.checkpoint import dtypes
+
+    sources = op.block.parts
+    if any(source.dtype not in dtypes.COMPUTABLE for source in sources.values()):
+        return None
+
+    def load(part: str):
+        source = sources[part]
+        if not isinstance(source, TensorRef):
+            return source.tensor.double().numpy()
+        raw = reader.read(source.path, source.offset, source.nbytes)
+        return dtypes.float_values(raw, source.dtype).reshape(source.shape)
+
+    return op.block.method.sketch(op, load, shape)
 
 
 def record(adapter: Adapter, digest: str, sketched: dict | None = None) -> dict:

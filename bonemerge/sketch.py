@@ -11,7 +11,8 @@ columns):
     values              yⱼᵀ·ΔW·xⱼ, each with expected square ‖ΔW‖_F²
 
 Methods compute ΔW·X from their own tensors (LoRA as `B(A·X)`, a Bone block by folding X
-onto its r columns) in float32, in O(K · (rows + columns) · r) work and never building ΔW; its
+onto its r columns) in float32 numpy (the guards run while torch is still loading), in
+O(K · (rows + columns) · r) work and never building ΔW; its
 rounding (about 10⁻⁶ of the magnitudes) is far inside the tolerance unless the tensors are
 10⁴ times larger than the update they make, and such adapters then fall back to fingerprints.
 Any representation of the same update reproduces the numbers up to rounding; two sketches
@@ -38,7 +39,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 # Probes per tensor.
 K = 4
@@ -55,10 +56,9 @@ _COLUMNS, _ROWS = 0, 1
 
 
 @lru_cache(maxsize=8)
-def _probes(length: int, side: int) -> torch.Tensor:
+def _probes(length: int, side: int) -> np.ndarray:
     """`length` x K float32 ±1 probes: the top bit of SplitMix64 of (stream, index)."""
     import numpy as np
-    import torch
 
     index = np.arange(length, dtype=np.uint64)[:, None]
     stream = np.arange(K, dtype=np.uint64)[None, :] + np.uint64(side * K + 1)
@@ -67,11 +67,12 @@ def _probes(length: int, side: int) -> torch.Tensor:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    signs = 1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float32)
-    return torch.from_numpy(signs)
+    signs = 1 - 2 * (z >> np.uint64(63)).astype(np.float32)
+    signs.flags.writeable = False
+    return signs
 
 
-def columns(length: int) -> torch.Tensor:
+def columns(length: int) -> np.ndarray:
     """The K probes xⱼ that multiply a weight of `length` columns (length x K, float32)."""
     return _probes(length, _COLUMNS)
 
@@ -118,27 +119,34 @@ def _rounded(value: float) -> float:
     return float(f"{value:.{_DIGITS}g}")
 
 
-def _make(space: str, scale: float, values: torch.Tensor) -> Sketch | None:
+def _make(space: str, scale: float, values: np.ndarray) -> Sketch | None:
     """A sketch, or None when it is not finite (such an adapter is refused before any merge)."""
-    if not (math.isfinite(scale) and bool(values.isfinite().all())):
+    import numpy as np
+
+    if not (math.isfinite(scale) and bool(np.isfinite(values).all())):
         return None
     return Sketch(space, scale, tuple(float(v) for v in values))
 
 
-def of_matrix(
-    space: str, apply: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]
-) -> Sketch | None:
+def of_matrix(space: str, apply: Callable[[np.ndarray], np.ndarray], shape: Sequence[int]) -> Sketch | None:
     """The sketch of an update ΔW of `shape` (rows, columns), given `apply(X) = ΔW·X` for a
     columns x K float32 X."""
+    import numpy as np
+
     rows, cols = shape
-    product = apply(columns(cols)).double()
-    return _make(space, float(product.norm()) / math.sqrt(K), (_probes(rows, _ROWS) * product).sum(dim=0))
+    with np.errstate(all="ignore"):
+        product = np.asarray(apply(columns(cols)), dtype=np.float64)
+        values = (_probes(rows, _ROWS) * product).sum(axis=0)
+        return _make(space, float(np.linalg.norm(product)) / math.sqrt(K), values)
 
 
-def of_vector(space: str, vector: torch.Tensor) -> Sketch | None:
+def of_vector(space: str, vector: np.ndarray) -> Sketch | None:
     """The sketch of an update that is a vector (a bias delta, a DoRA magnitude): zⱼᵀ·v."""
-    vector = vector.double().reshape(-1)
-    return _make(space, float(vector.norm()), _probes(vector.numel(), _ROWS).t().double() @ vector)
+    import numpy as np
+
+    vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+    with np.errstate(all="ignore"):
+        return _make(space, float(np.linalg.norm(vector)), _probes(vector.size, _ROWS).T @ vector)
 
 
 def parts(*sketches: Sketch | None) -> tuple[Sketch, ...] | None:

@@ -68,7 +68,7 @@ class Difference:
 
     def describe(self, exact: bool) -> str:
         """`NAME: 3 elements beyond their rounding bound, largest 0.25 (2 ulp of the element)`."""
-        head = f"{self.name}: {_count(self.elements, 'element')}"
+        head = f"{self.name}: {_counted(self.elements, 'element')}"
         if not self.floating:
             return f"{head} {_differ(self.elements)} (not a float tensor)"
         allowed = "no difference allowed" if exact else f"beyond {_their(self.elements)} rounding bound"
@@ -89,7 +89,7 @@ class Unchecked:
 
     def describe(self) -> str:
         return (
-            f"{self.name}: {_count(self.elements, 'element')} {_differ(self.elements)} from the exact "
+            f"{self.name}: {_counted(self.elements, 'element')} {_differ(self.elements)} from the exact "
             f"merge by less than {_their(self.elements)} rounding bound, but that bound reaches "
             f"{self.max_ratio:.3g} times {_their(self.elements)} value (more than 1/{round(1 / CHECKABLE)}), "
             "so rounding cannot be told from a change (the adapter's factors are far larger than the "
@@ -97,7 +97,7 @@ class Unchecked:
         )
 
 
-def _count(number: int, noun: str) -> str:
+def _counted(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
@@ -395,6 +395,13 @@ class ChecksumReport:
     @property
     def ok(self) -> bool:
         return bool(self.matching) and not (self.differing or self.missing or self.stray)
+
+    def counts(self) -> str:
+        """`checksums: 7 files intact, 0 differing, 0 missing`."""
+        return (
+            f"checksums: {_counted(len(self.matching), 'file')} intact, {len(self.differing)} differing, "
+            f"{len(self.missing)} missing"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bonemerge import merge, verify
-from bonemerge.verify import CHECKABLE, Difference
+from bonemerge.verify import CHECKABLE, ChecksumReport, Difference
 from tests import toy
 from tests.cliutil import run
 from tests.lora_oracle import write_lora
@@ -194,3 +194,8 @@ def test_a_large_error_is_not_printed_as_a_huge_ulp_count(tmp_path, base, adapte
     assert result.exit_code == 1
     assert f"differs: {Q}: 1 element no difference allowed, largest 3e+38 (more than 10⁶ ulp" in result.stdout
     assert "elements no" not in result.stdout and "e+38 ulp" not in result.stdout
+
+
+def test_counts_have_their_plural():
+    assert ChecksumReport("m", matching=["a"]).counts() == "checksums: 1 file intact, 0 differing, 0 missing"
+    assert ChecksumReport("m", matching=["a", "b"]).counts().startswith("checksums: 2 files intact")

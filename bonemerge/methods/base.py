@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Source
@@ -331,11 +332,13 @@ class Method:
         return MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
 
     def sketch(
-        self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...]
+        self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
     ) -> tuple[Sketch, ...] | None:
         """A few numbers identifying the update `op` makes to a tensor of `shape`, whatever
         files hold it (see `bonemerge.sketch`): one sketch per tensor that defines the update.
-        None (the default) leaves the history to the byte fingerprint alone."""
+        `load` gives a part as a float32 (float64) numpy array, since the history guards run
+        while torch is still loading. None (the default) leaves the history to the byte
+        fingerprint alone."""
         return None
 
     # -- describing and converting --------------------------------------------------------

@@ -44,6 +44,7 @@ from bonemerge.methods.base import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Source
@@ -609,7 +610,7 @@ class LoraMethod(Method):
         return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
 
     def sketch(
-        self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...]
+        self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
     ) -> tuple[Sketch, ...] | None:
         """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
         norm), so a DoRA update is identified by the tensors that define it, ΔW and the
@@ -618,11 +619,11 @@ class LoraMethod(Method):
 
         params: LoraParams = op.block.params
         if op.target.part == "bias":
-            return parts(of_vector("delta", load("bias").float() * params.scale))
-        a, b = load("A").float(), load("B").float()
-        left, right = (a.t(), b.t()) if params.transposed else (b, a)
+            return parts(of_vector("delta", load("bias") * params.scale))
+        a, b = load("A"), load("B")
+        left, right = (a.T, b.T) if params.transposed else (b, a)
         space = "dora" if params.dora else "delta"
-        delta = of_matrix(space, lambda x: (left @ (right @ x)).mul_(params.scale), shape)
+        delta = of_matrix(space, lambda x: left @ (right @ x) * params.scale, shape)
         if not params.dora:
             return parts(delta)
         return parts(delta, of_vector("dora-magnitude", load("magnitude")))
