@@ -199,3 +199,25 @@ def test_a_large_error_is_not_printed_as_a_huge_ulp_count(tmp_path, base, adapte
 def test_counts_have_their_plural():
     assert ChecksumReport("m", matching=["a"]).counts() == "checksums: 1 file intact, 0 differing, 0 missing"
     assert ChecksumReport("m", matching=["a", "b"]).counts().startswith("checksums: 2 files intact")
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_merges_stay_checkable(tmp_path, llama, dora):
+    """PEFT's own merges of LoRA and DoRA, embeddings included, pass in tolerance mode with
+    every element checkable: the threshold does not catch legitimate rounding."""
+    from peft import LoraConfig
+
+    from tests import lora_oracle, oracle
+    from tests.conftest import llama_factory
+
+    factory = llama_factory(llama)
+    config = LoraConfig(
+        r=8, lora_alpha=16, use_dora=dora, target_modules=["q_proj", "down_proj", "embed_tokens"]
+    )
+    adapter = lora_oracle.train_lora(factory, config, tmp_path / "adapter", seed=2)
+    oracle.peft_model(factory, [adapter]).merge_and_unload(progressbar=False).save_pretrained(
+        tmp_path / "peft"
+    )
+    report = verify(tmp_path / "peft", llama, [adapter])
+    assert report.mode == "tolerance" and report.ok and not report.unchecked, report
+    assert report.within_rounding > 0
