@@ -531,8 +531,11 @@ def verify(
     these adapters with the same maths, precision, device and torch version, every merged
     tensor must match bit for bit (exact mode); otherwise (PEFT, other tools) each element may
     differ only by its own rounding error, bounded from the values that went into it
-    (tolerance mode). Exits 0 only when everything matches and, with --checksums, every
-    recorded file is intact. At most 10 tensors of each kind are listed; --json lists all.
+    (tolerance mode). A tensor of another dtype or shape than the merge gives fails before
+    any value is compared; an element whose rounding bound exceeds 1/16 of its value (an
+    adapter whose factors cancel) is not checkable and fails too. Exits 0 only when
+    everything matches and, with --checksums, every recorded file is intact. At most 10
+    tensors of each kind are listed; --json lists all.
 
     \b
     Examples:
