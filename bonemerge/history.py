@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from bonemerge import sketch
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, TensorRef, read_json
-from bonemerge.errors import AdapterError, CheckpointError
+from bonemerge.errors import AdapterError, CheckpointError, shown
 from bonemerge.manifest import MANIFEST
 
 if TYPE_CHECKING:
@@ -223,10 +223,15 @@ def merged_now(history: Sequence[dict]) -> list[dict]:
     return stack
 
 
+def _name(entry: dict) -> str:
+    """A recorded adapter's name as messages show it (a hostile history can make it long)."""
+    return shown(entry["name"], quote=False)
+
+
 def _how(entry: dict) -> str:
     command = entry.get("command")
-    when = entry.get("merged") or "an unrecorded time"
-    return f"on {when} by {f'`{command}`' if command else 'the Python API'}"
+    when = shown(entry.get("merged") or "an unrecorded time", quote=False)
+    return f"on {when} by {f'`{shown(command, 300, quote=False)}`' if command else 'the Python API'}"
 
 
 def check_merge(
@@ -259,7 +264,7 @@ def _conflict(
     entry = next((e for e in reversed(held) if same_update(e, adapter)), None)
     if entry is not None:
         return (
-            f"{label} is already merged into {base}: its bonemerge.json records it (as {entry['name']}) "
+            f"{label} is already merged into {base}: its bonemerge.json records it (as {_name(entry)}) "
             f"merged {_how(entry)}; merging it again would apply it twice",
             f"{label} was already merged into {base} and is merged again",
         )
@@ -274,7 +279,7 @@ def _conflict(
                 f"{label} and {other} are the same update; merging both applies it twice",
                 f"{label} and {other}, the same update, are both merged",
             )
-    earlier = [(e, e["name"], f"already merged into {base} {_how(e)}") for e in reversed(held)]
+    earlier = [(e, _name(e), f"already merged into {base} {_how(e)}") for e in reversed(held)]
     earlier += [(done, other, "given before it") for other, done in given]
     for previous, name, where in earlier:
         common = _shared(previous, adapter)
@@ -301,7 +306,7 @@ def check_unmerge(
             "adapters were merged into it, and in which order, could not be checked"
         ]
     stack = merged_now(history)
-    names = ", ".join(entry["name"] for entry in stack) or "none"
+    names = ", ".join(_name(entry) for entry in stack) or "none"
     for label, adapter in adapters:
         if not any(same_update(entry, adapter) for entry in stack):
             raise AdapterError(

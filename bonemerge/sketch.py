@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from bonemerge.errors import shown
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -179,7 +181,7 @@ def from_json(item: object) -> AdapterSketch | None:
     for name, parts in item["tensors"].items():
         read = [Sketch.from_json(p) for p in parts] if isinstance(parts, list) and parts else [None]
         if any(s is None for s in read):
-            raise ValueError(f"its sketch of {str(name)[:80]} is malformed")
+            raise ValueError(f"its sketch of {shown(name, quote=False)} is malformed")
         found[name] = tuple(s for s in read if s is not None)
     return found
 

@@ -208,3 +208,16 @@ def test_a_malformed_history_entry_is_one_sentence_everywhere(merged, tmp_path, 
     shown = run("inspect", folder)
     assert shown.exit_code == 0, shown.output
     assert f"history         unreadable: {expect[0]}" in shown.stdout
+
+
+def test_a_long_recorded_name_is_cut_in_the_message(merged, tmp_path):
+    _, adapter, root = merged
+    folder = shutil.copytree(root / "merged", tmp_path / "model")
+    found = manifest(folder)
+    found["history"][0]["adapters"][0]["name"] = "n" * 5000
+    found["history"][0]["command"] = "c" * 5000
+    write_manifest(folder, found)
+    message = fails(
+        tmp_path, "merge", folder, adapter, "-o", tmp_path / "out", expect=("is already merged into", "…")
+    )
+    assert len(message) < 800, len(message)
