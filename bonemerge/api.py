@@ -200,15 +200,21 @@ def _folder(checkpoint: Checkpoint) -> Path | None:
     return checkpoint.root if checkpoint.is_folder else None
 
 
-def _fingerprints(labels: Sequence[PathLike], adapters: Sequence[Adapter]) -> list[tuple[str, str]]:
-    """(label as the user gave it, fingerprint) for each adapter."""
-    return [(str(label), history.fingerprint(a)) for label, a in zip(labels, adapters, strict=True)]
+def _records(
+    labels: Sequence[PathLike], adapters: Sequence[Adapter], plan: Plan | None = None
+) -> list[tuple[str, dict]]:
+    """(label as the user gave it, history record) for each adapter; with the `plan` that
+    merges or unmerges them, the records carry the sketch of each adapter's update."""
+    sketched = history.sketches(plan, adapters) if plan is not None else [None] * len(adapters)
+    return [
+        (str(label), history.record(a, history.fingerprint(a), found))
+        for label, a, found in zip(labels, adapters, sketched, strict=True)
+    ]
 
 
 def _entry(
     operation: str,
-    adapters: Sequence[Adapter],
-    prints: Sequence[tuple[str, str]],
+    records: Sequence[tuple[str, dict]],
     command: str | None,
     dtype: str | None = None,
     options=None,
@@ -216,7 +222,7 @@ def _entry(
     """This run's history entry; merges and unmerges also record what decides their bits."""
     return history.operation(
         operation,
-        [history.record(a, digest) for a, (_, digest) in zip(adapters, prints, strict=True)],
+        [found for _, found in records],
         command=command,
         version=__version__,
         dtype=dtype,
@@ -473,7 +479,7 @@ class _ModelCommand:
     adapters: Sequence[Adapter]
     references: Sequence[object]
     card: Callable[[Plan, list[str]], str]
-    guard: Callable[[list[dict] | None, list], list[str]] = lambda lineage, prints: []
+    guard: Callable[[list[dict] | None, list], list[str]] = lambda lineage, records: []
     allow_lossy: bool = False
 
 
@@ -499,16 +505,15 @@ def _run_model(
         allow_lossy=job.allow_lossy,
     )
     lineage = history.read_history(_folder(job.given))
-    prints = _fingerprints(job.references, job.adapters)
-    notes = [*job.guard(lineage, prints), *plan.notes, *_oversized(plan, shard_bytes)]
+    records = _records(job.references, job.adapters, plan if merging else None)
+    notes = [*job.guard(lineage, records), *plan.notes, *_oversized(plan, shard_bytes)]
     if merging:
         check_blocks_finite(job.adapters)
     if job.operation == "unmerge":
         check_invertible(job.adapters, target.options.progress)
     entry = _entry(
         job.operation,
-        job.adapters,
-        prints,
+        records,
         target.command,
         _dtype_name(plan),
         target.options if merging else None,
@@ -584,7 +589,7 @@ def merge(
         model.adapters,
         references=adapters or [base],
         card=card,
-        guard=lambda lineage, prints: history.check_merge(lineage, prints, str(base), allow_remerge),
+        guard=lambda lineage, records: history.check_merge(lineage, records, str(base), allow_remerge),
     )
     return _run_model(
         job,
@@ -644,7 +649,7 @@ def unmerge(
         loaded,
         references=adapters,
         card=card,
-        guard=lambda lineage, prints: history.check_unmerge(lineage, prints, str(merged)),
+        guard=lambda lineage, records: history.check_unmerge(lineage, records, str(merged)),
         allow_lossy=allow_lossy,
     )
     return _run_model(
@@ -804,7 +809,7 @@ def strip(
     plan, config, summary = build_strip_plan(adapter, strip_options, base_checkpoint, extracted, progress)
     check_free_space(target, plan.file_bytes)
     lineage = history.read_history(path if path.is_dir() else None)
-    prints = _fingerprints([source], [adapter])
+    records = _records([source], [adapter])
     name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, progress))
@@ -824,7 +829,7 @@ def strip(
             tags=[config["peft_type"].lower(), "strip"],
         )
         (staging.path / "README.md").write_text(card, encoding="utf-8")
-        entry = _entry("strip", [adapter], prints, command)
+        entry = _entry("strip", records, command)
         result = load_adapter(staging.path)
         entry["result"] = history.record(result, history.fingerprint(result))
         files = _write_adapter_manifest(staging.path, lineage, entry, config)
@@ -944,7 +949,7 @@ def verify(
     With `base` None, the base is the one the first adapter's config names, as for `merge`."""
     from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
-    from bonemerge.verify import verify_plan
+    from bonemerge.verify import stored_cast, verify_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
@@ -960,7 +965,10 @@ def verify(
         base_revision = None
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
-    exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
+    cast = stored_cast(plan, merged_checkpoint)
+    if cast is not None:
+        plan = build_plan(model.base, model.adapters, dtype=cast)
+    exact, reason = _verify_mode(merged_checkpoint, model.adapters, options, _dtype_name(plan))
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
     report.base = str(_input_path(model.base))
@@ -969,22 +977,23 @@ def verify(
     return report
 
 
-def _verify_mode(merged: Checkpoint, adapters: Sequence[Adapter], options) -> tuple[bool, str]:
-    """Exact when the merged model's last history entry is a merge of these adapters that this
-    installation reproduces bit for bit; else tolerance, with the reason."""
+def _verify_mode(merged: Checkpoint, adapters: Sequence[Adapter], options, dtype: str) -> tuple[bool, str]:
+    """Exact when the merged model's last history entry is a merge of these adapters into the
+    `dtype` its tensors hold that this installation reproduces bit for bit; else tolerance,
+    with the reason."""
     lineage = history.read_history(_folder(merged))
     if not lineage:
         return False, "it has no bonemerge history (merged by another tool), so rounding is allowed"
     last = lineage[-1]
     prints = [history.fingerprint(a) for a in adapters]
-    if history.reproducible_by(last, prints, options.precision, options.device.split(":")[0]):
+    if history.reproducible_by(last, prints, options.precision, options.device.split(":")[0], dtype):
         return True, (
             f"bonemerge {last.get('bonemerge')} merged it from these adapters with the same maths, "
             f"precision ({options.precision}) and device, so every bit must match"
         )
     return False, (
-        "its history does not show a merge of these adapters with the same maths, precision, device "
-        "and torch version, so rounding is allowed"
+        "its history does not show a merge of these adapters into its dtype with the same maths, "
+        "precision, device and torch version, so rounding is allowed"
     )
 
 

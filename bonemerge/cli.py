@@ -531,8 +531,11 @@ def verify(
     these adapters with the same maths, precision, device and torch version, every merged
     tensor must match bit for bit (exact mode); otherwise (PEFT, other tools) each element may
     differ only by its own rounding error, bounded from the values that went into it
-    (tolerance mode). Exits 0 only when everything matches and, with --checksums, every
-    recorded file is intact. At most 10 tensors of each kind are listed; --json lists all.
+    (tolerance mode). A tensor of another dtype or shape than the merge gives fails before
+    any value is compared; an element whose rounding bound exceeds 1/16 of its value (an
+    adapter whose factors cancel) is not checkable and fails too. Exits 0 only when
+    everything matches and, with --checksums, every recorded file is intact. At most 10
+    tensors of each kind are listed; --json lists all.
 
     \b
     Examples:
@@ -564,10 +567,7 @@ def verify(
 def _print_verification(results: dict[str, Any]) -> None:
     if "checksums" in results:
         report = results["checksums"]
-        click.echo(
-            f"checksums: {len(report.matching)} files intact, {len(report.differing)} differing, "
-            f"{len(report.missing)} missing"
-        )
+        click.echo(report.counts())
         for name in report.differing:
             click.echo(f"differs: {name}")
         for name in report.missing:
@@ -577,20 +577,11 @@ def _print_verification(results: dict[str, Any]) -> None:
         report = results["tensors"]
         click.echo(printable(f"base: {report.base}"))
         click.echo(f"mode: {report.mode} ({report.reason})")
-        click.echo(
-            f"{report.identical} identical, {report.within_rounding} within rounding, "
-            f"{len(report.differing)} differing, {len(report.missing)} missing, {len(report.extra)} extra, "
-            f"{len(report.mismatched)} of another shape or dtype"
-        )
-        allowed = "no difference allowed" if report.mode == "exact" else "beyond their rounding bound"
+        click.echo(report.counts())
         _listed(
-            "differing tensors",
-            [
-                f"differs: {d.name}: {d.elements} elements {allowed}, largest {d.max_abs:.3g} "
-                f"({d.max_ulp:g} ulp of the element)"
-                for d in report.differing
-            ],
+            "differing tensors", [f"differs: {d.describe(report.mode == 'exact')}" for d in report.differing]
         )
+        _listed("tensors not checkable", [f"not checkable: {u.describe()}" for u in report.unchecked])
         _listed("missing tensors", [f"missing: {name}" for name in report.missing])
         _listed("extra tensors", [f"extra: {name}" for name in report.extra])
         _listed("mismatched tensors", [f"mismatch: {line}" for line in report.mismatched])

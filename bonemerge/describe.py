@@ -145,9 +145,13 @@ def _made_by_bonemerge(folder: Path) -> dict:
         return {}
     try:
         found = read_manifest(folder)
-        lineage = read_history(folder)
     except BonemergeError:
         return {"made_by_bonemerge": None}
+    try:
+        lineage = read_history(folder)
+    except BonemergeError as error:
+        # Shown as unreadable, never rendered: its entries are what failed the checks.
+        return {"made_by_bonemerge": found | {"history": None, "history_error": str(error)}}
     merged = None if lineage is None else [a["name"] for a in merged_now(lineage)]
     return {"made_by_bonemerge": found, "adapters_merged_now": merged}
 

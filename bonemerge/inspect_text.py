@@ -81,6 +81,8 @@ def _history(info: dict) -> list[str]:
         )
         entries.append(f"{number}. {op.get('created')}  {op.get('operation'):<8} {adapters or '-'}")
     lines += _list("history", entries)
+    if manifest.get("history_error"):
+        lines.append(_line("history", f"unreadable: {manifest['history_error']}"))
     merged = info.get("adapters_merged_now")
     if merged is not None:
         lines.append(_line("adapters merged now:", ", ".join(merged) or "none"))

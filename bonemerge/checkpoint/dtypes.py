@@ -104,6 +104,20 @@ def all_finite_bytes(raw: memoryview, dtype: str) -> bool:
     return not bool(np.any((bits & bits.dtype.type(mask)) == value))
 
 
+def float_values(raw: bytes | bytearray | memoryview, dtype: str):
+    """Little-endian bytes of a COMPUTABLE `dtype` as a flat numpy array (float32, float64 for
+    F64), without torch, which may still be loading; None for any other dtype."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    kind = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}.get(dtype)
+    if kind is None:
+        return None
+    values = np.frombuffer(raw, dtype=kind)
+    return values if dtype == "F64" else values.astype(np.float32)
+
+
 def to_torch(dtype: str) -> torch.dtype:
     import torch
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Source
+    from bonemerge.sketch import Sketch
 
 PREFIX = "base_model.model."
 # Module names (last segment) of the output and input embeddings across architectures: the
@@ -348,6 +350,16 @@ class Method:
             return self.prepare(op, loader, shape, torch.float64, "cpu", "fp64")
 
         return MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
+
+    def sketch(
+        self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
+    ) -> tuple[Sketch, ...] | None:
+        """A few numbers identifying the update `op` makes to a tensor of `shape`, whatever
+        files hold it (see `bonemerge.sketch`): one sketch per tensor that defines the update.
+        `load` gives a part as a float32 (float64) numpy array, since the history guards run
+        while torch is still loading. None (the default) leaves the history to the byte
+        fingerprint alone."""
+        return None
 
     # -- describing and converting --------------------------------------------------------
     def describe(self, config: AdapterConfig) -> str:

@@ -41,9 +41,11 @@ from bonemerge.methods.base import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Source
+    from bonemerge.sketch import Sketch
 
 # Largest condition number of I + B accepted when inverting a Bat block: beyond this, fp32
 # inputs carry too few digits for the unmerged weight to mean anything.
@@ -392,6 +394,34 @@ class BoneMethod(Method):
 
     def rounds_delta(self, op: BlockOp) -> bool:
         return op.block.params.variant == "bat"
+
+    def sketch(
+        self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
+    ) -> tuple[Sketch, ...] | None:
+        """Default and mini: ΔW[o, i] = B[i mod r, o], so ΔW·X = Bᵀ·(X folded onto its r
+        columns), the same numbers as the LoRA `strip --to lora` writes. Bat's ΔW = W·B + B
+        depends on the base; sketching it would read every targeted weight before the merge
+        starts, so a Bat update is identified by its block B alone, in a space of its own (a
+        Bat adapter in another dtype or as MiSS matches; its approximate LoRA does not)."""
+        import numpy as np
+
+        from bonemerge.sketch import of_matrix, parts
+
+        settings: BoneSettings = op.block.params
+        block = load("block")
+        if settings.variant == "bat":
+            flat = block.reshape(-1, block.shape[-1])
+            return parts(of_matrix("bat", lambda x: flat @ x, flat.shape))
+        if settings.variant == "mini":
+            block = np.tile(block, (1, shape[0] // block.shape[1]))
+        r = block.shape[0]
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            groups = -(-x.shape[0] // r)
+            padded = np.concatenate([x, np.zeros((groups * r - x.shape[0], x.shape[1]), x.dtype)])
+            return block.T @ padded.reshape(groups, r, x.shape[1]).sum(axis=0)
+
+        return parts(of_matrix("delta", apply, shape))
 
     def describe(self, config: AdapterConfig) -> str:
         settings: BoneSettings = config.settings

@@ -54,9 +54,11 @@ from bonemerge.methods.lora_params import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Source
+    from bonemerge.sketch import Sketch
 
 _FILE_PARTS = {
     "lora_A.weight": "A",
@@ -712,6 +714,25 @@ class LoraMethod(Method):
             return magnitudes
         exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
         return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
+
+    def sketch(
+        self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
+    ) -> tuple[Sketch, ...] | None:
+        """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
+        norm), so a DoRA update is identified by the tensors that define it, ΔW and the
+        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m."""
+        from bonemerge.sketch import of_matrix, of_vector, parts
+
+        params: LoraParams = op.block.params
+        if op.target.part == "bias":
+            return parts(of_vector("delta", load("bias") * params.scale))
+        a, b = load("A"), load("B")
+        left, right = (a.T, b.T) if params.transposed else (b, a)
+        space = "dora" if params.dora else "delta"
+        delta = of_matrix(space, lambda x: left @ (right @ x) * params.scale, shape)
+        if not params.dora:
+            return parts(delta)
+        return parts(delta, of_vector("dora-magnitude", load("magnitude")))
 
     def describe(self, config: AdapterConfig) -> str:
         s: LoraSettings = config.settings
