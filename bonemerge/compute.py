@@ -76,14 +76,7 @@ def _chunks(step: Step) -> Iterator[tuple[int, int]]:
 
 
 def compute_dtype(step: Step, precision: str) -> torch.dtype:
-    """fp64 when asked, for fp32/fp64 outputs under auto, and for a quantized weight decoded
-    into a dense dtype without ops (so that it is rounded once, from its exact value)."""
-    dequantized = step.decode is not None and step.encode is None and not step.ops
-    if (
-        precision == "fp64"
-        or step.dtype == "F64"
-        or (precision == "auto" and (step.dtype == "F32" or dequantized))
-    ):
+    if precision == "fp64" or step.dtype == "F64" or (precision == "auto" and step.dtype == "F32"):
         return torch.float64
     return torch.float32
 
@@ -97,9 +90,8 @@ class _Coded:
     encoder: Bands
     lock: threading.Lock
 
-    @property
-    def measured(self) -> bool:
-        return not self.encoder.direct
+    #: whether the survival of the update is measured (the output is quantized)
+    measured: bool
 
     def tally(self, kept: float, update: float) -> None:
         with self.lock:
@@ -200,7 +192,7 @@ class Compute:
         def chunk_bytes(step: Step, dtype: str) -> int:
             return chunk_rows(step) * rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
 
-        worked = [s for s in transformed if s.ops or s.decode is not None]
+        worked = [s for s in transformed if s.ops or s.encode is not None]
         wide = any(compute_dtype(s, options.precision) == torch.float64 for s in worked)
         self._work_dtype = torch.float64 if wide else torch.float32
         self._work_size = max((_fit(s, COMPUTE_ELEMENTS) * rows_cols(s.shape)[1] for s in worked), default=0)
@@ -254,7 +246,7 @@ class Compute:
 
         decoder = prepare(step.decode)
         encoder = decoder if step.encode is not None and step.encode is step.decode else prepare(step.encode)
-        return _Coded(decoder, encoder, threading.Lock())
+        return _Coded(decoder, encoder, threading.Lock(), step.encode is not None)
 
     def _scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
         """This compute thread's two integer buffers for `may_differ`, as wide as `like`'s
@@ -334,7 +326,7 @@ class Compute:
                 target = typed[begin:end]
                 row0 = start + begin
                 finite = False
-                if prepared or not coded.decoder.direct:
+                if prepared or coded.measured:
                     work, before = self._compute(rows[begin:end], prepared, compute, row0, coded)
                     if not check and self.options.safe_merge and not all_finite(work):
                         _non_finite(step, row0, start + end)
@@ -390,8 +382,6 @@ class Compute:
 
     def _decoded(self, rows: torch.Tensor, compute: torch.dtype, start: int, decoder: Bands) -> torch.Tensor:
         """Rows read whole (not through the read-ahead) as values in the compute dtype."""
-        if decoder.direct:
-            return rows.to(device=self.device, dtype=compute, copy=True)
         work = torch.empty(rows.shape, dtype=compute, device=self.device)
         decoder.decode(rows.to(self.device), work, start)
         return work
@@ -449,8 +439,6 @@ class Compute:
         if self.device.type == "cpu":
             work = self._work_buffer().view(dtype)[: rows.numel()].view(rows.shape)
             coded.decoder.decode(rows, work, start)
-        elif coded.decoder.direct:
-            work = rows.to(self.device).to(dtype)
         else:
             work = torch.empty(rows.shape, dtype=dtype, device=self.device)
             coded.decoder.decode(rows.to(self.device), work, start)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 CONFIG = dict(
     hidden_size=128,
     intermediate_size=352,
-    num_hidden_layers=2,
+    num_hidden_layers=1,
     num_attention_heads=4,
     head_dim=144,
     num_key_value_heads=2,
@@ -117,11 +117,10 @@ def write_fp8_llama(folder: Path, seed: int = 7, shards: int = 2) -> Path:
         else:
             tensors[name] = value.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(tensors)
     weight_map = {}
     for number in range(shards):
         file = f"model-{number + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[number::shards]}
+        part = {n: t for n, t in tensors.items() if _shard(n, shards) == number}
         save_file(part, folder / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, file)
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
@@ -131,6 +130,13 @@ def write_fp8_llama(folder: Path, seed: int = 7, shards: int = 2) -> Path:
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def _shard(name: str, shards: int) -> int:
+    """Layer N in file N mod `shards` (a weight beside its scale, as real checkpoints keep
+    them); everything outside the layers in the last file."""
+    parts = name.split(".")
+    return int(parts[2]) % shards if parts[1] == "layers" else shards - 1
 
 
 def read_fp8(folder: Path) -> dict[str, torch.Tensor]:

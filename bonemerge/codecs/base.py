@@ -101,15 +101,13 @@ class Encoded:
 class Bands:
     """A stored weight made ready for one run: rows in, rows out, in whole bands.
 
-    `decode(stored, out, row0)` writes the values of stored rows `row0...` into `out` (fp32 or
-    fp64), with the scales as stored, or with `encoded` as encoding left them;
+    `decode(stored, out, row0)` writes the values of stored rows `row0...` into `out`, of any
+    float dtype, rounded once (a weight dequantized to bf16 is written straight from its codes),
+    with the scales as stored, or with `encoded` as encoding left them;
     `encode(values, out, row0)` writes their codes into `out` (the stored dtype),
     rounding as asked and giving a block a new scale only when its values do not fit.
     `derived()` is every companion tensor after encoding, `encoded` what encoding did.
-    A codec whose `decode` may write straight into any float dtype sets `direct`.
     """
-
-    direct = False
 
     def __init__(self) -> None:
         self.encoded = Encoded()
@@ -156,6 +154,27 @@ class Codec:
     def step_size(self, stored: Stored, values: torch.Tensor, row0: int) -> torch.Tensor:
         """One code step at each of `values` (rows `row0...`): the error a re-encoding may add."""
         raise NotImplementedError
+
+
+def round_once(values: torch.Tensor, out: torch.Tensor) -> None:
+    """Write float64 `values` into `out` (any float dtype) rounded once, to nearest even.
+
+    torch narrows float64 to bfloat16 or float16 through float32, which rounds twice and can
+    land one step off (1 + 2⁻⁸ + 2⁻³⁰ becomes 1, not 1 + 2⁻⁷). Rounding to float32 toward zero
+    with the last bit set when inexact ("round to odd") keeps the information the second
+    rounding needs, so the two roundings give the correctly rounded result."""
+    import torch
+
+    if out.dtype in (torch.float64, torch.float32):
+        out.copy_(values)
+        return
+    narrow = values.to(torch.float32)
+    back = narrow.to(torch.float64)
+    inexact = back != values
+    bits = narrow.view(torch.int32)
+    bits = torch.where(inexact & (back.abs() > values.abs()), bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    out.copy_(bits.view(torch.float32))
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 
 class DenseBands(Bands):
-    direct = True
-
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         out.copy_(stored)
 

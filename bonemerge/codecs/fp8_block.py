@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks
+from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks, round_once
 from bonemerge.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -152,8 +152,17 @@ class Fp8Bands(Bands):
         return scale.index_select(0, index).to(dtype).repeat_interleave(self.block[1], dim=1)[:, : self.cols]
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
-        out.copy_(stored)
-        out.mul_(self.scales(row0, out.shape[0], out.dtype, self.scale if encoded else self.stored_scale))
+        """code × scale: in fp32 or fp64 one rounding of the exact product (4 + 24 significant
+        bits); into a 16-bit dtype the exact fp64 product, rounded once (`round_once`)."""
+        import torch
+
+        scale = self.scale if encoded else self.stored_scale
+        if out.dtype in (torch.float32, torch.float64):
+            out.copy_(stored)
+            out.mul_(self.scales(row0, out.shape[0], out.dtype, scale))
+        else:
+            exact = stored.to(torch.float64) * self.scales(row0, out.shape[0], torch.float64, scale)
+            round_once(exact, out)
 
     def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
         import torch
