@@ -98,18 +98,19 @@ def encode_reference(merged: torch.Tensor, scale: torch.Tensor) -> tuple[torch.T
     return rne(scaled.clamp(-MAX, MAX)), scale, rescaled
 
 
-def llama_weights(seed: int = 7) -> tuple[dict[str, torch.Tensor], dict]:
-    """float32 weights and config of a freshly initialised Llama of `CONFIG`."""
+def llama_weights(seed: int = 7, sizes: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """float32 weights and config of a freshly initialised Llama of `CONFIG` (| `sizes`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    model = LlamaForCausalLM(LlamaConfig(**(CONFIG | (sizes or {}))))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
 
 
-def write_fp8_llama(folder: Path, seed: int = 7, shards: int = 2) -> Path:
-    """A block-FP8 Llama checkpoint (see the module docstring) in `shards` files."""
-    weights, config = llama_weights(seed)
+def write_fp8_llama(folder: Path, seed: int = 7, shards: int = 2, sizes: dict | None = None) -> Path:
+    """A block-FP8 Llama checkpoint (see the module docstring) in `shards` files; `sizes`
+    overrides the config's sizes."""
+    weights, config = llama_weights(seed, sizes)
     tensors: dict[str, torch.Tensor] = {}
     for name, value in weights.items():
         if is_quantized(name):
@@ -156,14 +157,14 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def factory(folder: Path, dtype: torch.dtype = torch.float64):
+def factory(folder: Path, dtype: torch.dtype = torch.float64, sizes: dict | None = None):
     """A Llama built from the dequantized checkpoint at `folder`, in `dtype` (for PEFT)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     values = dequantized(read_fp8(folder))
 
     def make():
-        model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
+        model = LlamaForCausalLM(LlamaConfig(**(CONFIG | (sizes or {})))).to(dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in values.items()})
         return model.eval()
 

@@ -197,6 +197,28 @@ def _bf16_nearest(values: torch.Tensor) -> torch.Tensor:
     return torch.round(values / unit) * unit
 
 
+def test_transformers_loads_the_merged_model(tmp_path, make32):
+    """transformers' FineGrainedFP8 integration loads the merged model on CPU (it dequantizes
+    to bf16 there: code × scale in fp32, then bf16) and sees exactly the codes and scales
+    bonemerge wrote. Its CPU path refuses partial edge blocks, in any model (the base as well),
+    so this model's sizes are whole blocks."""
+    from transformers import AutoModelForCausalLM
+
+    sizes = {"intermediate_size": 256, "head_dim": 128}
+    base = fm.write_fp8_llama(tmp_path / "whole", sizes=sizes)
+    adapter = _lora(fm.factory(base, torch.float32, sizes), tmp_path / "lora")
+    _merge(base, [adapter], tmp_path / "out")
+    written = fm.read_fp8(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    loaded = model.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        codes, scale = written[name], written[name + "_scale_inv"]
+        expected = (codes.float() * fm.block_view(scale, tuple(codes.shape)).float()).to(torch.bfloat16)
+        assert torch.equal(loaded[name], expected), name
+    assert not torch.equal(written[name], fm.read_fp8(base)[name])
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
 METHODS = [
     ("rslora", lambda m, p: _lora(m, p, use_rslora=True)),
     ("dora", lambda m, p: _lora(m, p, use_dora=True)),
