@@ -979,6 +979,9 @@ def verify(
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision)
     plan = build_plan(model.base, model.adapters)
     exact, reason = _verify_mode(merged_checkpoint, model.adapters, options)
+    last = (history.read_history(_folder(merged_checkpoint)) or [{}])[-1]
+    # quantized weights are re-encoded with the rounding the merge used
+    options = replace(options, rounding=last.get("rounding", "nearest"), seed=last.get("seed", 0))
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
     report.base = str(_input_path(model.base))

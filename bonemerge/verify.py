@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.codecs import Bands, Derived, Rounding, Stored, find_stored
 from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
 from bonemerge.engine import Engine, EngineOptions
 from bonemerge.plan import Plan, Step
@@ -113,24 +114,33 @@ def _same_nans(expected: torch.Tensor, got: torch.Tensor) -> bool:
     return expected.is_floating_point() and bool(((expected == got) | (expected.isnan() & got.isnan())).all())
 
 
-def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally) -> None:
-    """Recompute `step` in float64 and compare each stored element within its own bound."""
+def _check_with_tolerance(
+    step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally, stored: Stored | None = None
+) -> None:
+    """Recompute `step` in float64 and compare each stored element within its own bound. A
+    weight kept quantized (`stored`: how the merged model stores it) is compared by value:
+    its codes decoded with its own scales, within one code step of the recomputed value."""
     loaders = [_loader(reader, op) for op in step.ops]
     maths = [
         op.block.method.prepare(op, load, step.shape, torch.float64, "cpu", "fp64")
         for op, load in zip(step.ops, loaders, strict=True)
     ]
+    # a re-encoded weight is computed in fp32 and not rounded between its merges
+    dtype = "F32" if step.encode is not None else step.dtype
     bounds = [
-        op.block.method.error_bound(op, load, step.shape, step.dtype)
+        op.block.method.error_bound(op, load, step.shape, dtype)
         for op, load in zip(step.ops, loaders, strict=True)
     ]
+    load = lambda source: read_whole(reader, source)  # noqa: E731
+    decoder = None if step.decode is None else step.decode.codec.prepare(step.decode, load, Rounding(), "cpu")
+    merged = None if stored is None else stored.codec.prepare(stored, load, Rounding(), "cpu")
 
     def through(values: torch.Tensor, start: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact rows and their error bound after the first `upto` ops."""
         carried = torch.zeros_like(values)
         for number in range(upto):
             if number:
-                carried = tolerance.between_merges(values, carried, step.dtype)
+                carried = tolerance.between_merges(values, carried, dtype)
             carried = bounds[number].bound(values, start, carried, number > 0)
             maths[number].merge(values, start)
         return values, carried
@@ -140,9 +150,9 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         if not (op_maths.needs_pass or watch):
             continue
         for start, stop in _spans(step):
-            values, carried = through(_exact_input(reader, step, start, stop), start, index)
+            values, carried = through(_exact_input(reader, step, start, stop, decoder), start, index)
             if index:
-                carried = tolerance.between_merges(values, carried, step.dtype)
+                carried = tolerance.between_merges(values, carried, dtype)
             if op_maths.needs_pass:
                 op_maths.observe(values, start)
             if watch:
@@ -150,15 +160,28 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         if op_maths.needs_pass:
             op_maths.finish()
     for start, stop in _spans(step):
-        values, carried = through(_exact_input(reader, step, start, stop), start, len(maths))
+        values, carried = through(_exact_input(reader, step, start, stop, decoder), start, len(maths))
+        if merged is not None:
+            got = torch.empty_like(values)
+            merged.decode(read_rows(reader, ref, start, stop), got, start)
+            tally.add(values, got, "F64", carried + merged.step_size(values, start))
+            continue
         allowance = tolerance.final_allowance(values, carried, step.dtype)
         rounded = values.to(dtypes.to_torch(step.dtype))
         tally.add(values, read_rows(reader, ref, start, stop), step.dtype, allowance, rounded)
 
 
-def _exact_input(reader: RangeReader, step: Step, start: int, stop: int) -> torch.Tensor:
-    """Rows of the step's input as a float64 copy the merges may change in place."""
-    return read_rows(reader, step.source, start, stop).to(torch.float64, copy=True)
+def _exact_input(
+    reader: RangeReader, step: Step, start: int, stop: int, decoder: Bands | None
+) -> torch.Tensor:
+    """Rows of the step's input (decoded, when stored quantized) as a float64 copy the merges
+    may change in place."""
+    rows = read_rows(reader, step.source, start, stop)
+    if decoder is None:
+        return rows.to(torch.float64, copy=True)
+    values = torch.empty(rows.shape, dtype=torch.float64)
+    decoder.decode(rows, values, start)
+    return values
 
 
 def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
@@ -192,9 +215,9 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
             )
             continue
         # Compare in the dtype the merged model chose (it may have been written with --dtype).
-        steps.append(Step(name, found.dtype, step.shape, step.source, step.ops))
+        steps.append(replace(step, dtype=found.dtype))
 
-    streamed = steps if exact else [s for s in steps if not s.ops]
+    streamed = steps if exact else [s for s in steps if not s.ops and not isinstance(s.source, Derived)]
     tallies: dict[str, _Tally] = {s.name: _Tally() for s in steps}
     engine = Engine(streamed, options)
     with RangeReader() as reader:
@@ -220,9 +243,14 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
         finally:
             engine.close()
         if not exact:
+            stored = find_stored(merged) if any(s.encode for s in steps) else {}
             for step in steps:
                 if step.ops:
-                    _check_with_tolerance(step, merged.tensors[step.name], reader, tallies[step.name])
+                    where = merged.tensors[step.name]
+                    _check_with_tolerance(step, where, reader, tallies[step.name], stored.get(step.name))
+                elif isinstance(step.source, Derived):
+                    # scales are checked through the values they decode (above)
+                    tallies[step.name].changed = True
     for name, tally in tallies.items():
         if not tally.changed:
             report.identical += 1

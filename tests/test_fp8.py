@@ -361,3 +361,53 @@ def test_block_fp8_with_a_scale_of_the_wrong_shape_is_refused(tmp_path, base, ma
         tmp_path / "out",
         expect=("up_proj.weight_scale_inv", "[3, 1]"),
     )
+
+
+def _edit_code(folder: Path, name: str, steps: int) -> None:
+    """Move one code of `name` (in place, in its file) `steps` codes up."""
+    from bonemerge.checkpoint import open_checkpoint
+
+    ref = open_checkpoint(folder).tensors[name]
+    with open(ref.path, "r+b") as file:
+        file.seek(ref.offset + 1000)
+        code = file.read(1)[0]
+        file.seek(ref.offset + 1000)
+        file.write(bytes([code + steps if code & 0x7F < 0x70 else code - steps]))
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp64"])
+def test_verify_checks_block_fp8_merges(tmp_path, base, make32, precision):
+    """verify recomputes a block-FP8 merge: bit for bit for bonemerge's own (exact mode; here
+    with stochastic rounding, which it repeats), within one code step otherwise (tolerance
+    mode, forced by another precision): a code moved by one
+    step only in exact mode, three steps in both."""
+    adapter = _lora(make32, tmp_path / "lora")
+    _merge(base, [adapter], tmp_path / "out", "--rounding", "stochastic", "--seed", "3")
+
+    def verify() -> dict:
+        result = run("verify", tmp_path / "out", adapter, "--base", base, "--json", "--precision", precision)
+        return json.loads(result.stdout)["tensors"]
+
+    exact = precision == "auto"
+    report = verify()
+    assert report["ok"] and report["mode"] == ("exact" if exact else "tolerance"), report
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _edit_code(tmp_path / "out", name, 1)
+    report = verify()
+    assert report["ok"] is not exact, report
+    _edit_code(tmp_path / "out", name, 2)
+    report = verify()
+    assert not report["ok"] and [d["name"] for d in report["differing"]] == [name], report
+
+
+def test_inspect_shows_the_storage_format(tmp_path, base):
+    result = run("inspect", base, "--json")
+    assert result.exit_code == 0, result.output
+    quantization = json.loads(result.stdout)["quantization"]
+    assert quantization["formats"] == {"block FP8 (e4m3, 128×128 blocks)": 7}
+    assert len(quantization["quantized_tensors"]) == 7 and quantization["companion_tensors"] == 7
+    tensors = {n: v for n, v in fm.read_fp8(base).items() if not n.endswith("_scale_inv")}
+    assert {v.dtype for n, v in tensors.items() if not fm.is_quantized(n)} == {torch.bfloat16}
+    assert quantization["dequantized_bf16_bytes"] == 2 * sum(v.numel() for v in tensors.values())
+    text = run("inspect", base).output
+    assert "7 weights in block FP8 (e4m3, 128×128 blocks)" in text

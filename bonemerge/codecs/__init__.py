@@ -7,6 +7,8 @@ is a module beside these and one entry in `REGISTRY`.
 
 from __future__ import annotations
 
+import math
+
 from bonemerge.checkpoint import Checkpoint
 from bonemerge.codecs.base import ROUNDINGS, Bands, Codec, Derived, Encoded, Rounding, Stored
 from bonemerge.codecs.dense import DENSE
@@ -27,6 +29,31 @@ def find_stored(checkpoint: Checkpoint) -> dict[str, Stored]:
     return found
 
 
+def describe_storage(checkpoint: Checkpoint) -> dict | None:
+    """For `inspect`: how the checkpoint's weights are stored when some are not dense (the
+    formats, how many weights each, which ones, the size dequantized to bf16), or why its
+    format is refused; None for a dense checkpoint."""
+    from collections import Counter
+
+    from bonemerge.errors import BonemergeError
+
+    try:
+        found = find_stored(checkpoint)
+    except BonemergeError as exc:
+        return {"refused": str(exc)}
+    if not found:
+        return None
+    stored = sum(s.weight.nbytes + sum(c.nbytes for c in s.companions.values()) for s in found.values())
+    elements = sum(math.prod(s.weight.shape) for s in found.values())
+    total = sum(t.nbytes for t in checkpoint.tensors.values())
+    return {
+        "formats": dict(Counter(s.codec.describe(s) for s in found.values())),
+        "quantized_tensors": sorted(found),
+        "companion_tensors": sum(len(s.companions) for s in found.values()),
+        "dequantized_bf16_bytes": total - stored + 2 * elements,
+    }
+
+
 __all__ = [
     "DENSE",
     "REGISTRY",
@@ -37,5 +64,6 @@ __all__ = [
     "Encoded",
     "Rounding",
     "Stored",
+    "describe_storage",
     "find_stored",
 ]

@@ -121,6 +121,11 @@ class Bands:
     def derived(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
+        """One code step at each of `values` (rows `row0...`), with the scales as encoding
+        left them: how far another correct re-encoding may lie (verify's tolerance)."""
+        raise NotImplementedError
+
 
 class Codec:
     """One storage format. Subclasses override what their format needs."""
@@ -150,10 +155,6 @@ class Codec:
     def describe(self, stored: Stored) -> str:
         """How summaries name the format of `stored` (`FP8 e4m3, 128×128 blocks`)."""
         return self.name
-
-    def step_size(self, stored: Stored, values: torch.Tensor, row0: int) -> torch.Tensor:
-        """One code step at each of `values` (rows `row0...`): the error a re-encoding may add."""
-        raise NotImplementedError
 
 
 def round_once(values: torch.Tensor, out: torch.Tensor) -> None:

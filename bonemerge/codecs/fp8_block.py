@@ -102,16 +102,6 @@ class Fp8Block(Codec):
         assert stored is not None
         return Fp8Bands(stored, load(stored.companions["scale_inv"]).to(device), rounding)
 
-    def step_size(self, stored: Stored, values: torch.Tensor, row0: int) -> torch.Tensor:
-        """The gap between the two codes around each value, times its block's scale."""
-        import torch
-
-        bands = Fp8Bands(stored, values.new_ones(blocks(stored.weight.shape, stored.params)), Rounding())
-        scale = bands.scales(row0, values.shape[0], values.dtype, bands.stored_scale)
-        magnitude = (values / scale).abs().clamp(max=MAX)
-        low, high = _neighbours(magnitude)
-        return torch.where(high > low, _value(high, values.dtype) - _value(low, values.dtype), 32.0) * scale
-
 
 def _value(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import torch
@@ -220,6 +210,15 @@ class Fp8Bands(Bands):
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {"scale_inv": self.scale.cpu()}
+
+    def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
+        """The code step above the code just below each value, times its (encoded) scale."""
+        import torch
+
+        scale = self.scales(row0, values.shape[0], values.dtype, self.scale)
+        low, _ = _neighbours((values / scale).abs().clamp(max=MAX))
+        gap = _value((low + 1).clamp(max=TOP_CODE), values.dtype) - _value(low, values.dtype)
+        return torch.where(gap > 0, gap, 32.0) * scale
 
 
 FP8_BLOCK = Fp8Block()
