@@ -184,7 +184,8 @@ _dtype = click.option(
     type=_dtype_type,
     default="auto",
     show_default=True,
-    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own.",
+    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own "
+    "(and a block-FP8 model's format), a dtype also dequantizes every quantized weight.",
 )
 _shard = click.option(
     "--max-shard-size",
