@@ -244,10 +244,14 @@ def build_strip_plan(
 
 
 def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
-    """The base weight each block merges into, checked to fit, or None without a base."""
+    """The base weight each block merges into (its values, when it is stored quantized),
+    checked to fit, or None without a base."""
     if base is None:
         return [None] * len(blocks)
+    from bonemerge.codecs import find_stored
+
     rule = infer_rule([b.module for b in blocks], base.tensors.keys(), str(adapter.root))
+    stored = find_stored(base)
     found = []
     for block in blocks:
         name = rule.apply(block.module) + ".weight"
@@ -259,7 +263,7 @@ def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> li
             )
         where = f"block {block.key} of {adapter.root}"
         block.method.check_target(block, Target("weight"), name, tuple(source.shape), where, False)
-        found.append(source)
+        found.append(stored[name].decoded() if name in stored else source)
     return found
 
 

@@ -442,3 +442,17 @@ def test_unmerge_of_block_fp8_with_allow_lossy_restores_most_codes(tmp_path, bas
             total += value.numel()
     print(f"unmerge restored {same} of {total} merged codes exactly")
     assert same > 0.9 * total, (same, total)
+
+
+def test_strip_bat_to_lora_against_a_block_fp8_base(tmp_path, base, make32, make64):
+    """Bat's conversion to LoRA reads the base's values: dequantized, not its codes. At full
+    rank the LoRA reproduces the Bat update on the dequantized weights."""
+    config = BoneConfig(r=16, init_weights="bat", target_modules=["v_proj"])
+    bat = oracle.train_adapter(make32, config, tmp_path / "bat", seed=4, scale=0.02)
+    result = run("strip", bat, "-o", tmp_path / "lora", "--to", "lora", "--base", base, "--rank", "128")
+    assert result.exit_code == 0, result.output
+    name = "model.layers.0.self_attn.v_proj.weight"
+    expected = oracle.peft_merged(make64, [bat])[name] - fm.dequantized(fm.read_fp8(base))[name]
+    merged = oracle.peft_merged(make64, [tmp_path / "lora"])[name]
+    got = merged - fm.dequantized(fm.read_fp8(base))[name]
+    assert float((got - expected).norm() / expected.norm()) < 1e-5

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from bonemerge.checkpoint import Checkpoint, TensorRef
+    from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -66,6 +66,22 @@ class Stored:
     def describe(self) -> list:
         """What decides the decoded values, for resume fingerprints."""
         return [self.codec.name, repr(self.params), sorted(self.companions)]
+
+    def decoded(self) -> ComputedTensor:
+        """The whole weight as float32 values, decoded when it is asked for: for the few
+        readers that need a base weight whole (Bat's conversion to LoRA)."""
+        import torch
+
+        from bonemerge.checkpoint import ComputedTensor
+        from bonemerge.checkpoint.tensors import load_whole
+
+        def decode() -> torch.Tensor:
+            bands = self.codec.prepare(self, load_whole, Rounding(), "cpu")
+            values = torch.empty(self.weight.shape, dtype=torch.float32)
+            bands.decode(load_whole(self.weight), values, 0)
+            return values
+
+        return ComputedTensor(self.name, "F32", self.weight.shape, decode)
 
 
 class Derived:
