@@ -456,3 +456,32 @@ def test_strip_bat_to_lora_against_a_block_fp8_base(tmp_path, base, make32, make
     merged = oracle.peft_merged(make64, [tmp_path / "lora"])[name]
     got = merged - fm.dequantized(fm.read_fp8(base))[name]
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_full_peft_checkpoint_with_a_block_fp8_base(tmp_path, base, make32):
+    """A PeftModel state dict whose base weights are block FP8 (`…q_proj.base_layer.weight`
+    beside `…base_layer.weight_scale_inv`) merges like the base and its adapter given apart."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = _lora(make32, tmp_path / "lora")
+    _merge(base, [adapter], tmp_path / "apart")
+    modules = {
+        k.removeprefix("base_model.model.").split(".lora_")[0]
+        for k in load_file(adapter / "adapter_model.safetensors")
+    }
+    state = {}
+    for name, value in fm.read_fp8(base).items():
+        module, _, leaf = name.partition(".weight")
+        wrapped = f"{module}.base_layer.weight{leaf}" if module in modules else name
+        state["base_model.model." + wrapped] = value
+    for key, value in load_file(adapter / "adapter_model.safetensors").items():
+        state[key.replace(".weight", ".default.weight")] = value
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text((base / "config.json").read_text())
+    (folder / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    _merge(folder, [], tmp_path / "together")
+    apart, together = fm.read_fp8(tmp_path / "apart"), fm.read_fp8(tmp_path / "together")
+    assert set(apart) == set(together)
+    assert all(torch.equal(apart[n].view(torch.uint8), together[n].view(torch.uint8)) for n in apart)

@@ -50,13 +50,15 @@ class Rounding:
 
 @dataclass(frozen=True, eq=False)
 class Stored:
-    """One weight stored by a codec: its main tensor (`name`, codes) and its companion tensors
-    by role (for block FP8, `scale_inv`), and the codec's per-weight settings (`params`)."""
+    """One weight stored by a codec: its main tensor (`name`, codes), its companion tensors by
+    role (for block FP8, `scale_inv`) with their names in the checkpoint (`names`: a PEFT
+    training checkpoint's files call them otherwise), and the codec's per-weight settings."""
 
     codec: Codec
     name: str
     weight: TensorRef
     companions: Mapping[str, TensorRef]
+    names: Mapping[str, str]
     params: Any = None
 
     @property
@@ -89,11 +91,11 @@ class Derived:
     where encoding gave a block a new scale. It stands in where a `TensorRef` would; the engine
     gets its values from the encoded weight (`weight`, a plan step), so it is planned after it."""
 
-    def __init__(self, weight: Any, role: str, stored: TensorRef) -> None:
+    def __init__(self, weight: Any, role: str, stored: TensorRef, name: str) -> None:
         self.weight = weight
         self.role = role
         self.stored = stored
-        self.name = stored.name
+        self.name = name
         self.dtype = stored.dtype
         self.shape = stored.shape
         self.nbytes = stored.nbytes

@@ -83,7 +83,7 @@ class Fp8Block(Codec):
                     f"{name}, {weight.dtype} {list(weight.shape)}; block FP8 ({block[0]}×{block[1]}) "
                     f"needs F8_E4M3 codes with F32 scales of shape {list(expected)}."
                 )
-            found[name] = Stored(self, name, weight, {"scale_inv": scale}, block)
+            found[name] = Stored(self, name, weight, {"scale_inv": scale}, {"scale_inv": scale_name}, block)
         return found
 
     def row_band(self, stored: Stored | None) -> int:

@@ -38,8 +38,8 @@ def plan_storage(
             step = steps.get(name)
             if step is not None and step.source is stored.weight:
                 done[name] = replace(step, dtype=dtype, decode=stored)
-            for companion in stored.companions.values():
-                done.pop(companion.name, None)
+            for companion in stored.names.values():
+                done.pop(companion, None)
         note = (
             f"dequantized {len(found)} {' and '.join(kinds)} weights to {dtype}; their scales and "
             "the config's quantization_config were dropped"
@@ -61,8 +61,9 @@ def plan_storage(
             )
         coded = replace(step, decode=stored, encode=stored)
         done[stored.name] = coded
-        for role, companion in stored.companions.items():
-            done[companion.name] = replace(steps[companion.name], source=Derived(coded, role, companion))
+        for role, companion in stored.names.items():
+            derived = Derived(coded, role, stored.companions[role], companion)
+            done[companion] = replace(steps[companion], source=derived)
     note = (
         f"kept {' and '.join(kinds)}: {len(touched)} merged weights re-encoded on their stored scales, "
         f"{len(found) - len(touched)} quantized weights copied as they are"
