@@ -382,7 +382,9 @@ def _write_model(
         lossy = (
             _lossy_note(stats, _dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
         )
-        coded_notes, quantized = summarize(stats.encoded, Rounding(options.rounding, options.seed))
+        coded_notes, quantized = summarize(
+            stats.encoded, Rounding(options.rounding, options.seed), operation == "merge"
+        )
         card_notes = [*given_notes, *([lossy] if lossy else []), *coded_notes]
         notes += [lossy] if lossy else []
         notes += coded_notes

@@ -427,8 +427,10 @@ def test_unmerge_of_block_fp8_with_allow_lossy_restores_most_codes(tmp_path, bas
     restored one); scales come back as they were where no block overflowed."""
     adapter = _lora(make32, tmp_path / "lora")
     assert not _merge(base, [adapter], tmp_path / "merged")["quantized"]["rescaled_blocks"]
-    result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy")
+    result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy", "--json")
     assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert not any("--rounding" in note for note in report["notes"])  # unmerge has no such option
     got, given, merged = fm.read_fp8(tmp_path / "out"), fm.read_fp8(base), fm.read_fp8(tmp_path / "merged")
     same = total = 0
     for name, value in got.items():
@@ -442,6 +444,9 @@ def test_unmerge_of_block_fp8_with_allow_lossy_restores_most_codes(tmp_path, bas
             total += value.numel()
     print(f"unmerge restored {same} of {total} merged codes exactly")
     assert same > 0.9 * total, (same, total)
+    # the report's count of codes that may not come back covers those that did not
+    assert report["lossy"]["elements_unmerged"] == total
+    assert total - same <= report["lossy"]["elements_that_may_differ"] < 0.1 * total
 
 
 def test_strip_bat_to_lora_against_a_block_fp8_base(tmp_path, base, make32, make64):

@@ -20,9 +20,11 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def summarize(encoded: Mapping[str, Encoded], rounding: Rounding) -> tuple[list[str], dict | None]:
+def summarize(
+    encoded: Mapping[str, Encoded], rounding: Rounding, offer_stochastic: bool = True
+) -> tuple[list[str], dict | None]:
     """Notes for the report and card, and the `quantized` section of `--json` (None when no
-    weight was encoded)."""
+    weight was encoded); `offer_stochastic` when the command has `--rounding`."""
     if not encoded:
         return [], None
     survival = {_module(n): e.survival for n, e in encoded.items() if e.survival is not None}
@@ -38,7 +40,8 @@ def summarize(encoded: Mapping[str, Encoded], rounding: Rounding) -> tuple[list[
         )
         weak = [module for module, rho in worst if rho < WARN_BELOW]
         if weak:
-            hint = " (--rounding stochastic keeps it unbiased)" if rounding.mode == "nearest" else ""
+            offer = offer_stochastic and rounding.mode == "nearest"
+            hint = " (--rounding stochastic keeps it unbiased)" if offer else ""
             notes.append(
                 f"warning: {len(weak)} module(s) kept less than half of their update, being smaller than "
                 f"the code steps: {', '.join(weak[:WORST])}{' …' if len(weak) > WORST else ''}{hint}"
