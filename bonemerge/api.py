@@ -63,6 +63,7 @@ class Report:
     pushed_to: str | None = None
     conversion: dict | None = None
     lossy: dict | None = None
+    quantized: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -87,13 +88,25 @@ class Report:
         )
 
 
-def _options(device: str, precision: str, safe_merge: bool, progress: bool):
+def _options(
+    device: str, precision: str, safe_merge: bool, progress: bool, rounding: str = "nearest", seed: int = 0
+):
+    from bonemerge.codecs import ROUNDINGS
     from bonemerge.engine import EngineOptions
 
     if precision not in PRECISIONS:
         raise BonemergeError(f"unknown precision {shown(precision)}; choose one of {', '.join(PRECISIONS)}.")
+    if rounding not in ROUNDINGS:
+        raise BonemergeError(f"unknown rounding {shown(rounding)}; choose one of {', '.join(ROUNDINGS)}.")
     check_device(device)
-    return EngineOptions(device=device, precision=precision, safe_merge=safe_merge, progress=progress)
+    return EngineOptions(
+        device=device,
+        precision=precision,
+        safe_merge=safe_merge,
+        progress=progress,
+        rounding=rounding,
+        seed=seed,
+    )
 
 
 def check_device(device: str) -> None:
@@ -343,11 +356,14 @@ def _write_model(
     entry: dict,
     notes: Sequence[str],
 ) -> Report:
-    """Stream `plan` into the staging folder with index, companions, card and a manifest of
-    every file's digest and the history (`lineage`, the input's, plus this run's `entry`),
-    checking that no input changes meanwhile; then publish."""
+    """Stream `plan` into the staging folder with index, companions, card (made from the notes,
+    once the run has added its own) and a manifest of every file's digest and the history
+    (`lineage`, the input's, plus this run's `entry`), checking that no input changes
+    meanwhile; then publish."""
     from bonemerge import companions
     from bonemerge.checkpoint.reader import InputWatch
+    from bonemerge.codecs import Rounding
+    from bonemerge.codecs.report import summarize
     from bonemerge.engine import write_plan
 
     roots = [a.root for a in adapters] if tokenizer_from_adapters else []
@@ -355,7 +371,12 @@ def _write_model(
     extras = companions.plan_companions(source, roots, own)
     check_free_space(target.path, plan.file_bytes + extras.bytes)
     options = target.options
-    fingerprint = plan.fingerprint(version=__version__, precision=options.precision, device=options.device)
+    fingerprint = plan.fingerprint(
+        version=__version__,
+        precision=options.precision,
+        device=options.device,
+        **({"rounding": options.rounding, "seed": options.seed} if options.rounding != "nearest" else {}),
+    )
     watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
     given_notes = list(notes)
     notes = given_notes + list(extras.notes)
@@ -378,8 +399,12 @@ def _write_model(
         lossy = (
             _lossy_note(stats, _dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
         )
-        card_notes = [*given_notes, *([lossy] if lossy else [])]
+        coded_notes, quantized = summarize(
+            stats.encoded, Rounding(options.rounding, options.seed), operation == "merge"
+        )
+        card_notes = [*given_notes, *([lossy] if lossy else []), *coded_notes]
         notes += [lossy] if lossy else []
+        notes += coded_notes
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
@@ -416,6 +441,7 @@ def _write_model(
             if operation == "unmerge"
             else None
         ),
+        quantized=quantized,
     )
 
 
@@ -518,6 +544,8 @@ def _run_model(
         _dtype_name(plan),
         target.options if merging else None,
     )
+    if merging and target.options.rounding != "nearest":
+        entry |= {"rounding": target.options.rounding, "seed": target.options.seed}
     return _write_model(
         job.operation,
         plan,
@@ -551,6 +579,8 @@ def merge(
     command: str | None = None,
     push: Push | None = None,
     allow_remerge: bool = False,
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> Report:
     """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
 
@@ -559,11 +589,13 @@ def merge(
     own base weights (`adapter_name` picks one adapter when it holds several), or an adapter,
     whose config names the base to merge into. `push` publishes the result once it is complete.
     An adapter that the base's history says is merged already is refused unless `allow_remerge`.
+    Weights stored quantized (block FP8) stay so unless `dtype` is given; `rounding` (nearest,
+    or stochastic seeded by `seed`) says how their merged values become codes again.
     """
     from bonemerge.modelcard import render_card
 
     began = time.perf_counter()
-    options = _options(device, precision, safe_merge, progress)
+    options = _options(device, precision, safe_merge, progress, rounding, seed)
     model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
     name = model.base_hub_id or _input_path(model.given).name
     count = len(model.adapters)
@@ -969,6 +1001,9 @@ def verify(
     if cast is not None:
         plan = build_plan(model.base, model.adapters, dtype=cast)
     exact, reason = _verify_mode(merged_checkpoint, model.adapters, options, _dtype_name(plan))
+    last = (history.read_history(_folder(merged_checkpoint)) or [{}])[-1]
+    # quantized weights are re-encoded with the rounding the merge used
+    options = replace(options, rounding=last.get("rounding", "nearest"), seed=last.get("seed", 0))
     report = verify_plan(plan, merged_checkpoint, options, exact)
     report.reason = reason
     report.base = str(_input_path(model.base))

@@ -184,7 +184,8 @@ _dtype = click.option(
     type=_dtype_type,
     default="auto",
     show_default=True,
-    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own.",
+    help=f"Dtype of every float tensor in the output: {DTYPE_HELP}; auto keeps each tensor's own "
+    "(and a block-FP8 model's format), a dtype also dequantizes every quantized weight.",
 )
 _shard = click.option(
     "--max-shard-size",
@@ -255,6 +256,22 @@ _compute = _options(
 )
 
 
+_rounding = _options(
+    click.option(
+        "--rounding",
+        type=click.Choice(["nearest", "stochastic"]),
+        default="nearest",
+        show_default=True,
+        help="How merged weights of a quantized (block FP8) model become codes again: nearest "
+        "(each as close as it can be; updates smaller than half a code step vanish) or stochastic "
+        "(up or down at random in proportion, so the update survives on average; adds noise).",
+    ),
+    click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seed of --rounding stochastic (reproducible)."
+    ),
+)
+
+
 def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -313,6 +330,7 @@ def main() -> None:
     _dtype,
     _shard,
     _compute,
+    _rounding,
     _overwrite,
     _resume,
     _quiet,

@@ -123,10 +123,13 @@ def tokenizer_override(adapter_roots: Sequence[Path]) -> tuple[Path, list[Path]]
 
 
 def updated_config(config: dict, updates: dict[str, object]) -> dict:
-    """`config` with the plan's updates; the dtype goes under whichever key the file uses."""
+    """`config` with the plan's updates; the dtype goes under whichever key the file uses, and
+    a key updated to None is removed (a dequantized model's quantization_config)."""
     config = dict(config)
     for key, value in updates.items():
-        if key == "dtype":
+        if value is None:
+            config.pop(key, None)
+        elif key == "dtype":
             keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
             for name in keys:
                 config[name] = value

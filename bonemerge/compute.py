@@ -28,6 +28,7 @@ import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.codecs import DENSE, Bands, Derived, Rounding
 from bonemerge.engine import WRITE_BEHIND, Chunk, EngineOptions, rows_cols
 from bonemerge.errors import BonemergeError, MergeError
 from bonemerge.methods import BlockOp, RowMaths
@@ -45,6 +46,9 @@ KEEP_LOADED = 4
 
 def _row_multiple(step: Step) -> int:
     multiple = 1
+    for stored in (step.decode, step.encode):
+        if stored is not None:
+            multiple = math.lcm(multiple, stored.codec.row_band(stored))
     for op in step.ops:
         multiple = math.lcm(multiple, op.block.method.row_multiple(op))
     return multiple
@@ -76,6 +80,24 @@ def compute_dtype(step: Step, precision: str) -> torch.dtype:
     if precision == "fp64" or step.dtype == "F64" or (precision == "auto" and step.dtype == "F32"):
         return torch.float64
     return torch.float32
+
+
+@dataclass
+class _Coded:
+    """A step's storage in this run: how its rows are decoded and its result encoded, and
+    whether the share of the update that survives encoding is measured (quantized outputs)."""
+
+    decoder: Bands
+    encoder: Bands
+    lock: threading.Lock
+
+    #: whether the survival of the update is measured (the output is quantized)
+    measured: bool
+
+    def tally(self, kept: float, update: float) -> None:
+        with self.lock:
+            self.encoder.encoded.kept += kept
+            self.encoder.encoded.update += update
 
 
 def all_finite(values: torch.Tensor) -> bool:
@@ -173,11 +195,13 @@ class Compute:
         def chunk_bytes(step: Step, dtype: str) -> int:
             return chunk_rows(step) * rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
 
-        wide = any(s.ops and compute_dtype(s, options.precision) == torch.float64 for s in transformed)
+        worked = [s for s in transformed if s.ops or s.encode is not None]
+        wide = any(compute_dtype(s, options.precision) == torch.float64 for s in worked)
         self._work_dtype = torch.float64 if wide else torch.float32
-        self._work_size = max(
-            (_fit(s, COMPUTE_ELEMENTS) * rows_cols(s.shape)[1] for s in transformed if s.ops), default=0
-        )
+        self._work_size = max((_fit(s, COMPUTE_ELEMENTS) * rows_cols(s.shape)[1] for s in worked), default=0)
+        self.rounding = Rounding(options.rounding, options.seed)
+        #: the encoder of every step encoded so far, by name: what encoding did, and its scales
+        self.encoded: dict[str, Bands] = {}
         self._local = threading.local()
         self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
         self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
@@ -205,12 +229,27 @@ class Compute:
         self._threads.shutdown()
         torch.set_num_threads(self._torch_threads)
 
-    def _work_buffer(self) -> torch.Tensor:
-        """This compute thread's own scratch buffer, allocated on first use."""
-        work = getattr(self._local, "work", None)
-        if work is None:
-            work = self._local.work = torch.empty(self._work_size, dtype=self._work_dtype)
-        return work
+    def _work_buffer(self, slot: int = 0) -> torch.Tensor:
+        """This compute thread's own scratch buffers (slot 1 keeps the decoded rows while slot 0
+        is merged, to measure what survives encoding), allocated on first use."""
+        buffers = getattr(self._local, "work", None)
+        if buffers is None:
+            buffers = self._local.work = {}
+        if slot not in buffers:
+            buffers[slot] = torch.empty(self._work_size, dtype=self._work_dtype)
+        return buffers[slot]
+
+    def _coded(self, step: Step) -> _Coded:
+        """The step's decoder and encoder: one object when it is re-encoded on its own scales."""
+
+        def prepare(stored):
+            if stored is None:
+                return DENSE.prepare(None, self.load, self.rounding, self.device)
+            return stored.codec.prepare(stored, self.load, self.rounding, self.device)
+
+        decoder = prepare(step.decode)
+        encoder = decoder if step.encode is not None and step.encode is step.decode else prepare(step.encode)
+        return _Coded(decoder, encoder, threading.Lock(), step.encode is not None)
 
     def _scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
         """This compute thread's two integer buffers for `may_differ`, as wide as `like`'s
@@ -228,7 +267,8 @@ class Compute:
         ahead = self._ahead
         compute = compute_dtype(step, self.options.precision)
         prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
-        self._first_pass(step, prepared, compute)
+        coded = self._coded(step)
+        self._first_pass(step, prepared, compute, coded.decoder)
         out_dtype = dtypes.to_torch(step.dtype)
         _, cols = rows_cols(step.shape)
         pending: deque[_Computing] = deque()
@@ -240,13 +280,15 @@ class Compute:
                     out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
                 )
                 job = self._threads.submit(
-                    self._fill, step, prepared, compute, rows, typed, start, buf, ahead
+                    self._fill, step, prepared, compute, rows, typed, start, buf, ahead, coded
                 )
                 pending.append(_Computing(start, stop, typed, out, job))
                 if len(pending) >= self._parallel:
                     yield self._finished(step, pending.popleft())
             while pending:
                 yield self._finished(step, pending.popleft())
+            if step.encode is not None:
+                self.encoded[step.name] = coded.encoder
         finally:
             for item in pending:
                 item.job.exception()
@@ -272,6 +314,7 @@ class Compute:
         start: int,
         buf: bytearray | None,
         ahead: _ReadAhead,
+        coded: _Coded,
     ) -> int:
         """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread).
         Returns, for an unmerge, how many of its elements may differ from the original base."""
@@ -284,14 +327,19 @@ class Compute:
         try:
             for begin, end in _spans(0, typed.shape[0], _fit(step, COMPUTE_ELEMENTS)):
                 target = typed[begin:end]
+                row0 = start + begin
                 finite = False
-                if prepared:
-                    work = self._compute(rows[begin:end], prepared, compute, start + begin)
-                    target.copy_(work)
+                if prepared or coded.measured:
+                    work, before = self._compute(rows[begin:end], prepared, compute, row0, coded)
+                    if not check and self.options.safe_merge and not all_finite(work):
+                        _non_finite(step, row0, start + end)
+                    coded.encoder.encode(work, target, row0)
+                    if before is not None:
+                        self._survival(coded, before, work, target, row0)
                     flat = work.view(-1)
                     finite = squares and bool(torch.isfinite(torch.dot(flat, flat)))
                 else:
-                    target.copy_(rows[begin:end])
+                    coded.decoder.decode(rows[begin:end], target, row0)
                 if check and not finite and not all_finite(target):
                     _non_finite(step, start + begin, start + end)
                 if inverting:
@@ -307,7 +355,21 @@ class Compute:
 
         return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
 
-    def _first_pass(self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype) -> None:
+    def _survival(
+        self, coded: _Coded, before: torch.Tensor, work: torch.Tensor, codes: torch.Tensor, row0: int
+    ) -> None:
+        """Add this sub-chunk's ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖², from deq(W) (`before`), the
+        merged values (`work`) and their codes."""
+        delta = work - before
+        kept = torch.empty_like(work)
+        coded.encoder.decode(codes, kept, row0, encoded=True)
+        kept -= before
+        wide = torch.float64
+        coded.tally(float(torch.sum(kept * delta, dtype=wide)), float(torch.sum(delta * delta, dtype=wide)))
+
+    def _first_pass(
+        self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, decoder: Bands
+    ) -> None:
         """Stream the tensor once for every op whose maths needs a whole-tensor statistic
         (DoRA's column norms), applying the ops before it, so that it sees what it will merge into."""
         for index, (block, _) in enumerate(prepared):
@@ -315,11 +377,17 @@ class Compute:
                 continue
             for start, stop in _chunks(step):
                 rows = read_rows(self.reader, step.source, start, stop)
-                work = rows.to(device=self.device, dtype=compute, copy=True)
+                work = self._decoded(rows, compute, start, decoder)
                 for earlier, inverse in prepared[:index]:
                     (earlier.unmerge if inverse else earlier.merge)(work, start)
                 block.observe(work, start)
             block.finish()
+
+    def _decoded(self, rows: torch.Tensor, compute: torch.dtype, start: int, decoder: Bands) -> torch.Tensor:
+        """Rows read whole (not through the read-ahead) as values in the compute dtype."""
+        work = torch.empty(rows.shape, dtype=compute, device=self.device)
+        decoder.decode(rows.to(self.device), work, start)
+        return work
 
     def load(self, source: Source) -> torch.Tensor:
         """A whole (small) tensor such as an adapter block, in its own dtype. The last few
@@ -333,11 +401,35 @@ class Compute:
                 del self._loaded[next(iter(self._loaded))]
             return found
 
+    def derived(self, source: Derived) -> torch.Tensor:
+        """A companion (scales) of an encoded weight, as encoding left it. A weight planned
+        after its companion (or in a shard reused by --resume) is encoded once more here,
+        without writing it, in the same sub-chunks, so that its scales come out the same."""
+        encoder = self.encoded.get(source.weight.name)
+        if encoder is None:
+            step = source.weight
+            compute = compute_dtype(step, self.options.precision)
+            prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
+            coded = self._coded(step)
+            self._first_pass(step, prepared, compute, coded.decoder)
+            for start, stop in _chunks(step):
+                rows = read_rows(self.reader, step.source, start, stop)
+                for begin, end in _spans(0, stop - start, _fit(step, COMPUTE_ELEMENTS)):
+                    work = self._decoded(rows[begin:end], compute, start + begin, coded.decoder)
+                    for maths, inverse in prepared:
+                        (maths.unmerge if inverse else maths.merge)(work, start + begin)
+                    codes = torch.empty(work.shape, dtype=dtypes.to_torch(step.dtype), device=self.device)
+                    coded.encoder.encode(work, codes, start + begin)
+            encoder = self.encoded[step.name] = coded.encoder
+        return encoder.derived()[source.role]
+
     def _rows(
         self, step: Step, start: int, stop: int, ahead: _ReadAhead
     ) -> tuple[torch.Tensor, bytearray | None]:
         source = step.source
         rows, cols = rows_cols(source.shape)
+        if isinstance(source, Derived):
+            return self.derived(source).reshape(rows, cols)[start:stop], None
         if not isinstance(source, TensorRef):
             return source.tensor.reshape(rows, cols)[start:stop], None
         read, buf = ahead.next()
@@ -351,19 +443,29 @@ class Compute:
         prepared: list[tuple[RowMaths, bool]],
         dtype: torch.dtype,
         start: int,
-    ) -> torch.Tensor:
-        """The rows in the compute dtype with every block applied, in order, in place."""
+        coded: _Coded,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows decoded into the compute dtype with every block applied, in order, in place;
+        and, when the survival of the update is measured, a copy of them before the blocks."""
         if self.device.type == "cpu":
             work = self._work_buffer().view(dtype)[: rows.numel()].view(rows.shape)
-            work.copy_(rows)
+            coded.decoder.decode(rows, work, start)
         else:
-            work = rows.to(self.device).to(dtype)
+            work = torch.empty(rows.shape, dtype=dtype, device=self.device)
+            coded.decoder.decode(rows.to(self.device), work, start)
+        before = None
+        if coded.measured:
+            if self.device.type == "cpu":
+                before = self._work_buffer(1).view(dtype)[: work.numel()].view(work.shape)
+                before.copy_(work)
+            else:
+                before = work.clone()
         for block, inverse in prepared:
             if inverse:
                 block.unmerge(work, start)
             else:
                 block.merge(work, start)
-        return work
+        return work, before
 
 
 _SAME_SIZE_INT = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}

@@ -19,6 +19,7 @@ from typing import Any
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
+from bonemerge.codecs import describe_storage
 from bonemerge.errors import BonemergeError
 from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.strip import layer_of
@@ -235,6 +236,7 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict:
         return info
     info = {"path": str(path), "kind": "model"} | describe_checkpoint(checkpoint)
     info["architecture"] = architecture(checkpoint.config() or {})
+    info["quantization"] = describe_storage(checkpoint)
     if checkpoint.is_folder:
         info |= _made_by_bonemerge(checkpoint.root)
         operation = (info.get("made_by_bonemerge") or {}).get("operation")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint.layout import ShardPlan
+    from bonemerge.codecs import Encoded
     from bonemerge.compute import Compute
     from bonemerge.plan import Plan, Step
 
@@ -37,12 +38,15 @@ COPY_LEAD = 1 << 30
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to compute: `precision` auto = fp64 for fp32/fp64 outputs, fp32 for 16-bit ones."""
+    """How to compute: `precision` auto = fp64 for fp32/fp64 outputs, fp32 for 16-bit ones;
+    `rounding` (nearest, or stochastic seeded by `seed`) for weights encoded in a quantized format."""
 
     device: str = "cpu"
     precision: str = "auto"
     safe_merge: bool = True
     progress: bool = True
+    rounding: str = "nearest"
+    seed: int = 0
 
 
 @dataclass
@@ -57,6 +61,8 @@ class EngineStats:
     bytes_written: int = 0
     unmerged_elements: int = 0
     may_differ: int = 0
+    #: what encoding did to each weight written in a quantized format, by name
+    encoded: dict[str, Encoded] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +108,12 @@ class Engine:
                 [s for s in self.steps if not s.is_copy and s.nbytes], self.options, self.reader
             )
         return self._compute
+
+    def encoded(self) -> dict[str, Encoded]:
+        """What encoding did to each weight written in a quantized format so far."""
+        if self._compute is None:
+            return {}
+        return {name: bands.encoded for name, bands in self._compute.encoded.items()}
 
     def close(self) -> None:
         if self._compute is not None:
@@ -320,6 +332,7 @@ def write_plan(
         writer.submit(files.finish)
         writer.close()
         hasher.close()
+        stats.encoded = engine.encoded()
     except BaseException:
         ahead.close()
         writer.close(discard=True)

@@ -63,6 +63,13 @@ def _checkpoint(info: dict) -> list[str]:
         [f"{len(files)} file{'s' if len(files) != 1 else ''}, {format_size(info['bytes'])}"]
         + [f"{f['name']}  {format_size(f['bytes'])}" for f in files],
     )
+    quantization = info.get("quantization")
+    if quantization and "refused" in quantization:
+        lines.append(_line("quantized", quantization["refused"]))
+    elif quantization:
+        formats = ", ".join(f"{count} weights in {name}" for name, count in quantization["formats"].items())
+        lines.append(_line("quantized", formats))
+        lines.append(_line("", f"{format_size(quantization['dequantized_bf16_bytes'])} dequantized to bf16"))
     return lines
 
 

@@ -25,6 +25,8 @@ from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
 from bonemerge.checkpoint.layout import ShardPlan
 from bonemerge.checkpoint.reader import file_identity
 from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
+from bonemerge.codecs import Derived, Stored
+from bonemerge.codecs.planning import plan_storage
 from bonemerge.errors import AdapterError
 from bonemerge.methods import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BlockOp, Target
 
@@ -33,13 +35,17 @@ __all__ = ["BlockOp", "Plan", "Step", "build_plan"]
 
 @dataclass(frozen=True)
 class Step:
-    """How one output tensor is produced: rows read from `source`, ops applied, rounded to dtype."""
+    """How one output tensor is produced: rows read from `source` (decoded by the codec that
+    stores it, `decode`, when it is not dense), ops applied, rounded to dtype (or encoded on
+    its stored scales by `encode`)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: Source
+    source: Source | Derived
     ops: tuple[BlockOp, ...] = ()
+    decode: Stored | None = None
+    encode: Stored | None = None
 
     @property
     def nbytes(self) -> int:
@@ -48,7 +54,12 @@ class Step:
     @property
     def is_copy(self) -> bool:
         """True when the bytes can go file-to-file untouched."""
-        return not self.ops and self.dtype == self.source.dtype and isinstance(self.source, TensorRef)
+        return (
+            not self.ops
+            and self.decode is None
+            and self.dtype == self.source.dtype
+            and isinstance(self.source, TensorRef)
+        )
 
     def entry(self) -> Entry:
         return Entry(self.name, self.dtype, self.shape, self.nbytes)
@@ -72,9 +83,11 @@ class Plan:
 
     def input_files(self) -> set[Path]:
         """Every file the plan reads tensor bytes from."""
-        sources = [s.source for s in self.steps.values()] + [
-            part for s in self.steps.values() for op in s.ops for part in op.block.parts.values()
-        ]
+        sources = (
+            [s.source for s in self.steps.values()]
+            + [part for s in self.steps.values() for op in s.ops for part in op.block.parts.values()]
+            + [part for s in self.steps.values() if s.decode for part in s.decode.companions.values()]
+        )
         return {source.path for source in sources if isinstance(source, TensorRef)}
 
     def fingerprint(self, **settings: object) -> str:
@@ -82,9 +95,11 @@ class Plan:
         files as they are now (`file_identity`: size, times, inode), and `settings`. Two plans
         with the same fingerprint write the same files, which is what makes resuming safe."""
 
-        def describe(source: Source) -> list:
+        def describe(source: Source | Derived) -> list:
             if isinstance(source, TensorRef):
                 return [str(source.path), source.offset, source.nbytes, *file_identity(source.path)]
+            if isinstance(source, Derived):
+                return ["derived", source.weight.name, source.role, describe(source.stored)]
             return [
                 "memory",
                 hashlib.sha256(source.tensor.contiguous().view(-1).numpy().tobytes()).hexdigest(),
@@ -99,6 +114,11 @@ class Plan:
                     s.name,
                     s.dtype,
                     describe(s.source),
+                    [
+                        [*stored.describe(), [describe(c) for _, c in sorted(stored.companions.items())]]
+                        for stored in (s.decode, s.encode)
+                        if stored is not None
+                    ],
                     [
                         [
                             o.block.method.name,
@@ -310,6 +330,9 @@ def _finish_dtypes(steps: dict[str, Step], base: Checkpoint, dtype: str | None) 
     main = main_float(steps.values())
     done = {}
     for name, step in steps.items():
+        if step.decode is not None or isinstance(step.source, Derived):
+            done[name] = step  # decided by the codec planning, which derived sources refer to
+            continue
         out = step.dtype
         if name not in base.tensors and step.source.dtype in dtypes.COMPUTABLE:
             out = main
@@ -360,14 +383,20 @@ def build_plan(
     else:
         for adapter in adapters:
             builder.merge(adapter, blocks=operation == "merge")
-    steps = _finish_dtypes(builder.steps, base, dtype)
+    coded, storage_updates, storage_notes = plan_storage(builder.steps, base, dtype, operation, allow_lossy)
+    steps = _finish_dtypes(coded, base, dtype)
     entries = [s.entry() for s in steps.values()]
+    # Companions derived from an encoded weight (its scales) are written after it when they can
+    # be, so that they come from that weight's own pass instead of a pass of their own.
+    after = {name for name, s in steps.items() if isinstance(s.source, Derived)}
     if max_shard_bytes is None:
-        shards = layout.like_base(entries, base.shard_of, [s.name for s in base.shards], str(base.root))
+        shards = layout.like_base(
+            entries, base.shard_of, [s.name for s in base.shards], str(base.root), last=after
+        )
         write_index = base.index_name is not None
         index_name = base.index_name or f"{base.file_prefix}.safetensors.index.json"
     else:
-        shards = layout.by_size(entries, max_shard_bytes, base.file_prefix)
+        shards = layout.by_size(entries, max_shard_bytes, base.file_prefix, last=after)
         write_index = len(shards) > 1
         index_name = f"{base.file_prefix}.safetensors.index.json"
     return Plan(
@@ -375,6 +404,6 @@ def build_plan(
         steps,
         write_index,
         index_name,
-        _config_updates(builder, steps, dtype),
-        tuple(builder.notes),
+        _config_updates(builder, steps, dtype) | storage_updates,
+        tuple(builder.notes + storage_notes),
     )

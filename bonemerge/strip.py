@@ -300,10 +300,14 @@ def _round_up(value: float) -> str:
 
 
 def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
-    """The base weight each block merges into, checked to fit, or None without a base."""
+    """The base weight each block merges into (its values, when it is stored quantized),
+    checked to fit, or None without a base."""
     if base is None:
         return [None] * len(blocks)
+    from bonemerge.codecs import find_stored
+
     rule = infer_rule([b.module for b in blocks], base.tensors.keys(), str(adapter.root))
+    stored = find_stored(base)
     found = []
     for block in blocks:
         name = rule.apply(block.module) + ".weight"
@@ -315,7 +319,7 @@ def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> li
             )
         where = f"block {block.key} of {adapter.root}"
         block.method.check_target(block, Target("weight"), name, tuple(source.shape), where, False)
-        found.append(source)
+        found.append(stored[name].decoded() if name in stored else source)
     return found
 
 

@@ -41,6 +41,7 @@ import torch
 from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.codecs import Bands, Derived, Rounding, Stored, find_stored
 from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
 from bonemerge.engine import Engine, EngineOptions
 from bonemerge.plan import Plan, Step
@@ -185,10 +186,19 @@ class _Tally:
             return
         self._count(expected.double(), got.double(), torch.zeros((), dtype=torch.float64), dtype)
 
-    def add_within(self, exact: torch.Tensor, got: torch.Tensor, dtype: str, allowance: torch.Tensor) -> None:
+    def add_within(
+        self,
+        exact: torch.Tensor,
+        got: torch.Tensor,
+        dtype: str,
+        allowance: torch.Tensor,
+        exempt: torch.Tensor | float = 0.0,
+    ) -> None:
         """Compare `got` with the float64 `exact` values element by element: equal to their
         rounding to `dtype`, or within `allowance` of them (and then checkable only where the
-        allowance is small beside the value, see `CHECKABLE`)."""
+        allowance is small beside the value, see `CHECKABLE`). `exempt` is the part of the
+        allowance that is the stored format's own step (a quantized code step): it is what the
+        format promises, so only the rest counts against `CHECKABLE`."""
         rounded = exact.to(dtypes.to_torch(dtype))
         same = ((rounded == got) | (rounded.isnan() & got.isnan())) & (got.isfinite() | ~exact.isfinite())
         if bool(same.all()):
@@ -197,7 +207,7 @@ class _Tally:
         wrong = self._count(exact, got.double(), allowance, dtype, ~same)
         loose = ~same & ~wrong
         if bool(loose.any()):
-            ratio = allowance / torch.maximum(exact.abs(), _row_scale(exact))
+            ratio = (allowance - exempt) / torch.maximum(exact.abs(), _row_scale(exact))
             loose &= ~(ratio <= CHECKABLE)
             if bool(loose.any()):
                 self.unchecked += int(loose.sum())
@@ -236,24 +246,33 @@ def _same_nans(expected: torch.Tensor, got: torch.Tensor) -> bool:
     return expected.is_floating_point() and bool(((expected == got) | (expected.isnan() & got.isnan())).all())
 
 
-def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally) -> None:
-    """Recompute `step` in float64 and compare each stored element within its own bound."""
+def _check_with_tolerance(
+    step: Step, ref: TensorRef, reader: RangeReader, tally: _Tally, stored: Stored | None = None
+) -> None:
+    """Recompute `step` in float64 and compare each stored element within its own bound. A
+    weight kept quantized (`stored`: how the merged model stores it) is compared by value:
+    its codes decoded with its own scales, within one code step of the recomputed value."""
     loaders = [_loader(reader, op) for op in step.ops]
     maths = [
         op.block.method.prepare(op, load, step.shape, torch.float64, "cpu", "fp64")
         for op, load in zip(step.ops, loaders, strict=True)
     ]
+    # a re-encoded weight is computed in fp32 and not rounded between its merges
+    dtype = "F32" if step.encode is not None else step.dtype
     bounds = [
-        op.block.method.error_bound(op, load, step.shape, step.dtype)
+        op.block.method.error_bound(op, load, step.shape, dtype)
         for op, load in zip(step.ops, loaders, strict=True)
     ]
+    load = lambda source: read_whole(reader, source)  # noqa: E731
+    decoder = None if step.decode is None else step.decode.codec.prepare(step.decode, load, Rounding(), "cpu")
+    merged = None if stored is None else stored.codec.prepare(stored, load, Rounding(), "cpu")
 
     def through(values: torch.Tensor, start: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact rows and their error bound after the first `upto` ops."""
         carried = torch.zeros_like(values)
         for number in range(upto):
             if number:
-                carried = tolerance.between_merges(values, carried, step.dtype)
+                carried = tolerance.between_merges(values, carried, dtype)
             carried = bounds[number].bound(values, start, carried, number > 0)
             maths[number].merge(values, start)
         return values, carried
@@ -263,9 +282,9 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         if not (op_maths.needs_pass or watch):
             continue
         for start, stop in _spans(step):
-            values, carried = through(_exact_input(reader, step, start, stop), start, index)
+            values, carried = through(_exact_input(reader, step, start, stop, decoder), start, index)
             if index:
-                carried = tolerance.between_merges(values, carried, step.dtype)
+                carried = tolerance.between_merges(values, carried, dtype)
             if op_maths.needs_pass:
                 op_maths.observe(values, start)
             if watch:
@@ -273,14 +292,28 @@ def _check_with_tolerance(step: Step, ref: TensorRef, reader: RangeReader, tally
         if op_maths.needs_pass:
             op_maths.finish()
     for start, stop in _spans(step):
-        values, carried = through(_exact_input(reader, step, start, stop), start, len(maths))
+        values, carried = through(_exact_input(reader, step, start, stop, decoder), start, len(maths))
+        if merged is not None:
+            got = torch.empty_like(values)
+            merged.decode(read_rows(reader, ref, start, stop), got, start)
+            step_size = merged.step_size(values, start)
+            tally.add_within(values, got, "F64", carried + step_size, exempt=step_size)
+            continue
         allowance = tolerance.final_allowance(values, carried, step.dtype)
         tally.add_within(values, read_rows(reader, ref, start, stop), step.dtype, allowance)
 
 
-def _exact_input(reader: RangeReader, step: Step, start: int, stop: int) -> torch.Tensor:
-    """Rows of the step's input as a float64 copy the merges may change in place."""
-    return read_rows(reader, step.source, start, stop).to(torch.float64, copy=True)
+def _exact_input(
+    reader: RangeReader, step: Step, start: int, stop: int, decoder: Bands | None
+) -> torch.Tensor:
+    """Rows of the step's input (decoded, when stored quantized) as a float64 copy the merges
+    may change in place."""
+    rows = read_rows(reader, step.source, start, stop)
+    if decoder is None:
+        return rows.to(torch.float64, copy=True)
+    values = torch.empty(rows.shape, dtype=torch.float64)
+    decoder.decode(rows, values, start)
+    return values
 
 
 def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
@@ -336,7 +369,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
             continue
         steps.append(step)
 
-    streamed = steps if exact else [s for s in steps if not s.ops]
+    streamed = steps if exact else [s for s in steps if not s.ops and not isinstance(s.source, Derived)]
     tallies: dict[str, _Tally] = {s.name: _Tally() for s in steps}
     engine = Engine(streamed, options)
     with RangeReader() as reader:
@@ -362,9 +395,14 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
         finally:
             engine.close()
         if not exact:
+            stored = find_stored(merged) if any(s.encode for s in steps) else {}
             for step in steps:
                 if step.ops:
-                    _check_with_tolerance(step, merged.tensors[step.name], reader, tallies[step.name])
+                    where = merged.tensors[step.name]
+                    _check_with_tolerance(step, where, reader, tallies[step.name], stored.get(step.name))
+                elif isinstance(step.source, Derived):
+                    # scales are checked through the values they decode (above)
+                    tallies[step.name].changed = True
     for name, tally in tallies.items():
         if not tally.changed:
             report.identical += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from bonemerge.checkpoint import dtypes
@@ -54,8 +54,20 @@ def parse_size(text: str) -> int:
     return value
 
 
-def write_order(entries: Sequence[Entry]) -> tuple[Entry, ...]:
-    return tuple(sorted(entries, key=lambda e: (-dtypes.BITS[e.dtype], e.name)))
+def write_order(entries: Sequence[Entry], last: Collection[str] = ()) -> tuple[Entry, ...]:
+    """Largest elements first; the tensors named in `last` (computed from others) after all
+    the rest, when every one of them still starts aligned to its element size there."""
+    ordered = tuple(sorted(entries, key=lambda e: (-dtypes.BITS[e.dtype], e.name)))
+    late = [e for e in ordered if e.name in last]
+    if not late:
+        return ordered
+    early = [e for e in ordered if e.name not in last]
+    offset = sum(e.nbytes for e in early)
+    for entry in late:
+        if offset % max(1, dtypes.BITS[entry.dtype] // 8):
+            return ordered
+        offset += entry.nbytes
+    return (*early, *late)
 
 
 def like_base(
@@ -63,6 +75,7 @@ def like_base(
     base_file_of: Mapping[str, str],
     base_files: Sequence[str],
     where: str = "the base",
+    last: Collection[str] = (),
 ) -> list[ShardPlan]:
     """Keep each tensor in the base's file; tensors the base lacks join its last file.
 
@@ -79,10 +92,12 @@ def like_base(
     by_file: dict[str, list[Entry]] = {name: [] for name in base_files}
     for entry in entries:
         by_file[base_file_of.get(entry.name, base_files[-1])].append(entry)
-    return [ShardPlan(name, write_order(group)) for name, group in by_file.items() if group]
+    return [ShardPlan(name, write_order(group, last)) for name, group in by_file.items() if group]
 
 
-def by_size(entries: Sequence[Entry], max_bytes: int, prefix: str) -> list[ShardPlan]:
+def by_size(
+    entries: Sequence[Entry], max_bytes: int, prefix: str, last: Collection[str] = ()
+) -> list[ShardPlan]:
     """Fill files up to `max_bytes` in name order; a tensor larger than that gets a file alone."""
     groups: list[list[Entry]] = [[]]
     filled = 0
@@ -93,10 +108,10 @@ def by_size(entries: Sequence[Entry], max_bytes: int, prefix: str) -> list[Shard
         groups[-1].append(entry)
         filled += entry.nbytes
     if len(groups) == 1:
-        return [ShardPlan(f"{prefix}.safetensors", write_order(groups[0]))]
+        return [ShardPlan(f"{prefix}.safetensors", write_order(groups[0], last))]
     total = len(groups)
     return [
-        ShardPlan(f"{prefix}-{i:05d}-of-{total:05d}.safetensors", write_order(group))
+        ShardPlan(f"{prefix}-{i:05d}-of-{total:05d}.safetensors", write_order(group, last))
         for i, group in enumerate(groups, start=1)
     ]
 

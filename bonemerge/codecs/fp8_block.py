@@ -1,0 +1,224 @@
+"""Block-scaled FP8 (DeepSeek-V3/R1, Qwen3-*-FP8, Kimi K2; REFERENCE.md §9).
+
+A weight `X.weight` is `F8_E4M3` codes beside `X.weight_scale_inv`, float32, one scale per
+block of `weight_block_size` (128 × 128) elements, edge blocks partial: value = code × scale.
+Merging keeps the stored scales: codes = round((deq(W) + ΔW) / s). Only a block whose merged
+values no longer fit (|v / s| beyond 448 by more than half a code step, where rounding to
+nearest would leave the format) gets a new scale, float32(amax / 448), and is recorded.
+
+Rounding to nearest is ties-to-even, as in the float64 reference: from fp32, torch's cast to
+`float8_e4m3fn` rounds once; from fp64 the cast would go through fp32 and could round twice,
+so the two neighbouring codes are compared in fp64 instead. Stochastic rounding picks the
+upper neighbour with probability equal to the value's fraction of the step between them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks, round_once
+from bonemerge.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bonemerge.checkpoint import Checkpoint, TensorRef
+
+SCALE_SUFFIX = "_scale_inv"
+MAX = 448.0
+# 448 plus half its code step (32): values up to here round to 448 (ties to even), beyond it
+# rounding to nearest would need a code the format lacks.
+OVERFLOW = 464.0
+TOP_CODE = 0x7E
+SIGN = 0x80
+DEFAULT_BLOCK = (128, 128)
+
+
+def _block_size(config: Mapping, where: str) -> tuple[int, int]:
+    quantization = config.get("quantization_config") or {}
+    fmt = quantization.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(
+            f"{where} stores block FP8 as {fmt!r} (quantization_config.fmt); bonemerge reads e4m3 only."
+        )
+    block = quantization.get("weight_block_size") or DEFAULT_BLOCK
+    if (
+        not isinstance(block, list | tuple)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise CheckpointError(
+            f"{where}'s quantization_config.weight_block_size is {block!r}; block FP8 needs two "
+            "positive integers such as [128, 128]."
+        )
+    return int(block[0]), int(block[1])
+
+
+class Fp8Block(Codec):
+    name = "fp8_block"
+
+    def find(self, checkpoint: Checkpoint, config: Mapping) -> dict[str, Stored]:
+        quantization = config.get("quantization_config") or {}
+        scales = [n for n in checkpoint.tensors if n.endswith(SCALE_SUFFIX)]
+        if quantization.get("quant_method") != "fp8" and not scales:
+            return {}
+        where = str(checkpoint.root)
+        block = _block_size(config, where)
+        found = {}
+        for scale_name in scales:
+            name = scale_name.removesuffix(SCALE_SUFFIX)
+            scale = checkpoint.tensors[scale_name]
+            weight = checkpoint.tensors.get(name)
+            if weight is None:
+                raise CheckpointError(
+                    f"{where} holds {scale_name} but not the weight {name} it scales; the checkpoint "
+                    "is incomplete."
+                )
+            expected = blocks(weight.shape, block) if len(weight.shape) == 2 else ("⌈out/b⌉", "⌈in/b⌉")
+            if weight.dtype != "F8_E4M3" or scale.dtype != "F32" or tuple(scale.shape) != expected:
+                raise CheckpointError(
+                    f"{scale_name} in {scale.path} is {scale.dtype} {list(scale.shape)} beside "
+                    f"{name}, {weight.dtype} {list(weight.shape)}; block FP8 ({block[0]}×{block[1]}) "
+                    f"needs F8_E4M3 codes with F32 scales of shape {list(expected)}."
+                )
+            found[name] = Stored(self, name, weight, {"scale_inv": scale}, {"scale_inv": scale_name}, block)
+        return found
+
+    def row_band(self, stored: Stored | None) -> int:
+        return stored.params[0] if stored is not None else 1
+
+    def describe(self, stored: Stored) -> str:
+        return f"block FP8 (e4m3, {stored.params[0]}×{stored.params[1]} blocks)"
+
+    def prepare(
+        self,
+        stored: Stored | None,
+        load: Callable[[TensorRef], torch.Tensor],
+        rounding: Rounding,
+        device: torch.device | str,
+    ) -> Bands:
+        assert stored is not None
+        return Fp8Bands(stored, load(stored.companions["scale_inv"]).to(device), rounding)
+
+
+def _value(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+
+
+def _neighbours(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (as int16 bits) of the representable values just below and above each of
+    `magnitude` (≥ 0, ≤ 448); equal when the value is representable."""
+    import torch
+
+    code = magnitude.to(torch.float32).to(torch.float8_e4m3fn)
+    bits = code.view(torch.uint8).to(torch.int16)
+    above = code.to(magnitude.dtype) > magnitude
+    low = torch.where(above, bits - 1, bits)
+    exact = code.to(magnitude.dtype) == magnitude
+    high = torch.where(above | exact, bits, (bits + 1).clamp(max=TOP_CODE))
+    return low, high
+
+
+class Fp8Bands(Bands):
+    def __init__(self, stored: Stored, scale: torch.Tensor, rounding: Rounding) -> None:
+        super().__init__()
+        self.block = stored.params
+        self.name = stored.name
+        self.cols = stored.weight.shape[1]
+        self.stored_scale = scale
+        self.scale = scale.clone()
+        self.rounding = rounding
+        self._lock = threading.Lock()
+
+    def scales(self, row0: int, rows: int, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+        """Each element's scale for rows [row0, row0 + rows), as a (rows, cols) tensor."""
+        import torch
+
+        index = torch.arange(row0, row0 + rows, device=scale.device) // self.block[0]
+        return scale.index_select(0, index).to(dtype).repeat_interleave(self.block[1], dim=1)[:, : self.cols]
+
+    def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
+        """code × scale: in fp32 or fp64 one rounding of the exact product (4 + 24 significant
+        bits); into a 16-bit dtype the exact fp64 product, rounded once (`round_once`)."""
+        import torch
+
+        scale = self.scale if encoded else self.stored_scale
+        if out.dtype in (torch.float32, torch.float64):
+            out.copy_(stored)
+            out.mul_(self.scales(row0, out.shape[0], out.dtype, scale))
+        else:
+            exact = stored.to(torch.float64) * self.scales(row0, out.shape[0], torch.float64, scale)
+            round_once(exact, out)
+
+    def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
+        import torch
+
+        assert row0 % self.block[0] == 0, "bands must start on a scale row"
+        scaled = values / self.scales(row0, values.shape[0], values.dtype, self.stored_scale)
+        over = scaled.abs() > OVERFLOW
+        if bool(over.any()):
+            self._rescale(values, scaled, over, row0)
+        scaled.clamp_(-MAX, MAX)
+        if self.rounding.mode == "nearest" and scaled.dtype == torch.float32:
+            out.copy_(scaled)
+            return
+        magnitude = scaled.abs()
+        low, high = _neighbours(magnitude)
+        lower, upper = _value(low, scaled.dtype), _value(high, scaled.dtype)
+        if self.rounding.mode == "nearest":
+            below, beyond = magnitude - lower, upper - magnitude
+            up = (beyond < below) | ((beyond == below) & (high > low) & (high % 2 == 0))
+        else:
+            fraction = (magnitude - lower) / (upper - lower)
+            up = self._uniform(row0, scaled) < fraction
+        bits = torch.where(up, high, low) | (torch.signbit(scaled).to(torch.int16) * SIGN)
+        out.view(torch.uint8).copy_(bits)
+
+    def _uniform(self, row0: int, like: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) numbers drawn band by band from generators seeded by the band."""
+        import torch
+
+        out = torch.empty_like(like)
+        band = self.block[0]
+        for begin in range(0, like.shape[0], band):
+            generator = torch.Generator(device=like.device)
+            generator.manual_seed(self.rounding.generator_seed(self.name, (row0 + begin) // band))
+            rows = out[begin : begin + band]
+            rows.copy_(torch.rand(rows.shape, generator=generator, device=like.device, dtype=like.dtype))
+        return out
+
+    def _rescale(self, values: torch.Tensor, scaled: torch.Tensor, over: torch.Tensor, row0: int) -> None:
+        """New scales for the blocks holding `over` elements, and their values re-divided."""
+        import torch
+
+        b0, b1 = self.block
+        hit = torch.nonzero(over)
+        found = torch.unique(torch.stack([(hit[:, 0] + row0) // b0, hit[:, 1] // b1], dim=1), dim=0)
+        for i, j in found.tolist():
+            rows = slice(i * b0 - row0, (i + 1) * b0 - row0)
+            cols = slice(j * b1, (j + 1) * b1)
+            amax = values[rows, cols].abs().max().double()
+            new = (amax / MAX).float()
+            scaled[rows, cols] = values[rows, cols] / new.to(values.dtype)
+            with self._lock:
+                self.scale[i, j] = new
+                self.encoded.rescaled.append((i, j))
+
+    def derived(self) -> dict[str, torch.Tensor]:
+        return {"scale_inv": self.scale.cpu()}
+
+    def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
+        """The code step above the code just below each value, times its (encoded) scale."""
+        import torch
+
+        scale = self.scales(row0, values.shape[0], values.dtype, self.scale)
+        low, _ = _neighbours((values / scale).abs().clamp(max=MAX))
+        gap = _value((low + 1).clamp(max=TOP_CODE), values.dtype) - _value(low, values.dtype)
+        return torch.where(gap > 0, gap, 32.0) * scale
+
+
+FP8_BLOCK = Fp8Block()

@@ -1,0 +1,78 @@
+"""Quantized formats bonemerge cannot decode yet, refused by name before anything is read.
+
+Their tensors (packed integers, code books, per-group scales) would be garbage if merged as if
+they were dense weights, so a checkpoint that shows one, by its config's
+`quantization_config.quant_method` or by its tensor names, is refused with what to do instead.
+Each of these is meant to become one more codec (see `base.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from bonemerge.checkpoint import Checkpoint
+from bonemerge.errors import CheckpointError
+
+_DEQUANTIZE = (
+    "merge into the unquantized original model instead, or dequantize this one first (load it "
+    "with transformers and save_pretrained it in bfloat16), and quantize the merged model again"
+)
+# quant_method (transformers' name) -> how messages name the format
+_METHODS = {
+    "compressed-tensors": "compressed-tensors (llm-compressor)",
+    "bitsandbytes": "bitsandbytes",
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "mxfp4": "MXFP4",
+    "modelopt": "ModelOpt (NVFP4/FP8)",
+    "fbgemm_fp8": "FBGEMM FP8 (per-channel)",
+    "fp_quant": "FP-Quant (MXFP4/NVFP4)",
+    "hqq": "HQQ",
+    "quanto": "Quanto",
+    "eetq": "EETQ",
+    "aqlm": "AQLM",
+    "vptq": "VPTQ",
+    "higgs": "HIGGS",
+    "spqr": "SpQR",
+    "bitnet": "BitNet",
+    "torchao": "torchao",
+    "auto-round": "AutoRound",
+    "exl2": "ExLlamaV2",
+}
+# tensor names that give a format away even without a config
+_TENSORS = (
+    (re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[\w.]+)$"), "bitsandbytes"),
+    (re.compile(r"\.(qweight|qzeros|g_idx)$"), "GPTQ/AWQ"),
+    (re.compile(r"_blocks$"), "MXFP4"),
+    (re.compile(r"\.weight_(packed|zero_point|global_scale)$"), "compressed-tensors"),
+    (re.compile(r"\.weight_scale_2$"), "NVFP4"),
+)
+_STORED = "bonemerge reads dense and block-FP8 (quant_method fp8, weight_scale_inv) weights only"
+
+
+def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
+    """Refuse a checkpoint stored in a quantized format no codec decodes, naming it."""
+    quantization = config.get("quantization_config") or {}
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+    where = str(checkpoint.root)
+    if isinstance(method, str) and method.lower() in _METHODS:
+        raise CheckpointError(
+            f"{where} is quantized with {_METHODS[method.lower()]} (config.json quantization_config."
+            f"quant_method {method!r}); {_STORED}, and will not merge these as if they were dense: "
+            f"{_DEQUANTIZE}."
+        )
+    for name, ref in checkpoint.tensors.items():
+        for pattern, what in _TENSORS:
+            if pattern.search(name) and (what != "MXFP4" or ref.dtype == "U8"):
+                _refuse_tensor(where, name, what)
+        weight = checkpoint.tensors.get(name.removesuffix("_scale"), ref)
+        if name.endswith(".weight_scale") and weight.dtype in ("F8_E4M3", "U8"):
+            _refuse_tensor(where, name, "per-channel or per-tensor FP8/FP4 (compressed-tensors or ModelOpt)")
+
+
+def _refuse_tensor(where: str, name: str, what: str) -> None:
+    raise CheckpointError(
+        f"{where} holds {name}, a tensor of {what} quantization; {_STORED}, and will not merge "
+        f"these as if they were dense: {_DEQUANTIZE}."
+    )
