@@ -19,12 +19,13 @@ own signal handling (KeyboardInterrupt, and the `with` blocks that clean up afte
 
 from __future__ import annotations
 
+# Only modules the interpreter has already loaded at start-up: this module is imported before
+# anything else, and the handlers should be in place as early as can be.
 import atexit
 import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -48,12 +49,13 @@ def install() -> Callable[[], None]:
     ignored (`nohup`, a background job of a script) stays ignored. Only the main thread can
     install handlers; elsewhere this does nothing."""
     global _installed, _pending, _outcome
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(sig, _handle)
+    try:
+        for sig, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(sig, _handle)
+    except ValueError:  # not the main thread
+        return lambda: None
     was_installed, _installed = _installed, True
     if not was_installed:
         _pending, _outcome = None, "the output was left as it was"

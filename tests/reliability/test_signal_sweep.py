@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests import toy
+from tests.reliability.test_interrupts import handlers_installed
 
 SCRIPT = Path(sys.executable).with_name("bonemerge")
 # (signal, moment, offset): 0.0–2.0 s of start-up in steps of 0.075 s, then 0–0.3 s after the
@@ -39,16 +40,6 @@ def small_inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("small")
     base = toy.write_base(root / "base", toy.base_tensors(torch.bfloat16), shards=2)
     return base, toy.write_adapter(root / "bone", seed=1)
-
-
-def handlers_installed(pid: int) -> bool:
-    """SIGTERM is caught (Python itself catches only SIGINT): bonemerge's handlers are in place."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
 def signal_run(base: Path, adapter: Path, root: Path, sig: int, moment: str, offset: float) -> dict:
