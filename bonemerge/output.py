@@ -26,7 +26,7 @@ from types import TracebackType
 from bonemerge import interrupts
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
-from bonemerge.errors import OutputError
+from bonemerge.errors import OutputError, shown
 from bonemerge.manifest import is_bonemerge_output
 from bonemerge.units import format_size
 
@@ -77,8 +77,8 @@ def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: 
     given = expand_home(output)
     if given.is_symlink():
         raise OutputError(
-            f"the output {given} is a symbolic link (to {os.readlink(given)}); bonemerge does not write "
-            "through links: give the real path, or remove the link."
+            f"the output {given} is a symbolic link (to {shown(os.readlink(given), quote=False)}); "
+            "bonemerge does not write through links: give the real path, or remove the link."
         )
     out = given.resolve()
     for given in inputs:
