@@ -373,11 +373,14 @@ def _write_model(
     options = target.options
     fingerprint = plan.fingerprint(
         version=__version__,
-        precision=options.precision,
-        device=options.device,
-        **({"rounding": options.rounding, "seed": options.seed} if options.rounding != "nearest" else {}),
+        maths=history.MATHS_VERSION,
+        torch=history.torch_version(),
+        **options.decides_output(),
     )
-    watch = InputWatch(plan.input_files(), {s.path: s.identity for s in source.shards})
+    # Every input as it was when opened, before its header was read: a file rewritten since
+    # (an adapter after its fingerprint was taken, a shard after planning) fails the run.
+    watch = InputWatch(inputs := plan.input_files(), inputs)
+    watch.check()
     given_notes = list(notes)
     notes = given_notes + list(extras.notes)
     if not target.resume and (left := resumable_shards(target.path, fingerprint)):
@@ -806,6 +809,7 @@ def strip(
     """Write a reduced or converted adapter (adapter_config.json + adapter_model.safetensors)
     that PEFT loads. Converting to LoRA needs the base model (`base`, else the one the adapter's
     config names); an approximate conversion (Bat) needs `rank` (K, or "auto" with `max_error`)."""
+    from bonemerge.checkpoint.reader import InputWatch
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
     from bonemerge.strip import StripOptions, build_strip_plan, needs_base, parse_layers
@@ -842,6 +846,8 @@ def strip(
     check_free_space(target, plan.file_bytes)
     lineage = history.read_history(path if path.is_dir() else None)
     records = _records([source], [adapter])
+    watch = InputWatch(inputs := plan.input_files(), inputs)  # as opened, before the fingerprint
+    watch.check()
     name = location.hub_id or path.name
     with Staging(target) as staging:
         stats = write_plan(plan, staging.path, _options("cpu", "auto", True, progress))
@@ -865,6 +871,7 @@ def strip(
         result = load_adapter(staging.path)
         entry["result"] = history.record(result, history.fingerprint(result))
         files = _write_adapter_manifest(staging.path, lineage, entry, config)
+        watch.check()
         pushed = _publish(staging, overwrite, push, load_adapter)
     return Report(
         operation="strip",

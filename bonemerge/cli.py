@@ -2,10 +2,22 @@
 
 Torch is loaded only by commands that need it, on a thread of its own while the command
 starts its work, so `bonemerge --help` answers at once. User errors
-print one line and exit 1; usage errors exit 2 (click's convention); Ctrl-C exits 130.
+print one line and exit 1; usage errors exit 2 (click's convention); Ctrl-C exits 130 and
+SIGTERM 143, at any moment, with nothing left behind (`bonemerge.interrupts`).
 """
 
 from __future__ import annotations
+
+import sys
+
+from bonemerge import interrupts
+
+# The `bonemerge` command's own process (not a program that imports this module): it catches
+# signals before anything else is imported, so that none arrives with Python's default still
+# in place (a traceback, or death by SIGTERM), and it ends through `interrupts.finish`.
+_PROCESS = bool(sys.argv) and sys.argv[0].rsplit("/", 1)[-1].startswith("bonemerge")
+if _PROCESS:
+    interrupts.install()
 
 import gc
 import importlib
@@ -14,7 +26,6 @@ import os
 import re
 import shlex
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from functools import wraps
@@ -30,15 +41,6 @@ from bonemerge.errors import BonemergeError, shown
 from bonemerge.methods import conversion_names, method_names
 from bonemerge.units import format_size
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered like Ctrl-C so that the same cleanup runs; exits 143, not 130."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 # Commands that never need torch, which keeps them quick to start.
 _WITHOUT_TORCH = frozenset({"inspect", "push"})
 
@@ -48,8 +50,9 @@ class _TorchLoading:
     and starts copying: its start-up (1.5 s here) is the largest fixed cost of a run, and
     nothing before the first tensor to compute needs it.
 
-    The thread holds back Ctrl-C and SIGTERM, so that they reach the main thread, which turns
-    them into a clean exit (raised inside torch's C++ start-up they would abort the process).
+    The thread holds back Ctrl-C and SIGTERM, so that their C handler never interrupts
+    torch's C++ start-up; Python runs the process's handler on the main thread anyway, and
+    that handler (`bonemerge.interrupts`) ends the process without ever joining this thread.
     The garbage collector is off while torch loads and, after, everything torch allocated is
     moved out of its sight (`gc.freeze`): otherwise full collections walking those objects
     cost 0.1 s during the import and stall every thread for as long later. numpy's OpenBLAS,
@@ -63,7 +66,7 @@ class _TorchLoading:
 
     @staticmethod
     def _load() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(interrupts.SIGNALS))
         gc.disable()
         try:
             importlib.import_module("torch")
@@ -74,17 +77,10 @@ class _TorchLoading:
             gc.enable()
 
     def wait(self) -> None:
-        """Let the import finish before the process exits: a daemon thread stopped inside
-        torch's C++ start-up at interpreter shutdown can abort the process. Signals that
-        arrive meanwhile are ignored; the exit they ask for is already under way."""
-        if not self._thread.is_alive():
-            return
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self._thread.join()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        """Let the import finish before a normal exit: a daemon thread stopped inside torch's
+        C++ start-up at interpreter shutdown can abort the process. Signals stay live
+        meanwhile: their handler exits at once, with `os._exit`, which stops no thread."""
+        self._thread.join()
 
 
 # Longer than any real path or tensor name a message needs to show whole.
@@ -102,27 +98,25 @@ def printable(text: str) -> str:
 
 
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's errors and interrupts into one line and the documented exit code."""
+    """Turn the project's errors into one line and the documented exit code; signals are
+    `bonemerge.interrupts`' (installed here too when the CLI runs inside another program)."""
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        restore = interrupts.install()
         loading = None if command.__name__ in _WITHOUT_TORCH else _TorchLoading()
         try:
             return command(*args, **kwargs)
         except BonemergeError as exc:
             click.echo(f"error: {printable(str(exc))}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            click.echo(
-                f"{'terminated' if terminated else 'interrupted'}; the output was left as it was.", err=True
-            )
-            sys.exit(143 if terminated else 130)
+        except KeyboardInterrupt:  # raised by code, not by a signal: the handler never raises
+            click.echo("interrupted; the output was left as it was.", err=True)
+            sys.exit(130)
         finally:
-            if loading is not None:
+            if loading is not None and not _PROCESS:  # the process ends with os._exit instead
                 loading.wait()
-            signal.signal(signal.SIGTERM, previous)
+            restore()
 
     return run
 
@@ -290,6 +284,24 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+class _Command(click.Group):
+    """The command group; in the `bonemerge` process it ends through `interrupts.finish`."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not _PROCESS:
+            return super().main(*args, **kwargs)
+        try:
+            super().main(*args, **kwargs)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        if not isinstance(code, int):  # as Python does: None is success, a message fails
+            if code is not None:
+                click.echo(code, err=True)
+            code = 0 if code is None else 1
+        interrupts.finish(code)
+
+
 _MAIN_HELP = f"""Checkpoint surgery for PEFT {method_names()} adapters, streamed shard by shard.
 
     Every output records its history in bonemerge.json; merge refuses an adapter already
@@ -306,7 +318,9 @@ _MAIN_HELP = f"""Checkpoint surgery for PEFT {method_names()} adapters, streamed
 
 
 @click.group(
-    help=_MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=_Command,
+    help=_MAIN_HELP,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="bonemerge")
 def main() -> None:

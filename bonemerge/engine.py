@@ -15,9 +15,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from bonemerge.checkpoint import RangeReader, ShardWriter
 from bonemerge.checkpoint.dtypes import rows_cols
@@ -39,7 +39,14 @@ COPY_LEAD = 1 << 30
 @dataclass(frozen=True)
 class EngineOptions:
     """How to compute: `precision` auto = fp64 for fp32/fp64 outputs, fp32 for 16-bit ones;
-    `rounding` (nearest, or stochastic seeded by `seed`) for weights encoded in a quantized format."""
+    `rounding` (nearest, or stochastic seeded by `seed`) for weights encoded in a quantized format.
+
+    Every field but those in `DISPLAY` changes the bytes written or the checks they passed, so
+    `decides_output` (all of them, new fields included) goes into the plan's fingerprint that
+    `--resume` compares: shards a `--no-safe-merge` run wrote are never reused by a checked one.
+    """
+
+    DISPLAY: ClassVar[frozenset[str]] = frozenset({"progress"})
 
     device: str = "cpu"
     precision: str = "auto"
@@ -47,6 +54,10 @@ class EngineOptions:
     progress: bool = True
     rounding: str = "nearest"
     seed: int = 0
+
+    def decides_output(self) -> dict[str, object]:
+        """The settings that decide what is written, or what it was checked for."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.DISPLAY}
 
 
 @dataclass

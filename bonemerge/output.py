@@ -6,6 +6,8 @@ when every file is written and fsynced. A previous output is swapped out atomica
 instant the path holds either the old complete result or the new one. A lock beside the
 output keeps a second run away, and the staging folder records enough (the plan's
 fingerprint, each finished shard's digest) for `--resume` to continue a killed run safely.
+Whatever a run creates (staging folder, lock, missing parent folders) goes again if it fails
+or a signal ends it (`bonemerge.interrupts`); the renames that publish are never cut in two.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from bonemerge import interrupts
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
-from bonemerge.errors import OutputError
+from bonemerge.errors import OutputError, shown
 from bonemerge.manifest import is_bonemerge_output
 from bonemerge.units import format_size
 
@@ -68,8 +71,16 @@ def fsync_tree(root: Path) -> None:
 
 
 def check_output(output: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
-    """The output path, resolved, once it is known not to equal, hold or sit inside an input."""
-    out = expand_home(output).resolve()
+    """The output path, resolved, once it is known not to equal, hold or sit inside an input
+    and not to be a symbolic link: writing through a link (dangling or not) would put the
+    result somewhere the user never named."""
+    given = expand_home(output)
+    if given.is_symlink():
+        raise OutputError(
+            f"the output {given} is a symbolic link (to {shown(os.readlink(given), quote=False)}); "
+            "bonemerge does not write through links: give the real path, or remove the link."
+        )
+    out = given.resolve()
     for given in inputs:
         source = expand_home(given).resolve()
         if out == source or source in out.parents:
@@ -166,12 +177,35 @@ class _Lock:
                 return
             os.close(fd)
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
+        """Unlink and close; a second call does nothing."""
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def remove_tree(path: Path) -> None:
+    """Delete `path` even while another thread of this run still creates files in it (a
+    listing that misses one makes the last `rmdir` fail, so it is retried)."""
+    for _ in range(10):
+        if not os.path.lexists(path):
+            return
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Staging:
@@ -196,20 +230,29 @@ class Staging:
         self.reused: list[str] = []
         self.published = False
         self._lock = _Lock(output.parent / f".{output.name}.bonemerge-lock", output)
+        self._created: list[Path] = []
+        self._forget = lambda: None
 
     def __enter__(self) -> Staging:
-        try:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot create {self.output.parent}: {exc.strerror or exc}; check the output location."
-            ) from None
-        self._lock.acquire()
+        with interrupts.deferred():
+            self._forget = interrupts.on_signal(self._discard)
+            self._created = _missing_folders(self.output.parent)
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                self._lock.acquire()
+            except BaseException as exc:
+                self.__exit__(type(exc), exc, exc.__traceback__)
+                if isinstance(exc, OSError):
+                    raise OutputError(
+                        f"cannot create {self.output.parent}: {exc.strerror or exc}; check the output "
+                        "location."
+                    ) from None
+                raise
         try:
             if self.path.exists() and self.resume:
                 self._reuse()
             elif self.path.exists():
-                shutil.rmtree(self.path)  # left by a crashed run; we hold the lock, so no one owns it
+                remove_tree(self.path)  # left by a crashed run; we hold the lock, so no one owns it
             self.path.mkdir(exist_ok=True)
             (self.path / self._PLAN).write_text(self.fingerprint, encoding="utf-8")
             fsync_path(self.path / self._PLAN)
@@ -229,7 +272,7 @@ class Staging:
 
         plan = self.path / self._PLAN
         if not plan.is_file() or plan.read_text(encoding="utf-8") != self.fingerprint:
-            shutil.rmtree(self.path)
+            remove_tree(self.path)
             return
         records: dict[str, tuple[int, str]] = {}
         progress = self.path / self._PROGRESS
@@ -270,32 +313,48 @@ class Staging:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
         fsync_tree(self.path)
+        with interrupts.deferred():
+            self._swap_in(overwrite)
+            interrupts.set_outcome(f"{self.output} was already complete and stays")
+
+    def _swap_in(self, overwrite: bool) -> None:
         if self.output.exists() and overwrite:
             if not _renameat2(self.path, self.output, _RENAME_EXCHANGE):
                 aside = self.output.parent / f".{self.output.name}{_OLD}{uuid.uuid4().hex[:12]}"
                 os.rename(self.output, aside)
                 os.rename(self.path, self.output)
                 self.path = aside
-            shutil.rmtree(self.path, ignore_errors=True)
+            self.published = True
+            remove_tree(self.path)
         else:
             try:
                 if not _renameat2(self.path, self.output, _RENAME_NOREPLACE):
                     if self.output.exists():
                         raise FileExistsError(errno.EEXIST, "exists", str(self.output))
                     os.rename(self.path, self.output)
+                self.published = True
             except FileExistsError:
                 raise OutputError(
                     f"{self.output} appeared while bonemerge was writing; it was left alone, "
                     "pass --overwrite or choose another output."
                 ) from None
         fsync_path(self.output.parent)
-        self.published = True
+
+    def _discard(self) -> None:
+        """Remove what this run made and did not publish: the staging folder (kept for
+        `--resume`), the lock, and parent folders it created that are empty again. Run on
+        failure and by the signal handler, possibly both, so each step may run twice."""
+        if not self.published and not self.resume and self._lock.held:
+            remove_tree(self.path)
+        self._lock.release()
+        if not self.published:
+            for folder in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            if not self.published and not self.resume:
-                shutil.rmtree(self.path, ignore_errors=True)
-        finally:
-            self._lock.release()
+        with interrupts.deferred():
+            self._discard()
+            self._forget()

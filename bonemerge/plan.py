@@ -81,23 +81,30 @@ class Plan:
         """Bytes the weight files will take on disk, headers included."""
         return sum(len(encode_header(s.entries, METADATA)) + s.data_bytes for s in self.shards)
 
-    def input_files(self) -> set[Path]:
-        """Every file the plan reads tensor bytes from."""
+    def input_files(self) -> dict[Path, tuple[int, ...]]:
+        """Every file the plan reads tensor bytes from, with its identity when it was opened
+        (the one it has now, where that was not recorded)."""
         sources = (
             [s.source for s in self.steps.values()]
             + [part for s in self.steps.values() for op in s.ops for part in op.block.parts.values()]
             + [part for s in self.steps.values() if s.decode for part in s.decode.companions.values()]
         )
-        return {source.path for source in sources if isinstance(source, TensorRef)}
+        files: dict[Path, tuple[int, ...]] = {}
+        for source in sources:
+            if isinstance(source, TensorRef) and not files.get(source.path):
+                files[source.path] = source.identity or file_identity(source.path)
+        return files
 
     def fingerprint(self, **settings: object) -> str:
         """A digest of everything that decides the output's bytes: layout, recipes, the input
-        files as they are now (`file_identity`: size, times, inode), and `settings`. Two plans
-        with the same fingerprint write the same files, which is what makes resuming safe."""
+        files as they were opened (`file_identity`: size, times, inode), and `settings`. Two
+        plans with the same fingerprint write the same files, which is what makes resuming safe."""
+        identities = self.input_files()
 
         def describe(source: Source | Derived) -> list:
             if isinstance(source, TensorRef):
-                return [str(source.path), source.offset, source.nbytes, *file_identity(source.path)]
+                identity = identities.get(source.path) or source.identity or file_identity(source.path)
+                return [str(source.path), source.offset, source.nbytes, *identity]
             if isinstance(source, Derived):
                 return ["derived", source.weight.name, source.role, describe(source.stored)]
             return [

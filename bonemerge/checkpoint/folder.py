@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.confine import kind_of, refusal, root_of
 from bonemerge.checkpoint.header import Header, TensorInfo, read_header
-from bonemerge.checkpoint.reader import file_identity
 from bonemerge.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
@@ -37,10 +36,13 @@ class TensorRef:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    # The file's identity when its header was read (empty when unknown): what it must still be.
+    identity: tuple[int, ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, path: Path, header: Header, info: TensorInfo) -> TensorRef:
-        return cls(info.name, path, header.data_start + info.begin, info.dtype, info.shape, info.nbytes)
+        begin = header.data_start + info.begin
+        return cls(info.name, path, begin, info.dtype, info.shape, info.nbytes, header.identity)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +154,7 @@ def read_json(path: Path) -> dict:
 
 def _open_shard(path: Path) -> Shard:
     header = read_header(path)
-    return Shard(path, header, header.file_size, file_identity(path))
+    return Shard(path, header, header.file_size, header.identity)
 
 
 def _single(path: Path, is_folder: bool) -> Checkpoint:

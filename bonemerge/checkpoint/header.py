@@ -13,10 +13,11 @@ import math
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bonemerge.checkpoint import dtypes
+from bonemerge.checkpoint.reader import stat_identity
 from bonemerge.errors import CheckpointError, shown
 
 MAX_HEADER_BYTES = 100_000_000
@@ -44,12 +45,15 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: tensors in data order, metadata, and where the data starts."""
+    """A validated header: tensors in data order, metadata, and where the data starts; read
+    from a file, also the file's identity when it was opened (`stat_identity`), before a byte
+    of it was read, so that any later change to the file is seen (`InputWatch`)."""
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    identity: tuple[int, ...] = ()
 
 
 def _unicode(text: str) -> None:
@@ -207,7 +211,8 @@ def read_header(path: Path) -> Header:
     """Read and validate the header of the safetensors file at `path`."""
     try:
         with open(path, "rb") as f:
-            return _decode(f.read, os.fstat(f.fileno()).st_size)
+            identity = stat_identity(os.fstat(f.fileno()))
+            return replace(_decode(f.read, identity[0]), identity=identity)
     except _Invalid as exc:
         raise _invalid(path, exc) from None
     except OSError as exc:

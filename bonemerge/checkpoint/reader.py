@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from bonemerge.errors import CheckpointError
@@ -89,14 +89,18 @@ class RangeReader:
 
 
 def file_identity(path: Path) -> tuple[int, ...]:
-    """Size, modification time, inode, device and status-change time of `path`.
+    """Size, modification time, inode, device and status-change time of `path` (`stat_identity`)."""
+    return stat_identity(os.stat(path))
+
+
+def stat_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """Size, modification time, inode, device and status-change time.
 
     Size and mtime alone can be put back from user space (`os.utime`) after a file is rewritten;
     the inode changes when a file is replaced and the ctime whenever its data or times change,
     and neither can be set back, so a file with the same identity holds the same bytes unless
     the clock or the filesystem itself is tampered with.
     """
-    stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns
 
 
@@ -108,7 +112,7 @@ class InputWatch:
     planned turns that into an error instead.
     """
 
-    def __init__(self, paths: Iterable[Path], seen: dict[Path, tuple[int, ...]] | None = None) -> None:
+    def __init__(self, paths: Iterable[Path], seen: Mapping[Path, tuple[int, ...]] | None = None) -> None:
         self._expected = {path: (seen or {}).get(path) or file_identity(path) for path in paths}
 
     def check(self) -> None:

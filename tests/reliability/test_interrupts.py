@@ -50,18 +50,37 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
-def after(seconds: float) -> Callable[[], bool]:
-    began = time.monotonic()
-    return lambda: time.monotonic() - began > seconds
+def handlers_installed(pid: int) -> bool:
+    """SIGTERM is caught (Python itself catches only SIGINT): bonemerge's handlers are in place.
+    Before that, the interpreter is starting (~40 ms, far more on a loaded machine), and the
+    system's default applies, as to any program."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
-MOMENTS: dict[str, Callable[[Path], Callable[[], bool]]] = {
+def after(seconds: float, pid: int) -> Callable[[], bool]:
+    """`seconds` after the process installed its handlers."""
+    began: list[float] = []
+
+    def ready() -> bool:
+        if not began and handlers_installed(pid):
+            began.append(time.monotonic())
+        return bool(began) and time.monotonic() - began[0] > seconds
+
+    return ready
+
+
+MOMENTS: dict[str, Callable[[Path, int], Callable[[], bool]]] = {
     # torch is still being imported: nothing exists yet
-    "importing": lambda out: after(0.4),
+    "importing": lambda out, pid: after(0.4, pid),
     # the staging folder exists, the first shard is being written
-    "first-shard": lambda out: lambda: staging(out).exists(),
+    "first-shard": lambda out, pid: lambda: staging(out).exists(),
     # two shards are durable, four to go
-    "mid-run": lambda out: lambda: finished_shards(out) >= 2,
+    "mid-run": lambda out, pid: lambda: finished_shards(out) >= 2,
 }
 
 
@@ -78,7 +97,7 @@ def test_signal_leaves_the_output_as_it_was(tmp_path, slow_inputs, sig, code, mo
         assert start("merge", base, adapter, "-o", out, "-q").wait(120) == 0
         before = digest(out)
     process = start("merge", base, adapter, "-o", out, "-q", *(["--overwrite"] if previous else []))
-    wait_for(MOMENTS[moment](out), process)
+    wait_for(MOMENTS[moment](out, process.pid), process)
     process.send_signal(sig)
     assert process.wait(120) == code, process.stderr.read()
     message = process.stderr.read()
