@@ -280,8 +280,9 @@ def _print_report(report: Any, quiet: bool, as_json: bool) -> None:
         click.echo(f"pushed: {report.pushed_to}")
 
 
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+def _progress(hidden: bool) -> bool:
+    """A bar only for a person at a terminal: not with -q, nor with --json (a script reads it)."""
+    return not hidden and sys.stderr.isatty()
 
 
 class _Command(click.Group):
@@ -370,7 +371,9 @@ def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **op
     from bonemerge.api import merge as run
 
     push = _push(options)
-    report = run(base, adapters, progress=_progress(quiet), command=_command_line(), push=push, **options)
+    report = run(
+        base, adapters, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
+    )
     _print_report(report, quiet, as_json)
 
 
@@ -399,7 +402,9 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     from bonemerge.api import unmerge as run
 
     push = _push(options)
-    report = run(merged, adapters, progress=_progress(quiet), command=_command_line(), push=push, **options)
+    report = run(
+        merged, adapters, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
+    )
     _print_report(report, quiet, as_json)
 
 
@@ -422,7 +427,9 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     from bonemerge.api import unload as run
 
     push = _push(options)
-    report = run(checkpoint, progress=_progress(quiet), command=_command_line(), push=push, **options)
+    report = run(
+        checkpoint, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
+    )
     _print_report(report, quiet, as_json)
 
 

@@ -261,5 +261,6 @@ def test_bat_unmerge_shows_progress_while_checking_inverses(tmp_path, shown_prog
     result = run("unmerge", tmp_path / "merged", bat, "-o", tmp_path / "back")
     assert result.exit_code == 0, result.output
     assert "checking inverses" in result.stderr
-    result = run("unmerge", tmp_path / "merged", bat, "-o", tmp_path / "quiet", "-q")
-    assert result.exit_code == 0 and result.stderr == ""
+    for flag in ("-q", "--json"):
+        result = run("unmerge", tmp_path / "merged", bat, "-o", tmp_path / flag, flag)
+        assert result.exit_code == 0 and result.stderr == "", result.stderr
