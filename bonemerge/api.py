@@ -516,8 +516,8 @@ def _run_model(
     job: _ModelCommand, output: PathLike, dtype: str, max_shard_size: str | int | None, target: _Target
 ) -> Report:
     """Every model-writing command in the order of the safety contract: the output and push
-    target checked, the plan built (headers only), the history guard, the adapters' values
-    checked, and only then the long I/O."""
+    target checked, the plan built (headers only), the adapters' values checked, the history
+    guard, and only then the long I/O."""
     from bonemerge.plan import build_plan
 
     merging = job.operation != "unload"
@@ -534,10 +534,11 @@ def _run_model(
         allow_lossy=job.allow_lossy,
     )
     lineage = history.read_history(_folder(job.given))
+    if merging:
+        # before the sketches, which read whole blocks: a broken one is named by this check
+        check_blocks_finite(job.adapters)
     records = _records(job.references, job.adapters, plan if merging else None)
     notes = [*job.guard(lineage, records), *plan.notes, *_oversized(plan, shard_bytes)]
-    if merging:
-        check_blocks_finite(job.adapters)
     if job.operation == "unmerge":
         check_invertible(job.adapters, target.options.progress)
     entry = _entry(

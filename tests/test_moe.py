@@ -14,6 +14,7 @@ once, so there every element must be at least as close to the float64 merge as P
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -599,3 +600,17 @@ def test_fused_experts_merge_in_bounded_memory(tmp_path):
         f"peak RSS merging 128 fused experts ({128 * 512 * 1024 * 2 / 2**20:.0f} MiB): {peak / 2**20:.0f} MiB"
     )
     assert peak < LIMIT
+
+
+def test_an_expert_adapter_merged_already_is_refused(tmp_path, models):
+    """The double-merge guard knows expert adapters (by fingerprint: they have no sketch)."""
+    base = models("qwen3", "float32", "saved")
+    adapter = _expert_adapter_of(base, tmp_path / "adapter")
+    merge(base, [adapter], tmp_path / "merged")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapter, renamed)
+    fails(
+        tmp_path,
+        "merge", tmp_path / "merged", renamed, "-o", tmp_path / "out",
+        expect=(f"{renamed} is already merged into {tmp_path / 'merged'}", "--allow-remerge"),
+    )  # fmt: skip

@@ -720,10 +720,14 @@ class LoraMethod(Method):
     ) -> tuple[Sketch, ...] | None:
         """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
         norm), so a DoRA update is identified by the tensors that define it, ΔW and the
-        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m."""
+        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m.
+        Expert parameters (`target_parameters`) have no sketch yet: their on-disk tensors are
+        slices of a fused update laid out per architecture, so they are known by fingerprint."""
         from bonemerge.sketch import of_matrix, of_vector, parts
 
-        params: LoraParams = op.block.params
+        if isinstance(op.target, ParamTarget):
+            return None
+        params = _linear(op.block)
         if op.target.part == "bias":
             return parts(of_vector("delta", load("bias") * params.scale))
         a, b = load("A"), load("B")
