@@ -165,6 +165,8 @@ def test_gpt2_classifier_conv1d_and_linear_layers_merge_as_peft(tmp_path, gpt2_c
     assert_identical(ours, peft)
     wrong = "score.weight" if saved else "transformer.h.0.attn.c_proj.weight"
     assert any("fan_in_fan_out" in note and wrong.removesuffix(".weight") in note for note in report.notes)
+    # the history sketches the blocks as laid on the base (a Conv1D's stored columns)
+    assert wrong in lo.assert_sketched(gpt2_classifier, tmp_path / "merged")
 
 
 def test_gpt2_classifier_dora_merges_as_peft(tmp_path, gpt2_classifier):
@@ -367,6 +369,8 @@ def test_nn_conv1d_lora_merges_bit_identical(tmp_path, model, options):
     )
     assert not torch.equal(ours["conv1d.weight"], load_file(base / "model.safetensors")["conv1d.weight"])
     assert_identical(ours, peft)
+    if not options.get("use_dora"):  # DoRA is sketched by its factors and magnitude instead
+        assert "conv1d.weight" in lo.assert_sketched(base, tmp_path / "merged")
 
 
 class ModelGroupedConv(nn.Module):
@@ -401,6 +405,7 @@ def test_multihead_attention_lora_merges_as_peft(tmp_path, options):
     assert report.tensors_merged == 3 + bool(options)  # lin0.bias with lora_bias
     assert any("nn.MultiheadAttention" in note and "twice" in note for note in report.notes)
     assert_identical(ours, peft)
+    assert {"mha.in_proj_weight", "mha.out_proj.weight"} <= lo.assert_sketched(base, tmp_path / "merged")
     unmerged = merge_back(tmp_path, tmp_path / "merged", tmp_path / "adapter")
     for name, tensor in load_file(base / "model.safetensors").items():
         assert torch.allclose(unmerged[name], tensor, rtol=0, atol=1e-6), name

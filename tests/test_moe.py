@@ -212,6 +212,9 @@ def test_expert_lora_matches_peft(tmp_path, models, kind, dtype, layout):
         assert bool((ours[name] != before).flatten(1).any(dim=1).all()), name
     per_expert = layout == "saved" and kind != "gptoss"
     assert report.tensors_merged == 2 + (2 * E * 3 if per_expert else 4)
+    if dtype == "float32":  # the history sketches each on-disk tensor's share of ΔW
+        sketched = lo.assert_sketched(base, tmp_path / "merged", lambda t: t.reshape(-1, t.shape[-1]))
+        assert len(sketched) == report.tensors_merged
     print(f"{kind} {dtype} {layout}: elements differing from PEFT's {differing}")
 
 
