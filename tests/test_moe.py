@@ -425,7 +425,7 @@ def _expert_adapter_of(base: Path, folder: Path) -> Path:
 def test_peft_merge_verifies_and_unmerge_restores(tmp_path, models):
     """verify (tolerance mode) accepts PEFT's bf16 merge, saved per expert by save_pretrained,
     within each element's rounding bound; unmerge takes the experts back out."""
-    from bonemerge import unmerge, verify
+    from bonemerge.api import unmerge, verify
 
     base = models("qwen3", "bfloat16", "saved")
     adapter = _expert_adapter_of(base, tmp_path / "adapter")
@@ -455,7 +455,7 @@ def test_training_checkpoint_merges_and_unloads(tmp_path, models):
     base_layer.gate_up_proj`): merge equals PEFT's merge, unload gives the fused base back."""
     import shutil
 
-    from bonemerge import unload
+    from bonemerge.api import unload
 
     base = models("qwen3", "float32", "saved")
     config = LoraConfig(
@@ -479,7 +479,7 @@ def test_training_checkpoint_merges_and_unloads(tmp_path, models):
 
 def test_strip_layers_and_include_on_expert_adapters(tmp_path, models):
     """strip keeps PEFT's nested key names, so the stripped adapter merges the kept experts as before."""
-    from bonemerge import strip
+    from bonemerge.api import strip  # bonemerge.strip is the submodule once it was imported
 
     base = models("qwen3", "float32", "saved")
     adapter = _expert_adapter_of(base, tmp_path / "adapter")
@@ -501,7 +501,7 @@ def test_inspect_lists_experts_as_ranges(tmp_path, models):
 
     base = models("qwen3", "bfloat16", "saved")
     adapter = _expert_adapter_of(base, tmp_path / "adapter")
-    from bonemerge import inspect
+    from bonemerge.api import inspect
 
     text = "\n".join(render_inspection(inspect(base)))
     assert "model.layers.{0-1}.mlp.experts.{0-3}.gate_proj.weight" in text, text
