@@ -373,6 +373,29 @@ def test_nn_conv1d_lora_merges_bit_identical(tmp_path, model, options):
         assert "conv1d.weight" in lo.assert_sketched(base, tmp_path / "merged")
 
 
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_verify_accepts_peft_bf16_nn_conv1d_merge_within_its_bound(tmp_path, options):
+    """PEFT rounds a 16-bit nn.Conv1d's delta before adding it, so its merge is not bonemerge's:
+    verify checks it against the bound, computed on the weight's out rows of in·k although the
+    weight streams as out·in rows of k."""
+    from bonemerge.api import verify
+
+    torch.manual_seed(6)
+    base = save_base(ModelConv1DBigger().to(torch.bfloat16), tmp_path / "base")
+    factory = lambda: factory_of(ModelConv1DBigger, base)().to(torch.bfloat16)  # noqa: E731
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["conv1d"], **options)
+    adapter = lo.train_lora(factory, config, tmp_path / "adapter", seed=3)
+    peft = save_base(nn.Module(), tmp_path / "peft")
+    save_file(oracle.peft_merged(factory, [adapter]), peft / "model.safetensors")
+    report = verify(peft, base, [adapter])
+    assert report.mode == "tolerance" and report.ok, report
+    tampered = load_file(peft / "model.safetensors")
+    tampered["conv1d.weight"][5, 3, 1] += 0.25
+    save_file(tampered, peft / "model.safetensors")
+    report = verify(peft, base, [adapter])
+    assert not report.ok and [(d.name, d.elements) for d in report.differing] == [("conv1d.weight", 1)]
+
+
 class ModelGroupedConv(nn.Module):
     def __init__(self):
         super().__init__()
