@@ -95,11 +95,12 @@ def sketches(plan: Plan, adapters: Sequence[Adapter]) -> list[dict | None]:
     found: list[dict | None] = []
     with RangeReader() as reader:
         for adapter in adapters:
-            mine = {id(block) for block in adapter.blocks}
+            # the plan's blocks are fitted to the base (`Method.fit`): copies sharing the parts
+            mine = {id(block.parts) for block in adapter.blocks}
             parts: dict[str, tuple[Sketch, ...] | None] = {}
             for step in plan.steps.values():
                 for op in step.ops:
-                    if id(op.block) in mine:
+                    if id(op.block.parts) in mine:
                         parts[step.name] = _sketch(op, step.shape, reader)
             complete = parts and all(p is not None for p in parts.values())
             found.append(

@@ -174,6 +174,25 @@ def _vocabulary(steps: dict[str, Step]) -> dict[str, int]:
     }
 
 
+def fit_blocks(
+    adapter: Adapter,
+    rule: PrefixRule,
+    shapes: dict[str, tuple[int, ...]],
+    config: dict | None,
+    notes: list[str],
+) -> list[tuple[Block, str]]:
+    """The adapter's blocks as each method fits them to this base (`Method.fit`), with the
+    name of their module in the base; the methods' notes are added to `notes`."""
+    named = [(block, rule.apply(block.module)) for block in adapter.blocks]
+    fitted: dict[int, Block] = {}
+    for method in dict.fromkeys(block.method for block, _ in named):
+        own = [(i, pair) for i, pair in enumerate(named) if pair[0].method is method]
+        blocks, said = method.fit([pair for _, pair in own], shapes, config or {}, adapter.root)
+        fitted.update((i, block) for (i, _), block in zip(own, blocks, strict=True))
+        notes.extend(f"{adapter.label}: {note}" for note in said)
+    return [(fitted[i], rule.apply(fitted[i].module)) for i in range(len(named))]
+
+
 class _Builder:
     """Applies adapters one after another to a map of output tensor -> current recipe."""
 
@@ -244,10 +263,10 @@ class _Builder:
         return step.shape if step is not None else None
 
     def _blocks(self, adapter: Adapter, rule: PrefixRule, inverse: bool, skip: set[str]) -> None:
-        for block in adapter.blocks:
+        shapes = {name: step.shape for name, step in self.steps.items()}
+        for block, module in fit_blocks(adapter, rule, shapes, self.config, self.notes):
             where = f"block {block.key} of {adapter.root}"
-            placed = block.method.place(block, rule.apply(block.module), self._shape_of, where)
-            for name, target in placed:
+            for name, target in block.method.place(block, module, self._shape_of, where):
                 self._block(adapter, block, target, name, inverse, skip)
 
     def _block(

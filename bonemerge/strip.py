@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bonemerge.adapters import Adapter, infer_rule
 from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.methods import Converted, RankRequest, Target, kind_name
-from bonemerge.plan import Plan, Step
+from bonemerge.plan import Plan, Step, fit_blocks
 from bonemerge.units import format_size
 
 WEIGHTS = "adapter_model.safetensors"
@@ -308,9 +308,11 @@ def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> li
 
     rule = infer_rule([b.module for b in blocks], base.tensors.keys(), str(adapter.root))
     stored = find_stored(base)
+    shapes = {name: tuple(source.shape) for name, source in base.tensors.items()}
+    fitted = fit_blocks(replace(adapter, blocks=tuple(blocks)), rule, shapes, base.config(), [])
     found = []
-    for block in blocks:
-        name = rule.apply(block.module) + ".weight"
+    for block, module in fitted:
+        name = module + ".weight"
         source = base.tensors.get(name)
         if source is None:
             raise AdapterError(

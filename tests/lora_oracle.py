@@ -278,3 +278,25 @@ def toy_lora_tensors(shapes: dict[str, tuple[int, ...]], modules: Sequence[str],
         tensors[f"{module}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) * 0.05
         tensors[f"{module}.lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.05
     return tensors
+
+
+def assert_sketched(base: Path, merged: Path, view: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The sketch a merge recorded for its (only) adapter describes the update it made: each
+    recorded tensor's sketch matches the sketch of `merged - base` (fp32 files), seen as rows
+    by `view` (default: first dimension x the rest). Returns the names sketched."""
+    from bonemerge.sketch import from_json, of_matrix, of_vector
+
+    view = view or (lambda t: t.reshape(t.shape[0], -1))
+    record = json.loads((merged / "bonemerge.json").read_text())["history"][-1]["adapters"][0]
+    recorded = from_json(record.get("sketch"))
+    assert recorded, "no sketch was recorded"
+    before, after = oracle.read_folder(base), oracle.read_folder(merged)
+    for name, sketches in recorded.items():
+        delta = (after[name].double() - before[name].double()).numpy()
+        if delta.ndim == 1:
+            expected = of_vector("delta", delta)
+        else:
+            rows = view(torch.from_numpy(delta)).numpy()
+            expected = of_matrix("delta", lambda x, rows=rows: rows @ x, rows.shape)
+        assert sketches[0].matches(expected), (name, sketches[0], expected)
+    return set(recorded)

@@ -81,7 +81,7 @@ def test_equal_conv_ranks_are_still_called_a_convolution(tmp_path, base):
         tmp_path / "adapter",
         **{f"{Q1}.lora_A.weight": torch.ones(4, 64, 3), f"{Q1}.lora_B.weight": torch.ones(64, 4, 1)},
     )
-    refused(tmp_path, base, adapter, "Conv1d", "3 dimensions")
+    refused(tmp_path, base, adapter, "nn.Conv1d", "[64, 64, 3]")  # an nn.Conv1d LoRA, on a Linear
 
 
 @pytest.mark.parametrize(

@@ -131,11 +131,13 @@ def excluded_by(raw: dict, module: str, path: Path) -> str | None:
 
 
 def check_scope(blocks: Iterable[Block], raw: dict, config: Path, weights: Path) -> None:
-    """Refuse the first block whose module the config at `config` keeps PEFT from adapting."""
+    """Refuse the first block whose module the config at `config` keeps PEFT from adapting. A
+    layer PEFT adapts inside one it wrapped (an nn.MultiheadAttention's out_proj, saved as
+    `mha.base_layer.out_proj`) is in scope with the wrapped module."""
     for block in blocks:
         if not block.method.module_scoped(block):
             continue
-        field = excluded_by(raw, block.module, config)
+        field = excluded_by(raw, block.module.split(".base_layer.")[0], config)
         if field is not None:
             raise AdapterError(
                 f"{weights} holds {block.key}, but the {field} of {config} leave out {block.module}, "

@@ -13,7 +13,7 @@ for file names, descriptions and error bounds. Methods never do I/O: tensors rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,6 +284,21 @@ class Method:
         raise NotImplementedError
 
     # -- planning -------------------------------------------------------------------------
+    def fit(
+        self,
+        blocks: Sequence[tuple[Block, str]],
+        shapes: Mapping[str, tuple[int, ...]],
+        model: Mapping,
+        where: Path,
+    ) -> tuple[list[Block], list[str]]:
+        """The blocks as they apply to one base, and notes for the user. `blocks` pairs each
+        block with its module's name in the base, `shapes` holds the base's tensor shapes and
+        `model` its config.json: what the adapter file cannot say (LoRA's per-layer layout,
+        the parameter an nn.MultiheadAttention's LoRA changes) is decided here, from the base,
+        before any shape is checked; a block may come back with the name of the module whose
+        tensors it changes."""
+        return [block for block, _ in blocks], []
+
     def targets(self, block: Block) -> tuple[Target, ...]:
         return (Target("weight"),)
 

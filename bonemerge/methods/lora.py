@@ -23,12 +23,13 @@ import math
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonemerge.errors import AdapterError, shown
+from bonemerge.methods import layouts
 from bonemerge.methods.base import (
     INPUT_EMBEDDINGS,
     OUTPUT_EMBEDDINGS,
@@ -49,6 +50,7 @@ from bonemerge.methods.lora_params import (
     check_piece,
     expert_rows,
     parameter_module,
+    piece_product,
     place,
     targets_a_parameter,
 )
@@ -110,6 +112,7 @@ class LoraParams:
     r: int
     scale: float
     dora: bool
+    fan_in_fan_out: bool = False  # as adapter_config.json says; `transposed` is what holds
 
 
 def _number(value: object) -> bool:
@@ -191,11 +194,20 @@ def _refuse_unmergeable(raw: dict, path: Path) -> None:
                     f"{path} sets {key} together with target_parameters, which PEFT refuses "
                     f"(lora.ParamWrapper does not work with {what}); this is not an adapter PEFT can load."
                 )
+    if raw.get("kasa_config"):
+        raise AdapterError(
+            f"{path} is a KaSA adapter (kasa_config, PEFT 0.19 or later): KaSA cut the smallest singular "
+            "values out of the base weights when training began and scales B @ A by its lora_diag, so "
+            "bonemerge cannot merge it into the original base; use PEFT's merge_and_unload for it."
+        )
     unsupported = {
         "layer_replication": "layer_replication (it changes the model's layers)",
         "use_qalora": "QA-LoRA (use_qalora)",
         "arrow_config": "Arrow routing (arrow_config)",
         "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+        "velora_config": "VeLoRA (velora_config, a LoRA variant of PEFT 0.19 or later)",
+        "monteclora_config": "MonteCLoRA (monteclora_config, a LoRA variant of PEFT 0.19 or later)",
+        "use_bdlora": "BD-LoRA (use_bdlora, block-diagonal factors, a LoRA variant of PEFT 0.19 or later)",
     }
     for key, what in unsupported.items():
         if raw.get(key):
@@ -211,8 +223,8 @@ def _check_factors(a: tuple[int, ...], b: tuple[int, ...], keys: dict[str, str],
     if len(a) == len(b) and len(a) in (3, 4, 5):
         raise AdapterError(
             f"{keys['A']} and {keys['B']} in {where} have {len(a)} dimensions: a LoRA on a "
-            f"Conv{len(a) - 2}d layer, which bonemerge does not merge (Linear, Conv1D and Embedding "
-            "only); use PEFT's merge_and_unload for it."
+            f"Conv{len(a) - 2}d layer, which bonemerge does not merge (Linear, Conv1D, nn.Conv1d "
+            "and Embedding only); use PEFT's merge_and_unload for it."
         )
     part, shape = ("A", a) if len(a) != 2 else ("B", b)
     other, partner = ("B", b) if part == "A" else ("A", a)
@@ -267,8 +279,72 @@ def _check_layer_kind(block: Block, name: str, shape: tuple[int, ...], where: st
         )
 
 
+def _multihead(module: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """`mha_in` for LoRA on an nn.MultiheadAttention's packed in_proj_weight (PEFT saves it as
+    `mha.lora_A`), `mha_out` for its out_proj (`mha.base_layer.out_proj.lora_A`), else None."""
+    owner = module.split(".base_layer.")[0]
+    if f"{owner}.in_proj_weight" not in shapes:
+        return None
+    if owner == module and f"{module}.weight" not in shapes:
+        return "mha_in"
+    return "mha_out" if module == f"{owner}.base_layer.out_proj" else None
+
+
+def _multihead_block(block: Block, part: str, where: Path) -> Block:
+    """A block of an nn.MultiheadAttention, named by the module whose weight it changes."""
+    if block.params.dora or "bias" in block.parts:
+        what = "DoRA" if block.params.dora else "LoRA with lora_bias"
+        raise AdapterError(
+            f"{block.key} in {where} is {what} on an nn.MultiheadAttention, which PEFT 0.18.1 does "
+            "not merge; use PEFT's merge_and_unload for it."
+        )
+    module = block.module if part == "mha_in" else block.module.replace(".base_layer.out_proj", ".out_proj")
+    return replace(block, module=module, params=replace(block.params, kind=part, transposed=False))
+
+
+def _layer_kind(
+    block: Block, module: str, shape: tuple[int, ...] | None, conv1d: Callable[[str], bool] | None
+) -> bool | None:
+    """Whether a Linear-or-Conv1D block's layer is a Conv1D: from the architecture when it is
+    known, else from the one layout its weight fits; None when the shape cannot tell."""
+    if conv1d is not None:
+        return conv1d(module)
+    a, b = block.parts["A"].shape, block.parts["B"].shape
+    linear, transposed = shape == (b[0], a[1]), shape == (a[1], b[0])
+    return transposed if linear != transposed else None
+
+
+def _ambiguous(
+    block: Block,
+    module: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    blocks: Sequence[tuple[Block, str]],
+    decided: Mapping[int, bool | None],
+    where: Path,
+) -> str:
+    """Why a square layer's layout cannot be told, with a layer of each kind as evidence."""
+    names = {layout: blocks[i][1] for i, layout in decided.items() if layout is not None}
+    return (
+        f"{block.key} in {where} is for {module}, whose square weight {list(shapes[module + '.weight'])} "
+        "fits both an nn.Linear (out x in) and a transformers Conv1D (in x out), and this adapter "
+        f"holds both kinds ({names[False]} is a Linear, {names[True]} a Conv1D) while the base's "
+        "config.json names no model_type bonemerge knows the layers of; set model_type in the "
+        "base's config.json, or merge with PEFT's merge_and_unload."
+    )
+
+
+def _factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and A as the matrices of ΔW = s · B @ A: an nn.Conv1d's [out, r, 1] and [r, in, k]
+    become [out, r] and [r, in·k], whose product is its weight's rows flattened (PEFT's
+    `conv1d(Aᵀ, B)ᵀ`, the same sums)."""
+    return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+
+
 class DeltaRows(RowMaths):
-    """Plain LoRA: add (or subtract) `s · left[rows] @ right` to each chunk of rows."""
+    """Plain LoRA: add (or subtract) `s · left[rows] @ right` to each chunk of rows; with
+    `columns`, the stored rows are columns of `left @ right` (Conv1D, Embedding), and a chunk
+    gets `(left @ right[:, rows])ᵀ`: PEFT's `transpose(B @ A)`, in the same GEMM shape (the
+    very call when the tensor fits one chunk), rather than `Aᵀ @ Bᵀ`."""
 
     def __init__(
         self,
@@ -276,10 +352,13 @@ class DeltaRows(RowMaths):
         right: torch.Tensor,
         scale: float,
         dtype: torch.dtype,
+        columns: bool = False,
         scratch: threading.local | None = None,
     ) -> None:
         self.left = left.to(dtype).contiguous()
         self.right = right.to(dtype).contiguous()
+        self.columns = columns
+        self.width = self.left.shape[0] if columns else self.right.shape[1]
         self.scale = scale
         # PEFT rounds the scaled product before adding it. A scale of 2^k (k >= 0, e.g. the
         # common lora_alpha = r or 2r) scales exactly, so the scaling can ride on the addition
@@ -293,13 +372,16 @@ class DeltaRows(RowMaths):
         """`left[row0:row0+rows] @ right`, unscaled, in this thread's reused buffer."""
         import torch
 
-        size = rows * self.right.shape[1]
+        size = rows * self.width
         buffer = getattr(self._scratch, "buffer", None)
         if buffer is None or buffer.numel() < size:
             buffer = self._scratch.buffer = torch.empty(
                 size, dtype=self.right.dtype, device=self.right.device
             )
-        out = buffer[:size].view(rows, self.right.shape[1])
+        if self.columns:
+            out = buffer[:size].view(self.width, rows)
+            return torch.mm(self.left, self.right[:, row0 : row0 + rows], out=out).t()
+        out = buffer[:size].view(rows, self.width)
         return torch.mm(self.left[row0 : row0 + rows], self.right, out=out)
 
     def delta(self, rows: int, row0: int) -> torch.Tensor:
@@ -319,20 +401,45 @@ class DeltaRows(RowMaths):
         self._apply(work, row0, -1)
 
 
+class TwiceRows(DeltaRows):
+    """An nn.MultiheadAttention's out_proj: PEFT 0.18.1 adds its update twice (in the
+    MultiheadAttention merge, then in the wrapped out_proj's own), in merge_and_unload as in its
+    forward, so the trained adapter means `W + ΔW + ΔW`; each addition rounds in the product's
+    dtype as PEFT's does."""
+
+    def _twice(self, work: torch.Tensor, row0: int, sign: int) -> None:
+        v = work.to(self.right.dtype)
+        delta = self.delta(work.shape[0], row0)
+        v.add_(delta, alpha=sign).add_(delta, alpha=sign)
+        if v is not work:
+            work.copy_(v)
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        self._twice(work, row0, 1)
+
+    def unmerge(self, work: torch.Tensor, row0: int) -> None:
+        self._twice(work, row0, -1)
+
+
 class DoraRows(DeltaRows):
-    """DoRA with the norm along the stored rows (Linear): each row becomes m · v / ‖v‖."""
+    """DoRA with the norm along the stored rows (Linear, nn.Conv1d): each row becomes
+    m · v / ‖v‖, with v, its norm and the factor in the product's dtype (fp32), as PEFT
+    computes them, even where the weight is fp32 and the rest of the merge runs in fp64."""
 
     def __init__(self, left, right, scale, dtype, magnitude: torch.Tensor) -> None:
         super().__init__(left, right, scale, dtype)
-        self.magnitude = magnitude
+        self.magnitude = magnitude.reshape(-1)
 
     def merge(self, work: torch.Tensor, row0: int) -> None:
         import torch
 
-        work.add_(self.delta(work.shape[0], row0))
-        norm = torch.linalg.norm(work, dim=1)
-        factor = self.magnitude[row0 : row0 + work.shape[0]].to(work.dtype) / norm
-        work.mul_(factor.unsqueeze(1))
+        v = work.to(self.right.dtype)
+        v.add_(self.delta(work.shape[0], row0))
+        norm = torch.linalg.norm(v, dim=1)
+        factor = self.magnitude[row0 : row0 + work.shape[0]].to(v.dtype) / norm
+        v.mul_(factor.unsqueeze(1))
+        if v is not work:
+            work.copy_(v)
 
 
 class DoraColumns(DeltaRows):
@@ -344,22 +451,27 @@ class DoraColumns(DeltaRows):
     def __init__(self, left, right, scale, dtype, magnitude: torch.Tensor) -> None:
         import torch
 
-        super().__init__(left, right, scale, dtype)
+        super().__init__(left, right, scale, dtype, columns=True)
         self.magnitude = magnitude
-        self._squares = torch.zeros(right.shape[1], dtype=torch.float64, device=right.device)
+        self._squares = torch.zeros(self.left.shape[0], dtype=torch.float64, device=right.device)
         self._factor = magnitude
 
+    def _v(self, work: torch.Tensor, row0: int) -> torch.Tensor:
+        """W + ΔW in the product's dtype, as PEFT forms it."""
+        return work.to(self.right.dtype).add_(self.delta(work.shape[0], row0))
+
     def observe(self, work: torch.Tensor, row0: int) -> None:
-        summed = work + self.delta(work.shape[0], row0)
-        self._squares += summed.double().square().sum(dim=0)
+        self._squares += self._v(work, row0).double().square().sum(dim=0)
 
     def finish(self) -> None:
-        dtype = self.magnitude.dtype
-        self._factor = self.magnitude / self._squares.sqrt().to(dtype)
+        dtype = self.right.dtype
+        self._factor = self.magnitude.to(dtype) / self._squares.sqrt().to(dtype)
 
     def merge(self, work: torch.Tensor, row0: int) -> None:
-        work.add_(self.delta(work.shape[0], row0))
-        work.mul_(self._factor)
+        v = self._v(work, row0)
+        v.mul_(self._factor)
+        if v is not work:
+            work.copy_(v)
 
 
 class DoraBound(ErrorBound):
@@ -384,7 +496,7 @@ class DoraBound(ErrorBound):
         self._exact, self._inner, self._magnitude = exact, inner, magnitude
         self._columns = params.transposed
         self.needs_pass = self._columns
-        inputs = shape[0] if self._columns else shape[1]
+        inputs = shape[0] if self._columns else math.prod(shape[1:])
         self._gamma = tolerance.gamma(inputs + 4, dtype)
         self._squares = torch.zeros(shape[1], dtype=torch.float64)
         self._errors = torch.zeros(shape[1], dtype=torch.float64)
@@ -410,6 +522,50 @@ class DoraBound(ErrorBound):
         return factor * error + (factor * v).abs() * (2 * relative)
 
 
+class ChannelRows(RowMaths):
+    """An nn.Conv1d weight [out, in, k] streams as out·in rows of k (`dtypes.rows_cols`, the
+    view that keeps a fused MoE tensor's experts apart), in chunks of whole output channels
+    (`row_multiple`); its LoRA maths runs on the rows PEFT's merge sees, out rows of in·k.
+    This views each chunk so, in place."""
+
+    def __init__(self, inner: RowMaths, group: int) -> None:
+        self.inner, self.group = inner, group
+        self.needs_pass = inner.needs_pass
+
+    def _view(self, work: torch.Tensor) -> torch.Tensor:
+        return work.view(-1, self.group * work.shape[1])
+
+    def observe(self, work: torch.Tensor, row0: int) -> None:
+        self.inner.observe(self._view(work), row0 // self.group)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def merge(self, work: torch.Tensor, row0: int) -> None:
+        self.inner.merge(self._view(work), row0 // self.group)
+
+    def unmerge(self, work: torch.Tensor, row0: int) -> None:
+        self.inner.unmerge(self._view(work), row0 // self.group)
+
+
+class ChannelBound(ErrorBound):
+    """`ChannelRows` for an error bound: rows of k in, rows of k out, out rows of in·k inside."""
+
+    def __init__(self, inner: ErrorBound, group: int) -> None:
+        self.inner, self.group = inner, group
+        self.needs_pass = inner.needs_pass
+
+    def _view(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(-1, self.group * rows.shape[1])
+
+    def observe(self, rows: torch.Tensor, carried: torch.Tensor, row0: int) -> None:
+        self.inner.observe(self._view(rows), self._view(carried), row0 // self.group)
+
+    def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
+        found = self.inner.bound(self._view(rows), row0 // self.group, self._view(carried), rounded)
+        return found.reshape(rows.shape)
+
+
 class BiasRows(RowMaths):
     """`lora_bias`: the layer's bias gains `s · lora_B.bias` (its rows are its elements)."""
 
@@ -426,6 +582,26 @@ class BiasRows(RowMaths):
 def _linear(block: Block) -> LoraParams:
     """The module LoRA settings of a block (for a parameter block, its Linear reading)."""
     return block.params.linear if isinstance(block.params, ParamBlock) else block.params
+
+
+def _module_reading(block: Block, module: str, shapes: Mapping[str, tuple[int, ...]]) -> LoraParams | None:
+    """The module LoRA `block` applies as on a base with tensors `shapes` (`module` named as
+    the base names it), or None for a block on a parameter: as `LoraMethod.place` decides."""
+    params = block.params
+    if not isinstance(params, ParamBlock):
+        return params
+    if params.linear is None or targets_a_parameter(block, module, shapes.get):
+        return None
+    return params.linear
+
+
+def _with_reading(block: Block, params: LoraParams) -> Block:
+    """`block` with `params` as its module LoRA (the same block when nothing changes)."""
+    if params == _linear(block):
+        return block
+    if isinstance(block.params, ParamBlock):
+        return replace(block, params=replace(block.params, linear=params))
+    return replace(block, params=params)
 
 
 class LoraMethod(Method):
@@ -518,11 +694,19 @@ class LoraMethod(Method):
             else "linear"
         )
         a, b = tuple(parts["A"].shape), tuple(parts["B"].shape)
-        _check_factors(a, b, keys, where)
+        if kind == "linear" and len(a) == 3 and len(b) == 3 and b[2] == 1:
+            kind = "conv1d"  # nn.Conv1d: lora_A is a Conv1d [r, in, k], lora_B a 1-wide [out, r, 1]
+        else:
+            _check_factors(a, b, keys, where)
         r_key = _pattern_key(settings.rank_pattern, module)
         alpha_key = _pattern_key(settings.alpha_pattern, module)
         r = dict(settings.rank_pattern)[r_key] if r_key is not None else settings.r
         alpha = dict(settings.alpha_pattern)[alpha_key] if alpha_key is not None else settings.alpha
+        if kind == "conv1d" and a[0] == r and b[1] != r and b[1] and r % b[1] == 0:
+            raise AdapterError(
+                f"{keys['B']} in {where} has shape {list(b)}: LoRA on an nn.Conv1d with groups="
+                f"{r // b[1]}, which PEFT cannot merge either (merging needs groups=1); serve it unmerged."
+            )
         if a[0] != r or b[1] != r:
             raise AdapterError(
                 f"{keys['A']} and {keys['B']} in {where} have shapes {list(a)} and {list(b)}, but "
@@ -546,8 +730,15 @@ class LoraMethod(Method):
         if "bias" in parts:
             _check_bias(tuple(parts["bias"].shape), b[0], kind, keys, where)
         scale = alpha / math.sqrt(r) if settings.rslora else alpha / r
-        transposed = kind == "embedding" or settings.fan_in_fan_out
-        return Block(module, self, parts, keys, LoraParams(kind, transposed, r, scale, settings.dora))
+        # the flag is only a first guess for Linear/Conv1D layers: `fit` decides from the base
+        transposed = kind == "embedding" or (kind == "linear" and settings.fan_in_fan_out)
+        return Block(
+            module,
+            self,
+            parts,
+            keys,
+            LoraParams(kind, transposed, r, scale, settings.dora, settings.fan_in_fan_out),
+        )
 
     def infer_config(
         self,
@@ -590,15 +781,87 @@ class LoraMethod(Method):
         # `_inject_parameters` applies no other field)
         return not isinstance(block.params, ParamBlock)
 
+    def fit(
+        self,
+        blocks: Sequence[tuple[Block, str]],
+        shapes: Mapping[str, tuple[int, ...]],
+        model: Mapping,
+        where: Path,
+    ) -> tuple[list[Block], list[str]]:
+        """Each Linear/Conv1D block's layout, decided as PEFT decides it: by the layer it wraps.
+        PEFT forces `fan_in_fan_out` on for a transformers `Conv1D` and off for an nn.Linear, so
+        the saved flag only tells which kind it wrapped last. The layer kind comes from the
+        architecture (config.json's `model_type`, see `layouts`), else from the shapes; a
+        square layer of an unknown architecture follows the flag unless the adapter's other
+        layers show both kinds, which is refused. Blocks on parameters (`target_parameters`)
+        keep their layout, which PEFT's ParamWrapper fixes."""
+        conv1d = layouts.conv1d_rule(model)
+        readings = {
+            i: params
+            for i, (block, module) in enumerate(blocks)
+            if (params := _module_reading(block, module, shapes)) is not None
+        }
+        flag = any(params.fan_in_fan_out for params in readings.values())
+        linear = [i for i, params in readings.items() if params.kind == "linear"]
+        multihead = {
+            i: part
+            for i in linear
+            if not isinstance(blocks[i][0].params, ParamBlock) and (part := _multihead(blocks[i][1], shapes))
+        }
+        kinds = {
+            i: _layer_kind(blocks[i][0], blocks[i][1], shapes.get(blocks[i][1] + ".weight"), conv1d)
+            for i in linear
+            if i not in multihead
+        }
+        seen = {kind for kind in kinds.values() if kind is not None}
+        result, differ = [], []
+        for index, (block, module) in enumerate(blocks):
+            if index in multihead:
+                result.append(_multihead_block(block, multihead[index], where))
+                continue
+            if index not in kinds:
+                result.append(block)
+                continue
+            layout = kinds[index]
+            if layout is None and module + ".weight" not in shapes:
+                layout = False  # a tied output embedding the plan unties: an nn.Linear in PEFT
+            elif layout is None:
+                if seen - {flag}:
+                    raise AdapterError(_ambiguous(block, module, shapes, blocks, kinds, where))
+                layout = flag  # square, and nothing in the adapter contradicts the flag
+            elif layout != flag:
+                differ.append(module)
+            result.append(_with_reading(block, replace(readings[index], transposed=layout)))
+        notes = [
+            f"{blocks[i][1]} is LoRA on an nn.MultiheadAttention; merged as PEFT 0.18.1 merges it "
+            "(and computes it in its forward): ΔW into in_proj_weight, the out_proj update added twice"
+            for i, part in multihead.items()
+            if part == "mha_in"
+        ]
+        if differ:
+            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            kind = "an nn.Linear layer" if flag else "a transformers Conv1D layer (stored in x out)"
+            notes.append(
+                f"adapter_config.json says fan_in_fan_out: {str(flag).lower()}, but {shown} "
+                f"{'is' if len(differ) == 1 else 'are each'} {kind}; merged as PEFT does, "
+                "with the layout of the layer"
+            )
+        return result, notes
+
     def targets(self, block: Block) -> tuple[Target, ...]:
+        if getattr(block.params, "kind", None) == "mha_in":
+            return (Target("in_proj_weight"),)
         if "bias" in block.parts:
             return (Target("weight"), Target("bias", "bias"))
         return (Target("weight"),)
 
-    def _dims(self, block: Block) -> tuple[int, int]:
-        """(rows, columns) the stored weight must have."""
+    def _dims(self, block: Block) -> tuple[int, ...]:
+        """The shape the stored weight must have."""
         a, b = block.parts["A"].shape, block.parts["B"].shape
-        return (a[1], b[0]) if _linear(block).transposed else (b[0], a[1])
+        params = _linear(block)
+        if params.kind == "conv1d":
+            return (b[0], *a[1:])
+        return (a[1], b[0]) if params.transposed else (b[0], a[1])
 
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
@@ -620,7 +883,7 @@ class LoraMethod(Method):
                     "is this adapter for this base model?"
                 )
             return
-        if len(shape) != 2:
+        if len(shape) != 2 and params.kind != "conv1d":
             raise AdapterError(
                 f"{where} holds 2-D LoRA factors for {name}, which has shape {list(shape)}; they fit "
                 "only a Linear, Conv1D or Embedding weight, so is this adapter for this base model?"
@@ -628,23 +891,27 @@ class LoraMethod(Method):
         _check_layer_kind(block, name, shape, where)
         if tuple(shape) != self._dims(block):
             layout = {
+                "conv1d": "an nn.Conv1d weight out x in x kernel",
                 "embedding": "an Embedding (lora_embedding_A is r x vocab, lora_embedding_B dim x r)",
-                "linear": "a Conv1D weight stored in x out (fan_in_fan_out)"
+            }.get(
+                params.kind,
+                "a Conv1D weight stored in x out (fan_in_fan_out)"
                 if params.transposed
                 else "a Linear weight out x in",
-            }[params.kind]
+            )
             raise AdapterError(
                 f"{where} has lora_A {list(block.parts['A'].shape)} and lora_B "
                 f"{list(block.parts['B'].shape)}, which as {layout} need {name} to be "
                 f"{list(self._dims(block))}, but it is {list(shape)}; is this adapter for this base model?"
             )
         if params.dora:
-            columns = shape[1] if params.transposed else shape[0]
+            outputs = shape[1] if params.transposed else shape[0]
+            need = (1, outputs, 1) if params.kind == "conv1d" else (outputs,)
             magnitude = tuple(block.parts["magnitude"].shape)
-            if magnitude != (columns,):
+            if magnitude != need:
                 raise AdapterError(
                     f"{where} has a DoRA magnitude of shape {list(magnitude)}, but {name} needs "
-                    f"[{columns}]; the adapter is damaged."
+                    f"{list(need)}; the adapter is damaged."
                 )
 
     def settings_digest(self, block: Block) -> str:
@@ -662,6 +929,27 @@ class LoraMethod(Method):
         device: torch.device | str,
         precision: str,
     ) -> RowMaths:
+        maths = self._maths(op, load, dtype, device, precision)
+        group = self.row_multiple(op)
+        return ChannelRows(maths, group) if group > 1 else maths
+
+    def row_multiple(self, op: BlockOp) -> int:
+        # an nn.Conv1d weight streams as out·in rows of k (`dtypes.rows_cols`): whole output
+        # channels stay together, since its LoRA (and DoRA's norm) runs on them
+        if getattr(op.block.params, "kind", None) == "conv1d" and op.target.part == "weight":
+            return op.block.parts["A"].shape[1]
+        return 1
+
+    def _maths(
+        self,
+        op: BlockOp,
+        load: Callable[[str], torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        precision: str,
+    ) -> RowMaths:
+        """The row maths of `op` on the weight's rows as PEFT sees them (an nn.Conv1d's: out
+        rows of in·k)."""
         import torch
 
         params = _linear(op.block)
@@ -672,9 +960,11 @@ class LoraMethod(Method):
         if isinstance(op.target, ParamTarget):
             return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device)
         a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
-        left, right = (a.t(), b.t()) if params.transposed else (b, a)
+        left, right = _factors(a, b)
+        if params.kind == "mha_out":
+            return TwiceRows(left, right, params.scale, product)
         if not params.dora:
-            return DeltaRows(left, right, params.scale, product)
+            return DeltaRows(left, right, params.scale, product, params.transposed)
         magnitude = load("magnitude").to(device=device, dtype=dtype)
         kind = DoraColumns if params.transposed else DoraRows
         return kind(left, right, params.scale, product, magnitude)
@@ -685,11 +975,12 @@ class LoraMethod(Method):
         return _linear(op.block).r if op.target.part == "weight" else 0
 
     def rounds_delta(self, op: BlockOp) -> bool:
-        # PEFT's Embedding.merge and ParamWrapper add `delta.to(weight dtype)`; Linear and
-        # Conv1D add in fp32.
+        # PEFT's Embedding, nn.Conv1d, MultiheadAttention and ParamWrapper merges add
+        # `delta.to(weight dtype)`; Linear and Conv1D add in fp32.
         if isinstance(op.target, ParamTarget):
             return True
-        return _linear(op.block).kind == "embedding" and op.target.part == "weight"
+        rounded = ("embedding", "conv1d", "mha_in", "mha_out")
+        return _linear(op.block).kind in rounded and op.target.part == "weight"
 
     def error_bound(
         self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
@@ -705,35 +996,38 @@ class LoraMethod(Method):
                 return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu")
             if op.target.part == "bias":
                 return BiasRows(loader("bias"), scale, torch.float64)
-            a, b = loader("A"), loader("B")
-            left, right = (a.t(), b.t()) if params.transposed else (b, a)
-            return DeltaRows(left, right, scale, torch.float64)
+            left, right = _factors(loader("A"), loader("B"))
+            times = 2 if params.kind == "mha_out" else 1  # added twice, as PEFT does
+            return DeltaRows(left, right, times * scale, torch.float64, params.transposed)
 
-        magnitudes = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
-        if isinstance(target, ParamTarget) or not params.dora or op.target.part != "weight":
-            return magnitudes
-        exact = self.prepare(op, load, shape, torch.float64, "cpu", "fp64")
-        return DoraBound(exact, magnitudes, load("magnitude").double(), shape, params, dtype)
+        found = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
+        if not isinstance(target, ParamTarget) and params.dora and op.target.part == "weight":
+            exact = self._maths(op, load, torch.float64, "cpu", "fp64")
+            found = DoraBound(exact, found, load("magnitude").double().reshape(-1), shape, params, dtype)
+        group = self.row_multiple(op)
+        return ChannelBound(found, group) if group > 1 else found
 
     def sketch(
         self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
     ) -> tuple[Sketch, ...] | None:
         """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
         norm), so a DoRA update is identified by the tensors that define it, ΔW and the
-        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m.
-        Expert parameters (`target_parameters`) have no sketch yet: their on-disk tensors are
-        slices of a fused update laid out per architecture, so they are known by fingerprint."""
+        magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m."""
         from bonemerge.sketch import of_matrix, of_vector, parts
 
         if isinstance(op.target, ParamTarget):
-            return None
+            rows = math.prod(shape[:-1])  # a fused [E, d1, d2] tensor streams as E·d1 rows
+            product = piece_product(op.target, load("A"), load("B"))
+            return parts(of_matrix("delta", product, (rows, shape[-1])))
         params = _linear(op.block)
         if op.target.part == "bias":
             return parts(of_vector("delta", load("bias") * params.scale))
-        a, b = load("A"), load("B")
-        left, right = (a.T, b.T) if params.transposed else (b, a)
+        left, right = _factors(load("A"), load("B"))  # an nn.Conv1d's rows flattened
+        if params.transposed:
+            left, right = right.T, left.T
+        scale = params.scale * (2 if params.kind == "mha_out" else 1)  # added twice, as PEFT does
         space = "dora" if params.dora else "delta"
-        delta = of_matrix(space, lambda x: left @ (right @ x) * params.scale, shape)
+        delta = of_matrix(space, lambda x: left @ (right @ x) * scale, (shape[0], math.prod(shape[1:])))
         if not params.dora:
             return parts(delta)
         return parts(delta, of_vector("dora-magnitude", load("magnitude")))

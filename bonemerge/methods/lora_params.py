@@ -33,6 +33,7 @@ from bonemerge.errors import AdapterError
 from bonemerge.methods.base import Block, RowMaths, Target
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.methods.lora import DeltaRows, LoraSettings
@@ -245,5 +246,30 @@ def expert_rows(
     for expert in wanted:
         left = a[expert * r : (expert + 1) * r].t()  # (d1, r): A_eᵀ
         right = b[:, expert::e].t()  # (r, d2): B_eᵀ, whose rank index runs over columns r·E + e
-        deltas[expert] = DeltaRows(ready(left), ready(right), scale, dtype, scratch)
+        deltas[expert] = DeltaRows(ready(left), ready(right), scale, dtype, scratch=scratch)
     return ExpertRows(deltas, target.rows, target.expert, target.start)
+
+
+def piece_product(target: ParamTarget, a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`X ↦ ΔW·X` for the rows of the parameter that `target`'s tensor holds, in the order it
+    streams them (the experts and rows `expert_rows` merges), from numpy lora_A and lora_B:
+    what a history sketch needs, without building ΔW."""
+    import numpy as np
+
+    r, e = target.r, target.experts
+    wanted = range(e) if target.expert is None else (target.expert,)
+    rows = slice(None) if target.expert is None else slice(target.start, target.stop)
+
+    def factors(expert: int) -> tuple[np.ndarray, np.ndarray]:
+        if e == 1:
+            return b, a  # Linear's B @ A
+        return a[expert * r : (expert + 1) * r].T, b[:, expert::e].T  # A_eᵀ, B_eᵀ
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        found = []
+        for expert in wanted:
+            left, right = factors(expert)
+            found.append(left[rows] @ (right @ x))
+        return np.concatenate(found) * target.scale
+
+    return apply
