@@ -810,10 +810,10 @@ def strip(
     """Write a reduced or converted adapter (adapter_config.json + adapter_model.safetensors)
     that PEFT loads. Converting to LoRA needs the base model (`base`, else the one the adapter's
     config names); an approximate conversion (Bat) needs `rank` (K, or "auto" with `max_error`)."""
+    from bonemerge.adapter_reduction import StripOptions, build_strip_plan, needs_base, parse_layers
     from bonemerge.checkpoint.reader import InputWatch
     from bonemerge.engine import write_plan
     from bonemerge.modelcard import render_card
-    from bonemerge.strip import StripOptions, build_strip_plan, needs_base, parse_layers
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
@@ -989,7 +989,7 @@ def verify(
     With `base` None, the base is the one the first adapter's config names, as for `merge`."""
     from bonemerge.checkpoint.folder import stray_weights
     from bonemerge.plan import build_plan
-    from bonemerge.verify import stored_cast, verify_plan
+    from bonemerge.verification import stored_cast, verify_plan
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge=False, progress=False)
@@ -1044,7 +1044,7 @@ def verify_checksums(merged: PathLike):
     """Check every file of a bonemerge output against the digest its manifest recorded."""
     from bonemerge.checkpoint.folder import loader_weights
     from bonemerge.manifest import listed_files, read_manifest
-    from bonemerge.verify import verify_checksums as check
+    from bonemerge.verification import verify_checksums as check
 
     folder = locate(merged, None, "MERGED").path
     if not (folder / MANIFEST).is_file():

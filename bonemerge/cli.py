@@ -139,7 +139,7 @@ class _Checked(click.ParamType):
 
 
 def _layers(text: str) -> Any:
-    from bonemerge.strip import parse_layers
+    from bonemerge.adapter_reduction import parse_layers
 
     return parse_layers(text)
 

@@ -16,13 +16,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bonemerge.adapter_reduction import layer_of
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.codecs import describe_storage
 from bonemerge.errors import BonemergeError
 from bonemerge.manifest import MANIFEST, read_manifest
-from bonemerge.strip import layer_of
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 

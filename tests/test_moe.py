@@ -480,7 +480,7 @@ def test_training_checkpoint_merges_and_unloads(tmp_path, models):
 
 def test_strip_layers_and_include_on_expert_adapters(tmp_path, models):
     """strip keeps PEFT's nested key names, so the stripped adapter merges the kept experts as before."""
-    from bonemerge.api import strip  # bonemerge.strip is the submodule once it was imported
+    from bonemerge import strip
 
     base = models("qwen3", "float32", "saved")
     adapter = _expert_adapter_of(base, tmp_path / "adapter")
