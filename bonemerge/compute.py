@@ -359,13 +359,15 @@ class Compute:
         self, coded: _Coded, before: torch.Tensor, work: torch.Tensor, codes: torch.Tensor, row0: int
     ) -> None:
         """Add this sub-chunk's ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖², from deq(W) (`before`), the
-        merged values (`work`) and their codes."""
-        delta = work - before
+        merged values (`work`) and their codes. Dot products in the compute dtype (BLAS, blocked
+        sums: relative error ~1e-5 in fp32, far below the 3 decimals ρ is shown with) cost a sixth
+        of float64 sums of products, which were two thirds of an FP8 merge's CPU."""
+        delta = (work - before).reshape(-1)
         kept = torch.empty_like(work)
         coded.encoder.decode(codes, kept, row0, encoded=True)
         kept -= before
-        wide = torch.float64
-        coded.tally(float(torch.sum(kept * delta, dtype=wide)), float(torch.sum(delta * delta, dtype=wide)))
+        kept = kept.reshape(-1)
+        coded.tally(float(torch.dot(kept, delta)), float(torch.dot(delta, delta)))
 
     def _first_pass(
         self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, decoder: Bands
