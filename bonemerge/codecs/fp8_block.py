@@ -180,9 +180,9 @@ class Fp8Bands(Bands):
 
         assert row0 % self.block[0] == 0, "bands must start on a scale row"
         scaled = values / self.scales(row0, values.shape[0], values.dtype, self.stored_scale)
-        over = scaled.abs() > OVERFLOW
-        if bool(over.any()):
-            self._rescale(values, scaled, over, row0)
+        smallest, largest = torch.aminmax(scaled)  # one pass, no temporaries: overflow is rare
+        if float(smallest) < -OVERFLOW or float(largest) > OVERFLOW:
+            self._rescale(values, scaled, scaled.abs() > OVERFLOW, row0)
         scaled.clamp_(-MAX, MAX)
         if self.rounding.mode == "nearest" and scaled.dtype == torch.float32:
             out.copy_(scaled)
