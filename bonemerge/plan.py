@@ -52,6 +52,19 @@ class Step:
         return dtypes.nbytes(self.dtype, math.prod(self.shape)) or 0
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, stored elements per row) as the engine streams the step: its codec's view of
+        a quantized weight (MXFP4's bytes of two codes), else `rows_cols` of its shape."""
+        stored = self.encode or self.decode
+        return stored.codec.grid(stored) if stored is not None else dtypes.rows_cols(self.shape)
+
+    @property
+    def values_per_code(self) -> int:
+        """Values per element of the grid (2 for MXFP4)."""
+        stored = self.encode or self.decode
+        return stored.codec.values_per_code if stored is not None else 1
+
+    @property
     def is_copy(self) -> bool:
         """True when the bytes can go file-to-file untouched."""
         return (
@@ -107,6 +120,9 @@ class Plan:
                 return [str(source.path), source.offset, source.nbytes, *identity]
             if isinstance(source, Derived):
                 return ["derived", source.weight.name, source.role, describe(source.stored)]
+            recipe = getattr(source, "recipe", None)
+            if recipe is not None:  # a codec's dequantized weight: what it is decoded from
+                return [*recipe, describe(source.stored)]
             return [
                 "memory",
                 hashlib.sha256(source.tensor.contiguous().view(-1).numpy().tobytes()).hexdigest(),

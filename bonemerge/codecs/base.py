@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
+    from bonemerge.plan import Step
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -65,6 +66,12 @@ class Stored:
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
+    @property
+    def values_shape(self) -> tuple[int, int]:
+        """The weight's values as the engine streams them: (rows, columns)."""
+        rows, cols = self.codec.grid(self)
+        return rows, cols * self.codec.values_per_code
+
     def describe(self) -> list:
         """What decides the decoded values, for resume fingerprints."""
         return [self.codec.name, repr(self.params), sorted(self.companions)]
@@ -79,11 +86,11 @@ class Stored:
 
         def decode() -> torch.Tensor:
             bands = self.codec.prepare(self, load_whole, Rounding(), "cpu")
-            values = torch.empty(self.weight.shape, dtype=torch.float32)
-            bands.decode(load_whole(self.weight), values, 0)
+            values = torch.empty(self.values_shape, dtype=torch.float32)
+            bands.decode(load_whole(self.weight).view(self.codec.grid(self)), values, 0)
             return values
 
-        return ComputedTensor(self.name, "F32", self.weight.shape, decode)
+        return ComputedTensor(self.name, "F32", self.values_shape, decode)
 
 
 class Derived:
@@ -127,6 +134,9 @@ class Bands:
     `derived()` is every companion tensor after encoding, `encoded` what encoding did.
     """
 
+    #: values per stored element (2 for MXFP4's two codes a byte)
+    values_per_code = 1
+
     def __init__(self) -> None:
         self.encoded = Encoded()
 
@@ -150,6 +160,8 @@ class Codec:
 
     #: how reports and `--json` name the format
     name: str = ""
+    #: values per stored element (2 for MXFP4's two codes a byte)
+    values_per_code: int = 1
 
     def find(self, checkpoint: Checkpoint, config: Mapping) -> dict[str, Stored]:
         """Every weight of `checkpoint` this codec stores, by name; refuses (one sentence) a
@@ -159,6 +171,19 @@ class Codec:
     def row_band(self, stored: Stored | None) -> int:
         """Rows that share scales and must stay together in one chunk."""
         return 1
+
+    def grid(self, stored: Stored) -> tuple[int, int]:
+        """The stored tensor as the engine streams it: (rows, stored elements per row)."""
+        from bonemerge.checkpoint.dtypes import rows_cols
+
+        return rows_cols(stored.weight.shape)
+
+    def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
+        """The step that writes `stored` dequantized to `dtype` (`--dtype`): by default the
+        same tensor, decoded row by row."""
+        from dataclasses import replace
+
+        return replace(step, dtype=dtype, decode=stored)
 
     def prepare(
         self,

@@ -958,7 +958,7 @@ class LoraMethod(Method):
         if op.target.part == "bias":
             return BiasRows(load("bias").to(device), params.scale, dtype)
         if isinstance(op.target, ParamTarget):
-            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device)
+            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device, shape)
         a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
         left, right = _factors(a, b)
         if params.kind == "mha_out":
@@ -993,7 +993,7 @@ class LoraMethod(Method):
 
         def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
             if isinstance(target, ParamTarget):
-                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu")
+                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu", shape)
             if op.target.part == "bias":
                 return BiasRows(loader("bias"), scale, torch.float64)
             left, right = _factors(loader("A"), loader("B"))
@@ -1016,9 +1016,11 @@ class LoraMethod(Method):
         from bonemerge.sketch import of_matrix, of_vector, parts
 
         if isinstance(op.target, ParamTarget):
-            rows = math.prod(shape[:-1])  # a fused [E, d1, d2] tensor streams as E·d1 rows
-            product = piece_product(op.target, load("A"), load("B"))
-            return parts(of_matrix("delta", product, (rows, shape[-1])))
+            a = load("A")
+            packed = len(shape) == 4  # MXFP4 blocks [E, out, in/32, 16]: each expert transposed
+            grid = (shape[0] * shape[1], a.shape[1]) if packed else (math.prod(shape[:-1]), shape[-1])
+            product = piece_product(op.target, a, load("B"), packed)
+            return parts(of_matrix("delta", product, grid))
         params = _linear(op.block)
         if op.target.part == "bias":
             return parts(of_vector("delta", load("bias") * params.scale))

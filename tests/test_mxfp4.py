@@ -1,0 +1,215 @@
+"""gpt-oss's MXFP4 experts merged kept MXFP4, and dequantized, against float64 references.
+
+A tiny gpt-oss model is saved by transformers, then its experts are quantized here to MXFP4
+(`_blocks` [E, out, in/32, 16], `_scales` [E, out, in/32], each expert stored transposed from
+the module's [E, in, out]) by a float64 reference quantizer that shares no code with
+bonemerge's. The adapter is PEFT's (`target_parameters`, init_lora_weights=False) and its ΔW
+is PEFT's own, taken from the ParamWrapper layers. The packing is checked against
+transformers' own dequantization (`convert_moe_packed_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from tests import lora_oracle as lo
+from tests import oracle
+from tests.cliutil import fails, run
+from tests.test_moe import expert_delta64, factory
+
+E, HIDDEN, INTER = 4, 64, 32
+EXPERTS = ("gate_up_proj", "down_proj")
+PREFIX = "model.layers.0.mlp.experts."
+MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+LUT = torch.cat([MAGNITUDES, -MAGNITUDES])
+
+
+def _config():
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=E,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"],
+    )
+
+
+def rne(values: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (0-15) of float64 `values` (|v| ≤ 7), to nearest, ties to the even code."""
+    magnitude = values.abs().clamp(max=6.0)
+    distance = (magnitude.unsqueeze(-1) - MAGNITUDES).abs()
+    best = distance.min(dim=-1, keepdim=True).values
+    ties = distance == best
+    codes = torch.arange(8).expand_as(ties)
+    # among the nearest (one, or two on a tie), the even code
+    code = torch.where(ties & (codes % 2 == 0), codes, 99).min(dim=-1).values
+    code = torch.where(code == 99, torch.where(ties, codes, 99).min(dim=-1).values, code)
+    return code | (torch.signbit(values).long() << 3)
+
+
+def fitting_exponent(amax: float) -> int:
+    """The smallest k with amax ≤ 6 · 2^k."""
+    k = -140
+    while 6.0 * 2.0**k < amax:
+        k += 1
+    return k
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """[..., n] codes -> [..., n/32, 16] bytes, low nibble first."""
+    pairs = codes.reshape(*codes.shape[:-1], -1, 16, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack(blocks: torch.Tensor) -> torch.Tensor:
+    """[..., g, 16] bytes -> [..., g·32] codes."""
+    b = blocks.long()
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*blocks.shape[:-2], -1)
+
+
+def dequant64(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float64 values [E, out, in] of stored blocks and scales."""
+    values = LUT[unpack(blocks)].view(*scales.shape, 32)
+    return (values * torch.pow(2.0, scales.double() - 127).unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
+
+
+def quantize64(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 [E, out, in] -> (blocks, scales): each block on the smallest power-of-two
+    scale that holds its largest value, codes to nearest even."""
+    blocked = stored.view(*stored.shape[:-1], -1, 32)
+    amax = blocked.abs().amax(dim=-1)
+    exponents = torch.tensor([fitting_exponent(float(a)) for a in amax.flatten()]).view(amax.shape)
+    codes = rne(blocked / torch.pow(2.0, exponents.double()).unsqueeze(-1))
+    return pack(codes.reshape(stored.shape)), (exponents + 127).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """The model saved by transformers in bf16, its experts random (transformers leaves them empty)."""
+    from transformers import AutoModelForCausalLM
+
+    oracle.quiet_transformers()
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(_config()).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".experts." in name and not name.endswith("_bias"):
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    folder = tmp_path_factory.mktemp("gptoss") / "dense"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(dense) -> Path:
+    """`dense` with its experts stored MXFP4, as gpt-oss's released files store them."""
+    folder = dense.parent / "mxfp4"
+    shutil.copytree(dense, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for leaf in EXPERTS:
+        weight = tensors.pop(PREFIX + leaf)  # [E, in, out]
+        blocks, scales = quantize64(weight.double().transpose(1, 2).contiguous())
+        tensors[PREFIX + leaf + "_blocks"], tensors[PREFIX + leaf + "_scales"] = blocks, scales
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _adapter(dense: Path, folder: Path, shrink: float) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A PEFT LoRA on both expert parameters, lora_B times `shrink`, and PEFT's ΔW in float64
+    per parameter ([E, in, out], the module's layout)."""
+    config = LoraConfig(
+        r=2, lora_alpha=3, target_modules=[], target_parameters=["experts." + p for p in EXPERTS], init_lora_weights=False
+    )
+    model = lo.lora_model(factory(dense), config, seed=3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(shrink)
+    model.save_pretrained(folder)
+    from peft.tuners.lora import ParamWrapper
+
+    deltas = {}
+    for module in model.modules():
+        if isinstance(module, ParamWrapper) and "default" in module.lora_A:
+            deltas[PREFIX + module.parameter_name] = expert_delta64(module, "default")
+    assert set(deltas) == {PREFIX + p for p in EXPERTS}
+    return folder, deltas
+
+
+def _merge(base: Path, adapter: Path, out: Path, *options: object) -> dict:
+    result = run("merge", base, adapter, "-o", out, "--json", *options)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def reference(given: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict:
+    """Per parameter, the float64 merge encoded on the stored scales: (codes, scales, blocks
+    rescaled as (expert, row, block), ρ)."""
+    done = {}
+    for name, delta in deltas.items():
+        blocks, scales = given[name + "_blocks"], given[name + "_scales"]
+        before = dequant64(blocks, scales)
+        update = delta.transpose(1, 2)  # the stored layout: each expert transposed
+        merged = (before + update).view(*scales.shape, 32)
+        factor = torch.pow(2.0, scales.double() - 127).unsqueeze(-1)
+        over = ((merged / factor).abs() > 7).any(dim=-1)
+        new = scales.clone()
+        for index in torch.nonzero(over).tolist():
+            new[tuple(index)] = fitting_exponent(float(merged[tuple(index)].abs().max())) + 127
+        codes = rne(merged / torch.pow(2.0, new.double() - 127).unsqueeze(-1)).reshape(before.shape)
+        after = dequant64(pack(codes), new)
+        rho = float(((after - before) * update).sum() / (update * update).sum())
+        done[name] = (codes, new, sorted(map(tuple, torch.nonzero(over).tolist())), rho)
+    return done
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_merge_keeps_mxfp4_on_the_stored_scales(tmp_path, dense, base, precision):
+    """Codes are the float64 merge rounded to nearest even e2m1 on the stored scales (fp64: all
+    of them; fp32: all but a few, one step off); an overflowing block gets the smallest
+    power-of-two scale that holds it, and is reported; ρ is what the codes kept; every other
+    tensor is byte-identical."""
+    adapter, deltas = _adapter(dense, tmp_path / "lora", shrink=40)
+    report = _merge(base, adapter, tmp_path / "out", "--precision", precision)
+    given, got = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(given)
+    expected = reference(given, deltas)
+    for name, value in given.items():
+        if not any(name.startswith(p) for p in expected):
+            assert torch.equal(got[name], value), name
+    differ = total = 0
+    for name, (codes, scales, rescaled, rho) in expected.items():
+        assert torch.equal(got[name + "_scales"], scales), name
+        mine = unpack(got[name + "_blocks"])
+        steps = (_ordinal(mine) - _ordinal(codes)).abs()
+        assert int(steps.max()) <= (0 if precision == "fp64" else 1), name
+        differ += int((steps > 0).sum())
+        total += codes.numel()
+        assert report["quantized"]["survival"][name] == pytest.approx(rho, abs=1e-3), name
+        assert [tuple(b) for b in report["quantized"]["rescaled_blocks"].get(name, [])] == rescaled, name
+    assert any(r for _, _, r, _ in expected.values()), "the test means to overflow some blocks"
+    print(f"{precision}: {differ} of {total} codes one step from the float64 reference")
+    assert differ <= total * 1e-3
+
+
+def _ordinal(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes as integers ordered like their values."""
+    return torch.where(codes >= 8, -(codes - 8), codes)
