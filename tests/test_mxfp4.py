@@ -132,11 +132,17 @@ def base(dense) -> Path:
     return folder
 
 
-def _adapter(dense: Path, folder: Path, shrink: float) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A PEFT LoRA on both expert parameters, lora_B times `shrink`, and PEFT's ΔW in float64
+def _adapter(
+    dense: Path, folder: Path, shrink: float, parameters=EXPERTS
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A PEFT LoRA on expert `parameters`, lora_B times `shrink`, and PEFT's ΔW in float64
     per parameter ([E, in, out], the module's layout)."""
     config = LoraConfig(
-        r=2, lora_alpha=3, target_modules=[], target_parameters=["experts." + p for p in EXPERTS], init_lora_weights=False
+        r=2,
+        lora_alpha=3,
+        target_modules=[],
+        target_parameters=["experts." + p for p in parameters],
+        init_lora_weights=False,
     )
     model = lo.lora_model(factory(dense), config, seed=3)
     with torch.no_grad():
@@ -150,7 +156,7 @@ def _adapter(dense: Path, folder: Path, shrink: float) -> tuple[Path, dict[str, 
     for module in model.modules():
         if isinstance(module, ParamWrapper) and "default" in module.lora_A:
             deltas[PREFIX + module.parameter_name] = expert_delta64(module, "default")
-    assert set(deltas) == {PREFIX + p for p in EXPERTS}
+    assert set(deltas) == {PREFIX + p for p in parameters}
     return folder, deltas
 
 
@@ -213,3 +219,65 @@ def test_merge_keeps_mxfp4_on_the_stored_scales(tmp_path, dense, base, precision
 def _ordinal(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes as integers ordered like their values."""
     return torch.where(codes >= 8, -(codes - 8), codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoding_matches_transformers_bit_for_bit(dtype):
+    """Every byte value and a spread of scales, decoded by the codec and by transformers'
+    `convert_moe_packed_tensors` (which also transposes each expert to the module's layout)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from bonemerge.codecs import Rounding, Stored
+    from bonemerge.codecs.mxfp4 import MXFP4, Mxfp4Bands
+
+    generator = torch.Generator().manual_seed(1)
+    shape = (3, 40, 4, 16)  # [E, out, in/32, 16]
+    blocks = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    blocks.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scales = torch.randint(100, 150, shape[:-1], generator=generator, dtype=torch.uint8)
+    stored = Stored(MXFP4, "x_blocks", None, {}, {}, shape)
+    bands = Mxfp4Bands(stored, scales.view(3 * 40, 4), Rounding())
+    mine = torch.empty(3 * 40, 4 * 32, dtype=dtype)
+    bands.decode(blocks.view(3 * 40, 64), mine, 0)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out]
+    assert theirs.shape == (3, 128, 40)
+    assert torch.equal(mine.view(3, 40, 128).transpose(1, 2), theirs)
+    assert torch.equal(mine.view(3, 40, 128).double(), dequant64(blocks, scales))
+
+
+def test_dtype_writes_the_layout_transformers_dequantizes_to(tmp_path, dense, base):
+    """--dtype bf16: `gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H] dense, as transformers
+    dequantizes them: the untouched one bit for bit as `convert_moe_packed_tensors`, the merged
+    one the float64 merge rounded once; no scales, no quantization_config; transformers loads
+    the folder with every key in place."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    adapter, deltas = _adapter(dense, tmp_path / "lora", shrink=40, parameters=["gate_up_proj"])
+    _merge(base, adapter, tmp_path / "out", "--dtype", "bf16", "--precision", "fp64")
+    given, got = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert not any(n.endswith(("_blocks", "_scales")) for n in got)
+    for leaf in EXPERTS:
+        blocks, scales = given[PREFIX + leaf + "_blocks"], given[PREFIX + leaf + "_scales"]
+        value = got[PREFIX + leaf]
+        assert value.dtype == torch.bfloat16
+        if leaf == "down_proj":
+            assert torch.equal(value, convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16))
+        else:
+            exact = dequant64(blocks, scales).transpose(1, 2) + deltas[PREFIX + leaf]
+            assert torch.equal(value.double(), _bf16_nearest(exact))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    oracle.quiet_transformers()
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = model.state_dict()
+    for leaf in EXPERTS:
+        assert torch.equal(state[PREFIX + leaf], got[PREFIX + leaf]), leaf
+
+
+def _bf16_nearest(values: torch.Tensor) -> torch.Tensor:
+    """float64 values rounded once to bf16 (8 significant bits), ties to even."""
+    exponent = torch.frexp(values)[1]
+    unit = torch.pow(2.0, (exponent - 8).double())
+    return torch.round(values / unit) * unit
