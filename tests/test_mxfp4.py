@@ -281,3 +281,88 @@ def _bf16_nearest(values: torch.Tensor) -> torch.Tensor:
     exponent = torch.frexp(values)[1]
     unit = torch.pow(2.0, (exponent - 8).double())
     return torch.round(values / unit) * unit
+
+
+def test_stochastic_rounding_is_seeded_and_keeps_the_update(tmp_path, dense, base):
+    """Each code is one of the two around the exact value; the same seed gives the same bytes,
+    another seed other codes; the update survives on average where rounding to nearest loses
+    most of it."""
+    adapter, deltas = _adapter(dense, tmp_path / "lora", shrink=4)
+    nearest = _merge(base, adapter, tmp_path / "nearest")["quantized"]["survival"]
+    first = _merge(base, adapter, tmp_path / "a", "--rounding", "stochastic", "--seed", "5")
+    _merge(base, adapter, tmp_path / "b", "--rounding", "stochastic", "--seed", "5")
+    _merge(base, adapter, tmp_path / "c", "--rounding", "stochastic", "--seed", "6")
+    a, b, c = (load_file(tmp_path / n / "model.safetensors") for n in "abc")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    name = PREFIX + "gate_up_proj"
+    assert not torch.equal(a[name + "_blocks"], c[name + "_blocks"])
+    given = load_file(base / "model.safetensors")
+    blocks, scales = given[name + "_blocks"], given[name + "_scales"]
+    assert torch.equal(a[name + "_scales"], scales)  # no block overflows here
+    exact = (dequant64(blocks, scales) + deltas[name].transpose(1, 2)).view(*scales.shape, 32)
+    exact = (exact / torch.pow(2.0, scales.double() - 127).unsqueeze(-1)).reshape(-1)
+    codes = unpack(a[name + "_blocks"]).reshape(-1)
+    value = LUT[codes]
+    below = MAGNITUDES[torch.searchsorted(MAGNITUDES, exact.abs(), right=True) - 1]
+    above = MAGNITUDES[torch.searchsorted(MAGNITUDES, exact.abs()).clamp(max=7)]
+    assert bool(((value.abs() == below) | (value.abs() == above)).all())
+    assert bool(((codes >= 8) == (exact < 0))[value != 0].all())
+    survival = first["quantized"]["survival"]
+    assert first["quantized"]["rounding"] == "stochastic" and first["quantized"]["seed"] == 5
+    print(f"ρ to nearest {nearest}, stochastic {survival}")
+    assert max(nearest.values()) < 0.6
+    assert all(0.75 < rho < 1.25 for rho in survival.values()), survival
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "expect"),
+    [
+        ({PREFIX + "gate_up_proj_blocks": torch.zeros(4, 64, 2, 16, dtype=torch.uint8)}, None, "incomplete"),
+        (
+            {
+                PREFIX + "gate_up_proj_blocks": torch.zeros(4, 64, 2, 16, dtype=torch.uint8),
+                PREFIX + "gate_up_proj_scales": torch.zeros(4, 64, 3, dtype=torch.uint8),
+            },
+            None,
+            "uint8 scales [experts, rows, cols/32]",
+        ),
+        ({}, {"quant_method": "mxfp4"}, "holds no uint8"),
+    ],
+)
+def test_broken_mxfp4_is_refused(tmp_path, dense, tensors, config, expect):
+    folder = tmp_path / "base"
+    shutil.copytree(dense, folder)
+    save_file(load_file(dense / "model.safetensors") | tensors, folder / "model.safetensors")
+    if config:
+        text = json.loads((folder / "config.json").read_text()) | {"quantization_config": config}
+        (folder / "config.json").write_text(json.dumps(text))
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=1)
+    fails(tmp_path, "merge", folder, adapter, "-o", tmp_path / "out", expect=(expect,))
+
+
+def test_inspect_shows_mxfp4(base):
+    result = run("inspect", base, "--json")
+    assert result.exit_code == 0, result.output
+    quantization = json.loads(result.stdout)["quantization"]
+    assert quantization["formats"] == {"MXFP4 (e2m1, 32-value blocks, power-of-two scales)": 2}
+    assert quantization["quantized_tensors"] == [PREFIX + p + "_blocks" for p in ("down_proj", "gate_up_proj")]
+    assert "2 weights in MXFP4" in run("inspect", base).output
+
+
+def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base):
+    """Unmerging re-rounds the codes: refused without --allow-lossy; with it, the codes of the
+    blocks that kept their scale mostly come back (measured), the rescaled ones keep their
+    new scale."""
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
+    _merge(base, adapter, tmp_path / "merged")
+    fails(tmp_path, "unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", expect=("--allow-lossy", "MXFP4"))
+    result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy")
+    assert result.exit_code == 0, result.output
+    given, got = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    same = total = 0
+    for leaf in EXPERTS:
+        name = PREFIX + leaf + "_blocks"
+        same += int((unpack(got[name]) == unpack(given[name])).sum())
+        total += unpack(given[name]).numel()
+    print(f"unmerge restored {same} of {total} MXFP4 codes")
+    assert same / total > 0.9

@@ -53,6 +53,11 @@ class Mxfp4(Codec):
         packed = [n for n, t in checkpoint.tensors.items() if n.endswith(BLOCKS) and t.dtype == "U8"]
         if not packed and quantization.get("quant_method") != "mxfp4":
             return {}
+        if not packed:
+            raise CheckpointError(
+                f"{checkpoint.root}'s config.json says quant_method 'mxfp4', but it holds no uint8 "
+                "…_blocks tensors; the checkpoint is incomplete or its config is wrong."
+            )
         found = {}
         for name in packed:
             blocks = checkpoint.tensors[name]
