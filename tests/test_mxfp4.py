@@ -350,14 +350,16 @@ def test_inspect_shows_mxfp4(base):
 
 
 def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base):
-    """Unmerging re-rounds the codes: refused without --allow-lossy; with it, the codes of the
-    blocks that kept their scale mostly come back (measured), the rescaled ones keep their
-    new scale."""
+    """Unmerging re-rounds the codes: refused without --allow-lossy; with it, the run reports
+    the share of the removal the codes kept (ρ), and most codes come back (measured)."""
     adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
     _merge(base, adapter, tmp_path / "merged")
     fails(tmp_path, "unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", expect=("--allow-lossy", "MXFP4"))
-    result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy")
+    result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy", "--json")
     assert result.exit_code == 0, result.output
+    # how lossy: the share of the removed update the codes kept, per parameter
+    removed = json.loads(result.stdout)["quantized"]["survival"]
+    assert set(removed) == {PREFIX + p for p in EXPERTS} and all(0 < rho < 1.5 for rho in removed.values())
     given, got = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     same = total = 0
     for leaf in EXPERTS:
@@ -366,3 +368,28 @@ def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base
         total += unpack(given[name]).numel()
     print(f"unmerge restored {same} of {total} MXFP4 codes")
     assert same / total > 0.9
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp64"])
+def test_verify_checks_mxfp4_merges(tmp_path, dense, base, precision):
+    """verify recomputes an MXFP4 merge: exact mode (bit for bit) for bonemerge's own,
+    tolerance mode (another precision) within a code step; a code moved by two steps fails both."""
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
+    _merge(base, adapter, tmp_path / "out", "--rounding", "stochastic", "--seed", "3")
+
+    def verify() -> dict:
+        result = run("verify", tmp_path / "out", adapter, "--base", base, "--json", "--precision", precision)
+        assert result.stdout, (result.exit_code, result.output, repr(result.exception))
+        return json.loads(result.stdout)["tensors"]
+
+    report = verify()
+    assert report["ok"] and report["mode"] == ("exact" if precision == "auto" else "tolerance"), report
+    path = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(path)
+    name = PREFIX + "gate_up_proj_blocks"
+    codes = unpack(tensors[name])
+    codes.view(-1)[0] = 6 if int(codes.view(-1)[0]) % 8 < 4 else 1  # two or more steps away
+    tensors[name] = pack(codes)
+    save_file(tensors, path, metadata={"format": "pt"})
+    report = verify()
+    assert not report["ok"] and [d["name"] for d in report["differing"]] == [name], report
