@@ -11,7 +11,6 @@ transformers' own dequantization (`convert_moe_packed_tensors`).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -127,7 +126,10 @@ def base(dense) -> Path:
         tensors[PREFIX + leaf + "_blocks"], tensors[PREFIX + leaf + "_scales"] = blocks, scales
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -269,7 +271,9 @@ def test_dtype_writes_the_layout_transformers_dequantizes_to(tmp_path, dense, ba
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
     oracle.quiet_transformers()
-    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto", output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype="auto", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     state = model.state_dict()
     for leaf in EXPERTS:
@@ -345,7 +349,9 @@ def test_inspect_shows_mxfp4(base):
     assert result.exit_code == 0, result.output
     quantization = json.loads(result.stdout)["quantization"]
     assert quantization["formats"] == {"MXFP4 (e2m1, 32-value blocks, power-of-two scales)": 2}
-    assert quantization["quantized_tensors"] == [PREFIX + p + "_blocks" for p in ("down_proj", "gate_up_proj")]
+    assert quantization["quantized_tensors"] == [
+        PREFIX + p + "_blocks" for p in ("down_proj", "gate_up_proj")
+    ]
     assert "2 weights in MXFP4" in run("inspect", base).output
 
 
@@ -354,7 +360,15 @@ def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base
     the share of the removal the codes kept (ρ), and most codes come back (measured)."""
     adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
     _merge(base, adapter, tmp_path / "merged")
-    fails(tmp_path, "unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", expect=("--allow-lossy", "MXFP4"))
+    fails(
+        tmp_path,
+        "unmerge",
+        tmp_path / "merged",
+        adapter,
+        "-o",
+        tmp_path / "out",
+        expect=("--allow-lossy", "MXFP4"),
+    )
     result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy", "--json")
     assert result.exit_code == 0, result.output
     # how lossy: the share of the removed update the codes kept, per parameter

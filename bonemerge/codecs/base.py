@@ -2,16 +2,17 @@
 
 A merged weight is `decode(stored) -> method maths -> encode(stored)`. The method (Bone,
 LoRA, ...) says what the update is; the codec says how the weight is stored: a dense dtype,
-block-scaled FP8 (codes beside `weight_scale_inv`), and later MXFP4 (`_blocks` + `_scales`),
+block-scaled FP8 (codes beside `weight_scale_inv`), MXFP4 (`_blocks` + `_scales`), later
 per-channel FP8, NF4... Nothing outside `bonemerge.codecs` names a format.
 
 A codec, asked by the planner, finds its weights in a checkpoint (`find`): each becomes a
 `Stored`, the weight's main tensor plus its companion tensors by role (`scale_inv`). The
 engine then asks it for `Bands` on one weight: decoding stored rows into fp32/fp64 values and
 encoding computed rows back on the stored scales. Rows are the stored tensor's first
-dimension; `row_band` rows share their scales (128 for block FP8, 1 for dense), so the engine
-hands a codec whole bands only: every chunk starts on a band boundary. Scales may also be
-blocked along the last dimension (block FP8's 128 columns, MXFP4's 32): a band's decode and
+dimension (or the codec's `grid`: MXFP4's [E, rows, cols/32, 16] bytes stream as E·rows
+rows of two codes a byte, `values_per_code` 2); `row_band` rows share their scales (128 for
+block FP8, 1 for dense), so the engine hands a codec whole bands only: every chunk starts on
+a band boundary. Scales may also be blocked along the last dimension (block FP8's 128 columns, MXFP4's 32): a band's decode and
 encode see whole rows, so column blocks are the codec's own business.
 
 Encoding keeps the stored scales; a block whose merged values no longer fit the format gets

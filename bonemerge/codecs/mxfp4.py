@@ -69,7 +69,12 @@ class Mxfp4(Codec):
                     "the checkpoint is incomplete."
                 )
             shape = tuple(blocks.shape)
-            if len(shape) != 4 or shape[-1] != BLOCK // 2 or scales.dtype != "U8" or scales.shape != shape[:-1]:
+            if (
+                len(shape) != 4
+                or shape[-1] != BLOCK // 2
+                or scales.dtype != "U8"
+                or scales.shape != shape[:-1]
+            ):
                 raise CheckpointError(
                     f"{name} in {blocks.path} is {blocks.dtype} {list(shape)} beside {scale_name}, "
                     f"{scales.dtype} {list(scales.shape)}; MXFP4 experts need uint8 blocks [experts, rows, "
@@ -244,7 +249,9 @@ class Mxfp4Bands(Bands):
         rows = values.shape[0]
         factor = self._factors(row0, rows, values.dtype, self.scale)
         low = _below((values.view(rows, -1, BLOCK) / factor).abs().clamp(max=MAX)).long()
-        steps = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0], dtype=values.dtype, device=values.device)
+        steps = torch.tensor(
+            [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0], dtype=values.dtype, device=values.device
+        )
         return (steps[low] * factor).view(values.shape)
 
 
