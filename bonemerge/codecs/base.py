@@ -12,8 +12,9 @@ encoding computed rows back on the stored scales. Rows are the stored tensor's f
 dimension (or the codec's `grid`: MXFP4's [E, rows, cols/32, 16] bytes stream as E·rows
 rows of two codes a byte, `values_per_code` 2); `row_band` rows share their scales (128 for
 block FP8, 1 for dense), so the engine hands a codec whole bands only: every chunk starts on
-a band boundary. Scales may also be blocked along the last dimension (block FP8's 128 columns, MXFP4's 32): a band's decode and
-encode see whole rows, so column blocks are the codec's own business.
+a band boundary. Scales may also be blocked along the last dimension (block FP8's 128
+columns, MXFP4's 32): a band's decode and encode see whole rows, so column blocks are the
+codec's own business.
 
 Encoding keeps the stored scales; a block whose merged values no longer fit the format gets
 a new scale (only that block), which the codec records so that its companion tensor can be
