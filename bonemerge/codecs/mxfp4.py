@@ -12,7 +12,8 @@ wide (`values_per_code` 2). Merging keeps the stored scales: codes = round((deq(
 2^(s − 127)) to e2m1, ties to even. A 32-value block whose merged values no longer fit (|v|
 beyond 6 plus half the top step, 7, times the scale) gets the smallest power-of-two scale
 that holds its largest value, and is recorded. `--dtype` writes the module's dense parameter
-`X` [E, cols, rows], as transformers' dequantized checkpoints do.
+`X` [E, cols, rows], as transformers' dequantized checkpoints do: made whole in bfloat16 (its
+values are exact there) before it streams, the one place a weight is held whole.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ class Mxfp4(Codec):
 
     def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
         """The module's dense parameter `X` [E, cols, rows] in place of `X_blocks`, as
-        transformers writes it (each expert transposed), with the step's ops on it. The
-        values are decoded whole, one weight at a time, in float32 (exact)."""
+        transformers writes it (each expert transposed), with the step's ops on it. Its values
+        are made whole when the engine reaches it, one expert at a time, in bfloat16: e2m1
+        times a power of two has two significant bits, so they are exact."""
         from dataclasses import replace
 
         from bonemerge.checkpoint import ComputedTensor
@@ -117,9 +119,23 @@ class Mxfp4(Codec):
         shape = (experts, groups * BLOCK, rows)
 
         def decode() -> torch.Tensor:
-            return stored.decoded().tensor.view(experts, rows, groups * BLOCK).transpose(1, 2).contiguous()
+            import torch
 
-        source = ComputedTensor(name, "F32", shape, decode)
+            from bonemerge.checkpoint import RangeReader
+            from bonemerge.checkpoint.tensors import load_whole, read_rows
+
+            bands = self.prepare(stored, load_whole, Rounding(), "cpu")
+            packed = replace(stored.weight, shape=self.grid(stored))
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            values = torch.empty(rows, groups * BLOCK, dtype=torch.bfloat16)
+            with RangeReader() as reader:
+                for expert in range(experts):
+                    begin = expert * rows
+                    bands.decode(read_rows(reader, packed, begin, begin + rows), values, begin)
+                    out[expert].copy_(values.t())
+            return out
+
+        source = ComputedTensor(name, "BF16", shape, decode)
         source.recipe, source.stored = ["mxfp4 dequantized", *stored.describe()], stored.weight
         return replace(step, name=name, dtype=dtype, shape=shape, source=source, decode=None, encode=None)
 
