@@ -43,6 +43,8 @@ SIGN = 0x8
 BAND = 64
 BIAS = 127
 MAX_SCALE = 254  # 255 is E8M0's NaN
+# Rows decoded at once for `--dtype` (a few MB of float64 scratch for gpt-oss's widths)
+DECODE_ROWS = 256
 
 
 class Mxfp4(Codec):
@@ -130,8 +132,10 @@ class Mxfp4(Codec):
             values = torch.empty(rows, groups * BLOCK, dtype=torch.bfloat16)
             with RangeReader() as reader:
                 for expert in range(experts):
-                    begin = expert * rows
-                    bands.decode(read_rows(reader, packed, begin, begin + rows), values, begin)
+                    for first in range(0, rows, DECODE_ROWS):  # bands keep the fp64 scratch small
+                        begin, stop = expert * rows + first, expert * rows + min(rows, first + DECODE_ROWS)
+                        band = values[first : first + stop - begin]
+                        bands.decode(read_rows(reader, packed, begin, stop), band, begin)
                     out[expert].copy_(values.t())
             return out
 
@@ -186,7 +190,9 @@ class Mxfp4Bands(Bands):
         import torch
 
         exponent = scale[row0 : row0 + rows].to(torch.int32) - BIAS
-        return torch.ldexp(torch.ones((), dtype=dtype, device=scale.device), exponent).unsqueeze(-1)
+        return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=scale.device), exponent).unsqueeze(
+            -1
+        )
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         """e2m1 × 2^(s − 127), exact in float64 and rounded once into `out`."""
