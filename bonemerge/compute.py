@@ -55,8 +55,9 @@ def _row_multiple(step: Step) -> int:
 
 
 def _fit(step: Step, elements: int) -> int:
-    """Rows holding about `elements` elements, a multiple of the rows every op keeps together."""
+    """Rows holding about `elements` values, a multiple of the rows every op keeps together."""
     rows, cols = step.grid
+    cols *= step.values_per_code
     multiple = _row_multiple(step)
     fit = max(1, elements // max(cols, 1) // multiple) * multiple
     return min(rows, fit) if rows else 0

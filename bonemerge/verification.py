@@ -350,8 +350,15 @@ def stored_cast(plan: Plan, merged: Checkpoint) -> str | None:
     if len(found) != 1:
         return None
     (dtype,) = found
-    if dtype not in dtypes.COMPUTABLE or all(
-        step.dtype == dtype for step in plan.steps.values() if step.dtype in dtypes.COMPUTABLE
+    # a quantized weight written dense, under its name or its module's (MXFP4's `X_blocks` as `X`)
+    dequantized = any(
+        step.dtype not in dtypes.COMPUTABLE
+        and (name not in merged.tensors or merged.tensors[name].dtype in dtypes.COMPUTABLE)
+        for name, step in plan.steps.items()
+    )
+    if dtype not in dtypes.COMPUTABLE or (
+        not dequantized
+        and all(step.dtype == dtype for step in plan.steps.values() if step.dtype in dtypes.COMPUTABLE)
     ):
         return None
     return dtype

@@ -270,6 +270,8 @@ def test_dtype_writes_the_layout_transformers_dequantizes_to(tmp_path, dense, ba
             assert torch.equal(value.double(), _bf16_nearest(exact))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
+    checked = run("verify", tmp_path / "out", adapter, "--base", base, "--json")
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["tensors"]["ok"], checked.output
     oracle.quiet_transformers()
     model, info = AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype="auto", output_loading_info=True
