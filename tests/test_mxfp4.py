@@ -409,3 +409,37 @@ def test_verify_checks_mxfp4_merges(tmp_path, dense, base, precision):
     save_file(tensors, path, metadata={"format": "pt"})
     report = verify()
     assert not report["ok"] and [d["name"] for d in report["differing"]] == [name], report
+
+
+def test_mxfp4_merges_in_bounded_memory(tmp_path):
+    """134 M MXFP4 values (537 MB in fp32, 67 MB of blocks): the kept-format merge streams
+    64-row bands, never the weight whole."""
+    from tests.test_memory import LIMIT, peak_rss
+
+    experts, rows, cols, r = 64, 2048, 1024, 4
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    name = PREFIX + "gate_up_proj"
+    tensors = {
+        name + "_blocks": torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator).to(
+            torch.uint8
+        ),
+        name + "_scales": torch.randint(118, 124, (experts, rows, cols // 32), generator=generator).to(
+            torch.uint8
+        ),
+    }
+    save_file(tensors, folder / "model.safetensors")
+    del tensors
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4"}}))
+    adapter = lo.write_lora(
+        tmp_path / "adapter",
+        {
+            PREFIX[:-1] + ".lora_A.weight": torch.randn(experts * r, cols) * 0.01,
+            PREFIX[:-1] + ".lora_B.weight": torch.randn(rows, r * experts) * 0.01,
+        },
+        {"r": r, "lora_alpha": r, "target_modules": [], "target_parameters": ["experts.gate_up_proj"]},
+    )
+    peak = peak_rss("merge", folder, adapter, "-o", tmp_path / "out", "-q")
+    print(f"peak RSS merging 134 M MXFP4 values kept MXFP4: {peak / 2**20:.0f} MiB")
+    assert peak < LIMIT
