@@ -432,9 +432,13 @@ def build_plan(
     # be, so that they come from that weight's own pass instead of a pass of their own.
     after = {name for name, s in steps.items() if isinstance(s.source, Derived)}
     if max_shard_bytes is None:
-        shards = layout.like_base(
-            entries, base.shard_of, [s.name for s in base.shards], str(base.root), last=after
-        )
+        # a weight a codec writes under a new name (MXFP4's `X_blocks` as `X`) stays in its file
+        homes = dict(base.shard_of)
+        for name, step in steps.items():
+            origin = getattr(step.source, "stored", None)
+            if name not in homes and isinstance(origin, TensorRef) and origin.name in homes:
+                homes[name] = homes[origin.name]
+        shards = layout.like_base(entries, homes, [s.name for s in base.shards], str(base.root), last=after)
         write_index = base.index_name is not None
         index_name = base.index_name or f"{base.file_prefix}.safetensors.index.json"
     else:

@@ -443,3 +443,25 @@ def test_mxfp4_merges_in_bounded_memory(tmp_path):
     peak = peak_rss("merge", folder, adapter, "-o", tmp_path / "out", "-q")
     print(f"peak RSS merging 134 M MXFP4 values kept MXFP4: {peak / 2**20:.0f} MiB")
     assert peak < LIMIT
+
+
+def test_dtype_keeps_each_dequantized_weight_in_its_file(tmp_path, dense, base):
+    """A two-file base: the dense `X` is written in the file that held `X_blocks`, not the last."""
+    folder = tmp_path / "base"
+    shutil.copytree(base, folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    first = {n: t for n, t in tensors.items() if ".experts." in n}
+    files = {"model-00001-of-00002.safetensors": first}
+    files["model-00002-of-00002.safetensors"] = {n: t for n, t in tensors.items() if n not in first}
+    weight_map = {}
+    for file, part in files.items():
+        save_file(part, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=1, parameters=["gate_up_proj"])
+    _merge(folder, adapter, tmp_path / "out", "--dtype", "bf16")
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    for leaf in EXPERTS:
+        assert written[PREFIX + leaf] == "model-00001-of-00002.safetensors", leaf
