@@ -929,7 +929,7 @@ class LoraMethod(Method):
         device: torch.device | str,
         precision: str,
     ) -> RowMaths:
-        maths = self._maths(op, load, dtype, device, precision)
+        maths = self._maths(op, load, shape, dtype, device, precision)
         group = self.row_multiple(op)
         return ChannelRows(maths, group) if group > 1 else maths
 
@@ -944,12 +944,13 @@ class LoraMethod(Method):
         self,
         op: BlockOp,
         load: Callable[[str], torch.Tensor],
+        shape: tuple[int, ...],
         dtype: torch.dtype,
         device: torch.device | str,
         precision: str,
     ) -> RowMaths:
         """The row maths of `op` on the weight's rows as PEFT sees them (an nn.Conv1d's: out
-        rows of in·k)."""
+        rows of in·k; an expert parameter's rows as its tensor `shape` lays them)."""
         import torch
 
         params = _linear(op.block)
@@ -1002,7 +1003,7 @@ class LoraMethod(Method):
 
         found = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
         if not isinstance(target, ParamTarget) and params.dora and op.target.part == "weight":
-            exact = self._maths(op, load, torch.float64, "cpu", "fp64")
+            exact = self._maths(op, load, shape, torch.float64, "cpu", "fp64")
             found = DoraBound(exact, found, load("magnitude").double().reshape(-1), shape, params, dtype)
         group = self.row_multiple(op)
         return ChannelBound(found, group) if group > 1 else found
