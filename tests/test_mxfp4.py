@@ -465,3 +465,14 @@ def test_dtype_keeps_each_dequantized_weight_in_its_file(tmp_path, dense, base):
     written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     for leaf in EXPERTS:
         assert written[PREFIX + leaf] == "model-00001-of-00002.safetensors", leaf
+
+
+def test_history_guards_an_mxfp4_merge(tmp_path, dense, base):
+    """The merged MXFP4 model records the adapter with a sketch of its update; merging it
+    again is refused as already merged."""
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
+    _merge(base, adapter, tmp_path / "merged")
+    history = json.loads((tmp_path / "merged" / "bonemerge.json").read_text())["history"]
+    (entry,) = history
+    assert any(a.get("sketch") for a in entry["adapters"]), entry
+    fails(tmp_path, "merge", tmp_path / "merged", adapter, "-o", tmp_path / "out", expect=("already merged",))
