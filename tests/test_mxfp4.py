@@ -476,3 +476,21 @@ def test_history_guards_an_mxfp4_merge(tmp_path, dense, base):
     (entry,) = history
     assert any(a.get("sketch") for a in entry["adapters"]), entry
     fails(tmp_path, "merge", tmp_path / "merged", adapter, "-o", tmp_path / "out", expect=("already merged",))
+
+
+def test_transformers_loads_the_merged_mxfp4_model(tmp_path, dense, base):
+    """transformers (on CPU it dequantizes MXFP4 to bf16) loads the merged folder with every
+    key in place and sees exactly the codes and scales written, rescaled blocks included."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, _ = _adapter(dense, tmp_path / "lora", shrink=40)
+    report = _merge(base, adapter, tmp_path / "out")
+    assert report["quantized"]["rescaled_blocks"]
+    oracle.quiet_transformers()
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state, got = model.state_dict(), load_file(tmp_path / "out" / "model.safetensors")
+    for leaf in EXPERTS:
+        name = PREFIX + leaf
+        written = dequant64(got[name + "_blocks"], got[name + "_scales"]).transpose(1, 2)
+        assert torch.equal(state[name].double(), written), leaf
