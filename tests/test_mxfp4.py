@@ -354,6 +354,10 @@ def test_inspect_shows_mxfp4(base):
     assert quantization["quantized_tensors"] == [
         PREFIX + p + "_blocks" for p in ("down_proj", "gate_up_proj")
     ]
+    tensors = load_file(base / "model.safetensors")
+    dense_bytes = sum(t.nbytes for n, t in tensors.items() if not n.endswith(("_blocks", "_scales")))
+    values = sum(tensors[PREFIX + p + "_blocks"].numel() * 2 for p in EXPERTS)
+    assert quantization["dequantized_bf16_bytes"] == dense_bytes + 2 * values
     assert "2 weights in MXFP4" in run("inspect", base).output
 
 
