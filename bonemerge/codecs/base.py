@@ -95,6 +95,20 @@ class Stored:
         return ComputedTensor(self.name, "F32", self.values_shape, decode)
 
 
+def dequantized_source(
+    name: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], stored: Stored
+) -> ComputedTensor:
+    """A bfloat16 weight a codec writes dense under a name of its own (MXFP4's `X` for
+    `X_blocks`), made when the engine reaches it. `stored` (the codes it is decoded from) and
+    `recipe` say where it comes from: for resume fingerprints and the file it is written in."""
+    from bonemerge.checkpoint import ComputedTensor
+
+    source = ComputedTensor(name, "BF16", shape, compute)
+    source.stored = stored.weight
+    source.recipe = [f"{stored.codec.name} dequantized", *stored.describe()]
+    return source
+
+
 class Derived:
     """A companion tensor (a scale) of a weight that is re-encoded: its stored values, except
     where encoding gave a block a new scale. It stands in where a `TensorRef` would; the engine

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, round_once
+from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, dequantized_source, round_once
 from bonemerge.errors import CheckpointError, MergeError
 
 if TYPE_CHECKING:
@@ -114,8 +114,6 @@ class Mxfp4(Codec):
         times a power of two has two significant bits, so they are exact."""
         from dataclasses import replace
 
-        from bonemerge.checkpoint import ComputedTensor
-
         experts, rows, groups, _ = stored.params
         name = stored.name.removesuffix(BLOCKS)
         shape = (experts, groups * BLOCK, rows)
@@ -139,8 +137,7 @@ class Mxfp4(Codec):
                     out[expert].copy_(values.t())
             return out
 
-        source = ComputedTensor(name, "BF16", shape, decode)
-        source.recipe, source.stored = ["mxfp4 dequantized", *stored.describe()], stored.weight
+        source = dequantized_source(name, shape, decode, stored)
         return replace(step, name=name, dtype=dtype, shape=shape, source=source, decode=None, encode=None)
 
 
