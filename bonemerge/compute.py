@@ -55,8 +55,9 @@ def _row_multiple(step: Step) -> int:
 
 
 def _fit(step: Step, elements: int) -> int:
-    """Rows holding about `elements` elements, a multiple of the rows every op keeps together."""
-    rows, cols = rows_cols(step.shape)
+    """Rows holding about `elements` values, a multiple of the rows every op keeps together."""
+    rows, cols = step.grid
+    cols *= step.values_per_code
     multiple = _row_multiple(step)
     fit = max(1, elements // max(cols, 1) // multiple) * multiple
     return min(rows, fit) if rows else 0
@@ -73,7 +74,7 @@ def _spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _chunks(step: Step) -> Iterator[tuple[int, int]]:
-    return _spans(0, rows_cols(step.shape)[0], chunk_rows(step))
+    return _spans(0, step.grid[0], chunk_rows(step))
 
 
 def compute_dtype(step: Step, precision: str) -> torch.dtype:
@@ -151,7 +152,7 @@ class _ReadAhead:
                 if buf is None:
                     return
                 source = read.step.source
-                _, cols = rows_cols(source.shape)
+                _, cols = read.step.grid
                 row_bytes = cols * dtypes.BITS[source.dtype] // 8
                 size = (read.stop - read.start) * row_bytes
                 self._reader.readinto(
@@ -193,12 +194,14 @@ class Compute:
         transformed = [s for s in steps if s.nbytes]
 
         def chunk_bytes(step: Step, dtype: str) -> int:
-            return chunk_rows(step) * rows_cols(step.shape)[1] * dtypes.BITS[dtype] // 8
+            return chunk_rows(step) * step.grid[1] * dtypes.BITS[dtype] // 8
 
         worked = [s for s in transformed if s.ops or s.encode is not None]
         wide = any(compute_dtype(s, options.precision) == torch.float64 for s in worked)
         self._work_dtype = torch.float64 if wide else torch.float32
-        self._work_size = max((_fit(s, COMPUTE_ELEMENTS) * rows_cols(s.shape)[1] for s in worked), default=0)
+        self._work_size = max(
+            (_fit(s, COMPUTE_ELEMENTS) * s.grid[1] * s.values_per_code for s in worked), default=0
+        )
         self.rounding = Rounding(options.rounding, options.seed)
         #: the encoder of every step encoded so far, by name: what encoding did, and its scales
         self.encoded: dict[str, Bands] = {}
@@ -270,7 +273,7 @@ class Compute:
         coded = self._coded(step)
         self._first_pass(step, prepared, compute, coded.decoder)
         out_dtype = dtypes.to_torch(step.dtype)
-        _, cols = rows_cols(step.shape)
+        _, cols = step.grid
         pending: deque[_Computing] = deque()
         try:
             for start, stop in _chunks(step):
@@ -319,7 +322,8 @@ class Compute:
         """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread).
         Returns, for an unmerge, how many of its elements may differ from the original base."""
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
-        inverting = bool(prepared) and all(inverse for _, inverse in prepared)
+        # an unmerge into integer codes (MXFP4) has no float bits to compare
+        inverting = bool(prepared) and all(inverse for _, inverse in prepared) and typed.is_floating_point()
         differ = 0
         # A finite sum of squares of the fp32 result bounds every element far below the bf16
         # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
@@ -387,7 +391,7 @@ class Compute:
 
     def _decoded(self, rows: torch.Tensor, compute: torch.dtype, start: int, decoder: Bands) -> torch.Tensor:
         """Rows read whole (not through the read-ahead) as values in the compute dtype."""
-        work = torch.empty(rows.shape, dtype=compute, device=self.device)
+        work = torch.empty(_values_shape(rows, decoder), dtype=compute, device=self.device)
         decoder.decode(rows.to(self.device), work, start)
         return work
 
@@ -420,7 +424,9 @@ class Compute:
                     work = self._decoded(rows[begin:end], compute, start + begin, coded.decoder)
                     for maths, inverse in prepared:
                         (maths.unmerge if inverse else maths.merge)(work, start + begin)
-                    codes = torch.empty(work.shape, dtype=dtypes.to_torch(step.dtype), device=self.device)
+                    codes = torch.empty(
+                        rows[begin:end].shape, dtype=dtypes.to_torch(step.dtype), device=self.device
+                    )
                     coded.encoder.encode(work, codes, start + begin)
             encoder = self.encoded[step.name] = coded.encoder
         return encoder.derived()[source.role]
@@ -429,7 +435,7 @@ class Compute:
         self, step: Step, start: int, stop: int, ahead: _ReadAhead
     ) -> tuple[torch.Tensor, bytearray | None]:
         source = step.source
-        rows, cols = rows_cols(source.shape)
+        rows, cols = step.grid if isinstance(source, TensorRef) else rows_cols(source.shape)
         if isinstance(source, Derived):
             return self.derived(source).reshape(rows, cols)[start:stop], None
         if not isinstance(source, TensorRef):
@@ -450,10 +456,11 @@ class Compute:
         """The rows decoded into the compute dtype with every block applied, in order, in place;
         and, when the survival of the update is measured, a copy of them before the blocks."""
         if self.device.type == "cpu":
-            work = self._work_buffer().view(dtype)[: rows.numel()].view(rows.shape)
+            shape = _values_shape(rows, coded.decoder)
+            work = self._work_buffer().view(dtype)[: math.prod(shape)].view(shape)
             coded.decoder.decode(rows, work, start)
         else:
-            work = torch.empty(rows.shape, dtype=dtype, device=self.device)
+            work = torch.empty(_values_shape(rows, coded.decoder), dtype=dtype, device=self.device)
             coded.decoder.decode(rows.to(self.device), work, start)
         before = None
         if coded.measured:
@@ -468,6 +475,11 @@ class Compute:
             else:
                 block.merge(work, start)
         return work, before
+
+
+def _values_shape(rows: torch.Tensor, decoder: Bands) -> tuple[int, int]:
+    """The shape of the values of stored `rows` (MXFP4 holds two in a byte)."""
+    return rows.shape[0], rows.shape[1] * decoder.values_per_code
 
 
 _SAME_SIZE_INT = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}

@@ -52,6 +52,19 @@ class Step:
         return dtypes.nbytes(self.dtype, math.prod(self.shape)) or 0
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, stored elements per row) as the engine streams the step: its codec's view of
+        a quantized weight (MXFP4's bytes of two codes), else `rows_cols` of its shape."""
+        stored = self.encode or self.decode
+        return stored.codec.grid(stored) if stored is not None else dtypes.rows_cols(self.shape)
+
+    @property
+    def values_per_code(self) -> int:
+        """Values per element of the grid (2 for MXFP4)."""
+        stored = self.encode or self.decode
+        return stored.codec.values_per_code if stored is not None else 1
+
+    @property
     def is_copy(self) -> bool:
         """True when the bytes can go file-to-file untouched."""
         return (
@@ -107,6 +120,9 @@ class Plan:
                 return [str(source.path), source.offset, source.nbytes, *identity]
             if isinstance(source, Derived):
                 return ["derived", source.weight.name, source.role, describe(source.stored)]
+            recipe = getattr(source, "recipe", None)
+            if recipe is not None:  # a codec's dequantized weight: what it is decoded from
+                return [*recipe, describe(source.stored)]
             return [
                 "memory",
                 hashlib.sha256(source.tensor.contiguous().view(-1).numpy().tobytes()).hexdigest(),
@@ -416,9 +432,13 @@ def build_plan(
     # be, so that they come from that weight's own pass instead of a pass of their own.
     after = {name for name, s in steps.items() if isinstance(s.source, Derived)}
     if max_shard_bytes is None:
-        shards = layout.like_base(
-            entries, base.shard_of, [s.name for s in base.shards], str(base.root), last=after
-        )
+        # a weight a codec writes under a new name (MXFP4's `X_blocks` as `X`) stays in its file
+        homes = dict(base.shard_of)
+        for name, step in steps.items():
+            origin = getattr(step.source, "stored", None)
+            if name not in homes and isinstance(origin, TensorRef) and origin.name in homes:
+                homes[name] = homes[origin.name]
+        shards = layout.like_base(entries, homes, [s.name for s in base.shards], str(base.root), last=after)
         write_index = base.index_name is not None
         index_name = base.index_name or f"{base.file_prefix}.safetensors.index.json"
     else:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -295,7 +295,7 @@ def _check_with_tolerance(
         values, carried = through(_exact_input(reader, step, start, stop, decoder), start, len(maths))
         if merged is not None:
             got = torch.empty_like(values)
-            merged.decode(read_rows(reader, ref, start, stop), got, start)
+            merged.decode(_step_rows(reader, ref, step, start, stop), got, start)
             step_size = merged.step_size(values, start)
             tally.add_within(values, got, "F64", carried + step_size, exempt=step_size)
             continue
@@ -308,12 +308,20 @@ def _exact_input(
 ) -> torch.Tensor:
     """Rows of the step's input (decoded, when stored quantized) as a float64 copy the merges
     may change in place."""
-    rows = read_rows(reader, step.source, start, stop)
+    rows = _step_rows(reader, step.source, step, start, stop)
     if decoder is None:
         return rows.to(torch.float64, copy=True)
-    values = torch.empty(rows.shape, dtype=torch.float64)
+    values = torch.empty((rows.shape[0], rows.shape[1] * decoder.values_per_code), dtype=torch.float64)
     decoder.decode(rows, values, start)
     return values
+
+
+def _step_rows(reader: RangeReader, source, step: Step, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `source` as the engine streams `step`: a codec's grid (MXFP4's
+    blocks as rows of bytes) where it has one."""
+    if isinstance(source, TensorRef) and dtypes.rows_cols(source.shape) != step.grid:
+        source = replace(source, shape=step.grid)
+    return read_rows(reader, source, start, stop)
 
 
 def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
@@ -325,7 +333,7 @@ def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
 
 def _spans(step: Step) -> list[tuple[int, int]]:
     """Row ranges of about CHUNK_ELEMENTS elements, keeping the rows each method needs together."""
-    rows = dtypes.rows_cols(step.shape)[0]
+    rows = step.grid[0]
     size = chunk_rows(step)
     return [(start, min(rows, start + size)) for start in range(0, rows, size)]
 
@@ -342,8 +350,15 @@ def stored_cast(plan: Plan, merged: Checkpoint) -> str | None:
     if len(found) != 1:
         return None
     (dtype,) = found
-    if dtype not in dtypes.COMPUTABLE or all(
-        step.dtype == dtype for step in plan.steps.values() if step.dtype in dtypes.COMPUTABLE
+    # a quantized weight written dense, under its name or its module's (MXFP4's `X_blocks` as `X`)
+    dequantized = any(
+        step.dtype not in dtypes.COMPUTABLE
+        and (name not in merged.tensors or merged.tensors[name].dtype in dtypes.COMPUTABLE)
+        for name, step in plan.steps.items()
+    )
+    if dtype not in dtypes.COMPUTABLE or (
+        not dequantized
+        and all(step.dtype == dtype for step in plan.steps.values() if step.dtype in dtypes.COMPUTABLE)
     ):
         return None
     return dtype
@@ -379,7 +394,8 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
                 tally = tallies[step.name]
                 if chunk.data is not None:
                     try:
-                        tally.add(chunk.data, read_rows(reader, ref, chunk.start, chunk.stop), step.dtype)
+                        got = _step_rows(reader, ref, step, chunk.start, chunk.stop)
+                        tally.add(chunk.data, got, step.dtype)
                     finally:
                         chunk.release()
                     continue

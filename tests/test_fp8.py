@@ -320,14 +320,8 @@ def test_unmerge_of_block_fp8_needs_allow_lossy(tmp_path, base, make32):
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, {}, "bitsandbytes"),
         (None, {"model.layers.0.mlp.up_proj.weight.absmax": torch.zeros(4)}, "bitsandbytes"),
         (None, {"model.layers.0.mlp.up_proj.qweight": torch.zeros(4, dtype=torch.int32)}, "GPTQ/AWQ"),
-        (
-            None,
-            {"model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(4, dtype=torch.uint8)},
-            "MXFP4",
-        ),
         (None, {"model.layers.0.mlp.up_proj.weight_scale_2": torch.zeros(1)}, "NVFP4"),
         ({"quant_method": "gptq", "bits": 4}, {}, "GPTQ"),
-        ({"quant_method": "mxfp4"}, {}, "MXFP4"),
     ],
 )
 def test_other_quantized_formats_are_refused_by_name(tmp_path, config, tensors, named):

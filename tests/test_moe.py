@@ -551,21 +551,6 @@ def test_fused_experts_stream_in_row_bands_of_any_size(band):
     assert chunk_rows(big) * rows_cols(big.shape)[1] <= CHUNK_ELEMENTS
 
 
-def test_mxfp4_experts_are_refused_with_the_way_out(tmp_path):
-    """gpt-oss's released files hold the experts as MXFP4 blocks and scales: not merged yet."""
-    base = tmp_path / "base"
-    base.mkdir()
-    tensors = {
-        "model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(4, 32, 1, 16, dtype=torch.uint8),
-        "model.layers.0.mlp.experts.gate_up_proj_scales": torch.zeros(4, 32, 1, dtype=torch.uint8),
-    }
-    save_file(tensors, base / "model.safetensors")
-    adapter = _expert_adapter(
-        tmp_path / "adapter", "model.layers.0.mlp.experts", (8, 32), (32, 8), EXPERTS[:1]
-    )
-    fails(tmp_path, "merge", base, adapter, "-o", tmp_path / "out", expect=("stores as MXFP4", "dequantize"))
-
-
 def test_targets_without_a_module_part_leave_linear_lora_alone(tmp_path, models):
     """target_parameters ["gate_up_proj", "down_proj"] name no module: PEFT wraps only modules
     that have such a parameter, so q_proj stays a Linear LoRA (and qwen3's experts are found)."""

@@ -13,9 +13,10 @@ from bonemerge.checkpoint import Checkpoint
 from bonemerge.codecs.base import ROUNDINGS, Bands, Codec, Derived, Encoded, Rounding, Stored
 from bonemerge.codecs.dense import DENSE
 from bonemerge.codecs.fp8_block import FP8_BLOCK
+from bonemerge.codecs.mxfp4 import MXFP4
 from bonemerge.codecs.refused import refuse_unsupported
 
-REGISTRY: tuple[Codec, ...] = (DENSE, FP8_BLOCK)
+REGISTRY: tuple[Codec, ...] = (DENSE, FP8_BLOCK, MXFP4)
 
 
 def find_stored(checkpoint: Checkpoint) -> dict[str, Stored]:
@@ -44,7 +45,7 @@ def describe_storage(checkpoint: Checkpoint) -> dict | None:
     if not found:
         return None
     stored = sum(s.weight.nbytes + sum(c.nbytes for c in s.companions.values()) for s in found.values())
-    elements = sum(math.prod(s.weight.shape) for s in found.values())
+    elements = sum(math.prod(s.values_shape) for s in found.values())
     total = sum(t.nbytes for t in checkpoint.tensors.values())
     return {
         "formats": dict(Counter(s.codec.describe(s) for s in found.values())),

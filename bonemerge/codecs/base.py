@@ -2,17 +2,19 @@
 
 A merged weight is `decode(stored) -> method maths -> encode(stored)`. The method (Bone,
 LoRA, ...) says what the update is; the codec says how the weight is stored: a dense dtype,
-block-scaled FP8 (codes beside `weight_scale_inv`), and later MXFP4 (`_blocks` + `_scales`),
+block-scaled FP8 (codes beside `weight_scale_inv`), MXFP4 (`_blocks` + `_scales`), later
 per-channel FP8, NF4... Nothing outside `bonemerge.codecs` names a format.
 
 A codec, asked by the planner, finds its weights in a checkpoint (`find`): each becomes a
 `Stored`, the weight's main tensor plus its companion tensors by role (`scale_inv`). The
 engine then asks it for `Bands` on one weight: decoding stored rows into fp32/fp64 values and
 encoding computed rows back on the stored scales. Rows are the stored tensor's first
-dimension; `row_band` rows share their scales (128 for block FP8, 1 for dense), so the engine
-hands a codec whole bands only: every chunk starts on a band boundary. Scales may also be
-blocked along the last dimension (block FP8's 128 columns, MXFP4's 32): a band's decode and
-encode see whole rows, so column blocks are the codec's own business.
+dimension (or the codec's `grid`: MXFP4's [E, rows, cols/32, 16] bytes stream as E·rows
+rows of two codes a byte, `values_per_code` 2); `row_band` rows share their scales (128 for
+block FP8, 1 for dense), so the engine hands a codec whole bands only: every chunk starts on
+a band boundary. Scales may also be blocked along the last dimension (block FP8's 128
+columns, MXFP4's 32): a band's decode and encode see whole rows, so column blocks are the
+codec's own business.
 
 Encoding keeps the stored scales; a block whose merged values no longer fit the format gets
 a new scale (only that block), which the codec records so that its companion tensor can be
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
+    from bonemerge.plan import Step
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -65,6 +68,12 @@ class Stored:
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
+    @property
+    def values_shape(self) -> tuple[int, int]:
+        """The weight's values as the engine streams them: (rows, columns)."""
+        rows, cols = self.codec.grid(self)
+        return rows, cols * self.codec.values_per_code
+
     def describe(self) -> list:
         """What decides the decoded values, for resume fingerprints."""
         return [self.codec.name, repr(self.params), sorted(self.companions)]
@@ -79,11 +88,25 @@ class Stored:
 
         def decode() -> torch.Tensor:
             bands = self.codec.prepare(self, load_whole, Rounding(), "cpu")
-            values = torch.empty(self.weight.shape, dtype=torch.float32)
-            bands.decode(load_whole(self.weight), values, 0)
+            values = torch.empty(self.values_shape, dtype=torch.float32)
+            bands.decode(load_whole(self.weight).view(self.codec.grid(self)), values, 0)
             return values
 
-        return ComputedTensor(self.name, "F32", self.weight.shape, decode)
+        return ComputedTensor(self.name, "F32", self.values_shape, decode)
+
+
+def dequantized_source(
+    name: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], stored: Stored
+) -> ComputedTensor:
+    """A bfloat16 weight a codec writes dense under a name of its own (MXFP4's `X` for
+    `X_blocks`), made when the engine reaches it. `stored` (the codes it is decoded from) and
+    `recipe` say where it comes from: for resume fingerprints and the file it is written in."""
+    from bonemerge.checkpoint import ComputedTensor
+
+    source = ComputedTensor(name, "BF16", shape, compute)
+    source.stored = stored.weight
+    source.recipe = [f"{stored.codec.name} dequantized", *stored.describe()]
+    return source
 
 
 class Derived:
@@ -127,6 +150,9 @@ class Bands:
     `derived()` is every companion tensor after encoding, `encoded` what encoding did.
     """
 
+    #: values per stored element (2 for MXFP4's two codes a byte)
+    values_per_code = 1
+
     def __init__(self) -> None:
         self.encoded = Encoded()
 
@@ -150,6 +176,8 @@ class Codec:
 
     #: how reports and `--json` name the format
     name: str = ""
+    #: values per stored element (2 for MXFP4's two codes a byte)
+    values_per_code: int = 1
 
     def find(self, checkpoint: Checkpoint, config: Mapping) -> dict[str, Stored]:
         """Every weight of `checkpoint` this codec stores, by name; refuses (one sentence) a
@@ -159,6 +187,19 @@ class Codec:
     def row_band(self, stored: Stored | None) -> int:
         """Rows that share scales and must stay together in one chunk."""
         return 1
+
+    def grid(self, stored: Stored) -> tuple[int, int]:
+        """The stored tensor as the engine streams it: (rows, stored elements per row)."""
+        from bonemerge.checkpoint.dtypes import rows_cols
+
+        return rows_cols(stored.weight.shape)
+
+    def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
+        """The step that writes `stored` dequantized to `dtype` (`--dtype`): by default the
+        same tensor, decoded row by row."""
+        from dataclasses import replace
+
+        return replace(step, dtype=dtype, decode=stored)
 
     def prepare(
         self,

@@ -5,7 +5,8 @@ their companion tensors: the storage axis of a plan (the method axis is the step
   they are; a touched weight is decoded, merged and encoded on its stored scales, and its
   companions are written after it from what encoding left (`Derived`).
 - `--dtype`: every quantized weight is decoded into that dtype, touched or not, and its
-  companions and the config's `quantization_config` are dropped.
+  companions and the config's `quantization_config` are dropped; the codec says under which
+  name and layout the dense weight is written (`Codec.dequantized`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def plan_storage(
     done = dict(steps)
     kinds = sorted({s.codec.describe(s) for s in found.values()})
     if dtype is not None:
+        renamed = {}
         for name, stored in found.items():
             step = steps.get(name)
             if step is not None and step.source is stored.weight:
-                done[name] = replace(step, dtype=dtype, decode=stored)
+                done[name] = stored.codec.dequantized(step, stored, dtype)
+                renamed[name] = done[name].name
             for companion in stored.names.values():
                 done.pop(companion, None)
+        # a codec may write the dense weight under the module's own name (MXFP4's `X_blocks` as `X`)
+        done = {renamed.get(name, name): step for name, step in done.items()}
         note = (
             f"dequantized {len(found)} {' and '.join(kinds)} weights to {dtype}; their scales and "
             "the config's quantization_config were dropped"

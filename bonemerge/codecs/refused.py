@@ -24,7 +24,6 @@ _METHODS = {
     "bitsandbytes": "bitsandbytes",
     "gptq": "GPTQ",
     "awq": "AWQ",
-    "mxfp4": "MXFP4",
     "modelopt": "ModelOpt (NVFP4/FP8)",
     "fbgemm_fp8": "FBGEMM FP8 (per-channel)",
     "fp_quant": "FP-Quant (MXFP4/NVFP4)",
@@ -44,11 +43,13 @@ _METHODS = {
 _TENSORS = (
     (re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[\w.]+)$"), "bitsandbytes"),
     (re.compile(r"\.(qweight|qzeros|g_idx)$"), "GPTQ/AWQ"),
-    (re.compile(r"_blocks$"), "MXFP4"),
     (re.compile(r"\.weight_(packed|zero_point|global_scale)$"), "compressed-tensors"),
     (re.compile(r"\.weight_scale_2$"), "NVFP4"),
 )
-_STORED = "bonemerge reads dense and block-FP8 (quant_method fp8, weight_scale_inv) weights only"
+_STORED = (
+    "bonemerge reads dense, block-FP8 (quant_method fp8, weight_scale_inv) and MXFP4 (gpt-oss "
+    "experts, _blocks and _scales) weights only"
+)
 
 
 def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
@@ -64,7 +65,7 @@ def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
         )
     for name, ref in checkpoint.tensors.items():
         for pattern, what in _TENSORS:
-            if pattern.search(name) and (what != "MXFP4" or ref.dtype == "U8"):
+            if pattern.search(name):
                 _refuse_tensor(where, name, what)
         weight = checkpoint.tensors.get(name.removesuffix("_scale"), ref)
         if name.endswith(".weight_scale") and weight.dtype in ("F8_E4M3", "U8"):

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bonemerge.codecs.base import Encoded, Rounding
+from bonemerge.codecs.mxfp4 import BLOCKS
 
 WARN_BELOW = 0.5
 WORST = 5
 
 
 def _module(name: str) -> str:
-    return name.rsplit(".", 1)[0]
+    """The module a weight belongs to; for MXFP4's `X_blocks`, the parameter `X` (a module of
+    experts holds two)."""
+    return name.removesuffix(BLOCKS) if name.endswith(BLOCKS) else name.rsplit(".", 1)[0]
 
 
 def summarize(

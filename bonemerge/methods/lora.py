@@ -929,7 +929,7 @@ class LoraMethod(Method):
         device: torch.device | str,
         precision: str,
     ) -> RowMaths:
-        maths = self._maths(op, load, dtype, device, precision)
+        maths = self._maths(op, load, shape, dtype, device, precision)
         group = self.row_multiple(op)
         return ChannelRows(maths, group) if group > 1 else maths
 
@@ -944,12 +944,13 @@ class LoraMethod(Method):
         self,
         op: BlockOp,
         load: Callable[[str], torch.Tensor],
+        shape: tuple[int, ...],
         dtype: torch.dtype,
         device: torch.device | str,
         precision: str,
     ) -> RowMaths:
         """The row maths of `op` on the weight's rows as PEFT sees them (an nn.Conv1d's: out
-        rows of in·k)."""
+        rows of in·k; an expert parameter's rows as its tensor `shape` lays them)."""
         import torch
 
         params = _linear(op.block)
@@ -958,7 +959,7 @@ class LoraMethod(Method):
         if op.target.part == "bias":
             return BiasRows(load("bias").to(device), params.scale, dtype)
         if isinstance(op.target, ParamTarget):
-            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device)
+            return expert_rows(op.target, load("A"), load("B"), op.target.scale, product, device, shape)
         a, b = (load(p).to(device=device, dtype=product) for p in ("A", "B"))
         left, right = _factors(a, b)
         if params.kind == "mha_out":
@@ -993,7 +994,7 @@ class LoraMethod(Method):
 
         def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
             if isinstance(target, ParamTarget):
-                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu")
+                return expert_rows(target, loader("A"), loader("B"), scale, torch.float64, "cpu", shape)
             if op.target.part == "bias":
                 return BiasRows(loader("bias"), scale, torch.float64)
             left, right = _factors(loader("A"), loader("B"))
@@ -1002,7 +1003,7 @@ class LoraMethod(Method):
 
         found = MagnitudeBound(prepare, load, self.product_terms(op), self.rounds_delta(op), dtype)
         if not isinstance(target, ParamTarget) and params.dora and op.target.part == "weight":
-            exact = self._maths(op, load, torch.float64, "cpu", "fp64")
+            exact = self._maths(op, load, shape, torch.float64, "cpu", "fp64")
             found = DoraBound(exact, found, load("magnitude").double().reshape(-1), shape, params, dtype)
         group = self.row_multiple(op)
         return ChannelBound(found, group) if group > 1 else found
@@ -1016,9 +1017,11 @@ class LoraMethod(Method):
         from bonemerge.sketch import of_matrix, of_vector, parts
 
         if isinstance(op.target, ParamTarget):
-            rows = math.prod(shape[:-1])  # a fused [E, d1, d2] tensor streams as E·d1 rows
-            product = piece_product(op.target, load("A"), load("B"))
-            return parts(of_matrix("delta", product, (rows, shape[-1])))
+            a = load("A")
+            packed = len(shape) == 4  # MXFP4 blocks [E, out, in/32, 16]: each expert transposed
+            grid = (shape[0] * shape[1], a.shape[1]) if packed else (math.prod(shape[:-1]), shape[-1])
+            product = piece_product(op.target, a, load("B"), packed)
+            return parts(of_matrix("delta", product, grid))
         params = _linear(op.block)
         if op.target.part == "bias":
             return parts(of_vector("delta", load("bias") * params.scale))

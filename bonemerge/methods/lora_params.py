@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from bonemerge.methods.lora import DeltaRows, LoraSettings
 
 _WRAPPER = re.compile(r"(?:\.base_layer)+$")
+# MXFP4 experts: the parameter's codes (`bonemerge.codecs.mxfp4`)
+PACKED = "_blocks"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,14 @@ def _fits(block: Block, leaf: str, module: str, shape_of, where: str) -> list[tu
     if a_rows % r or b_cols != a_rows:
         return None
     experts = a_rows // r
+    packed = shape_of(parameter + PACKED) if shape_of(parameter) is None and experts > 1 else None
+    if packed is not None:
+        # MXFP4 (gpt-oss): each expert stored transposed, [E, out, in/32, 16] for [E, in, out]
+        if tuple(packed) != (experts, b_rows, a_cols // 32, 16) or a_cols % 32:
+            return None
+        label = f"{leaf} (MXFP4, each expert transposed)"
+        target = ParamTarget(label, "weight", parameter, experts, None, 0, b_rows, b_rows, r, scale)
+        return [(parameter + PACKED, target)]
     pieces = locate(parameter, experts, shape_of, where)
     if pieces is None:
         return None
@@ -138,7 +148,7 @@ def targets_a_parameter(block: Block, module: str, shape_of: Callable[[str], tup
     params: ParamBlock = block.params
     plain = _WRAPPER.sub("", module)
     return any(
-        present(f"{plain}.{leaf}", shape_of) or shape_of(f"{plain}.{leaf}_blocks") is not None
+        present(f"{plain}.{leaf}", shape_of) or shape_of(f"{plain}.{leaf}{PACKED}") is not None
         for leaf in params.candidates
     )
 
@@ -157,15 +167,6 @@ def place(block: Block, module: str, shape_of: Callable[[str], tuple[int, ...] |
         raise AdapterError(
             f"{where} fits the parameters {', '.join(fits)} of {plain} alike ({shapes}); PEFT names "
             "the block by its module only, so which one it trained cannot be told from the files."
-        )
-    packed = [
-        f"{plain}.{leaf}" for leaf in params.candidates if shape_of(f"{plain}.{leaf}_blocks") is not None
-    ]
-    if not fits and packed:
-        raise AdapterError(
-            f"{where} targets {packed[0]}, which the base stores as MXFP4 ({packed[0]}_blocks and "
-            "_scales); bonemerge does not merge into MXFP4 yet, dequantize the base first "
-            "(transformers' Mxfp4Config(dequantize=True), then save_pretrained)."
         )
     if not fits:
         listed = ", ".join(f"{plain}.{leaf}" for leaf in params.candidates)
@@ -226,10 +227,14 @@ def expert_rows(
     scale: float,
     dtype: torch.dtype,
     device: torch.device | str,
+    shape: tuple[int, ...] | None = None,
 ) -> ExpertRows:
     """The row maths of `target` from the whole lora_A and lora_B, keeping only the experts
     its tensor holds (sliced before they are converted to `dtype` on `device`: a per-expert
-    tensor costs its expert's share of the adapter, not all of it)."""
+    tensor costs its expert's share of the adapter, not all of it). The tensor's `shape` says
+    its layout: MXFP4 blocks [E, out, in/32, 16] hold each expert transposed, so their rows
+    get `s · B_e A_e` (rows = out); the module's [E, in, out] (fused, or dequantized from
+    MXFP4) gets `s · A_eᵀ B_eᵀ`."""
     from bonemerge.methods.lora import DeltaRows
 
     def ready(t: torch.Tensor) -> torch.Tensor:
@@ -241,19 +246,26 @@ def expert_rows(
         )
     r, e = target.r, target.experts
     wanted = range(e) if target.expert is None else (target.expert,)
+    packed = shape is not None and len(shape) == 4
     scratch = threading.local()  # one product buffer per thread for all experts, not one each
     deltas = {}
     for expert in wanted:
         left = a[expert * r : (expert + 1) * r].t()  # (d1, r): A_eᵀ
         right = b[:, expert::e].t()  # (r, d2): B_eᵀ, whose rank index runs over columns r·E + e
+        if packed:
+            left, right = right.t(), left.t()
         deltas[expert] = DeltaRows(ready(left), ready(right), scale, dtype, scratch=scratch)
-    return ExpertRows(deltas, target.rows, target.expert, target.start)
+    rows = shape[1] if target.expert is None and shape is not None else target.rows
+    return ExpertRows(deltas, rows, target.expert, target.start)
 
 
-def piece_product(target: ParamTarget, a: np.ndarray, b: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+def piece_product(
+    target: ParamTarget, a: np.ndarray, b: np.ndarray, packed: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """`X ↦ ΔW·X` for the rows of the parameter that `target`'s tensor holds, in the order it
     streams them (the experts and rows `expert_rows` merges), from numpy lora_A and lora_B:
-    what a history sketch needs, without building ΔW."""
+    what a history sketch needs, without building ΔW. `packed`: MXFP4 blocks, whose rows are
+    each expert's ΔW transposed (`B_e A_e`)."""
     import numpy as np
 
     r, e = target.r, target.experts
@@ -263,7 +275,8 @@ def piece_product(target: ParamTarget, a: np.ndarray, b: np.ndarray) -> Callable
     def factors(expert: int) -> tuple[np.ndarray, np.ndarray]:
         if e == 1:
             return b, a  # Linear's B @ A
-        return a[expert * r : (expert + 1) * r].T, b[:, expert::e].T  # A_eᵀ, B_eᵀ
+        left, right = a[expert * r : (expert + 1) * r].T, b[:, expert::e].T  # A_eᵀ, B_eᵀ
+        return (right.T, left.T) if packed else (left, right)
 
     def apply(x: np.ndarray) -> np.ndarray:
         found = []

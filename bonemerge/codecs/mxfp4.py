@@ -1,0 +1,277 @@
+"""MXFP4 experts (gpt-oss; REFERENCE.md §10).
+
+A weight `X` is stored as `X_blocks`, uint8 [E, rows, cols/32, 16], beside `X_scales`, uint8
+[E, rows, cols/32]: 32 values per block along the last (input) dimension, two e2m1 codes per
+byte (low nibble first; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, sign in the top bit), value =
+e2m1 × 2^(scale − 127). Rows are outputs: the module's parameter (`gate_up_proj` [E, H, 2I])
+is each expert's stored matrix transposed, which transformers' `convert_moe_packed_tensors`
+does when it dequantizes.
+
+The engine streams the blocks as E·rows rows of cols/2 bytes; each row's values are cols
+wide (`values_per_code` 2). Merging keeps the stored scales: codes = round((deq(W) + ΔW) /
+2^(s − 127)) to e2m1, ties to even. A 32-value block whose merged values no longer fit (|v|
+beyond 6 plus half the top step, 7, times the scale) gets the smallest power-of-two scale
+that holds its largest value, and is recorded. `--dtype` writes the module's dense parameter
+`X` [E, cols, rows], as transformers' dequantized checkpoints do: made whole in bfloat16 (its
+values are exact there) before it streams, the one place a weight is held whole.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, dequantized_source, round_once
+from bonemerge.errors import CheckpointError, MergeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bonemerge.checkpoint import Checkpoint, TensorRef
+    from bonemerge.plan import Step
+
+BLOCKS, SCALES = "_blocks", "_scales"
+BLOCK = 32
+MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MAX = 6.0
+# 6 plus half its step (2): beyond it rounding to nearest would need a code e2m1 lacks.
+OVERFLOW = 7.0
+SIGN = 0x8
+# Rows per stochastic-rounding generator (and per chunk boundary): reproducible, and cheap.
+BAND = 64
+BIAS = 127
+MAX_SCALE = 254  # 255 is E8M0's NaN
+# Rows decoded at once for `--dtype` (a few MB of float64 scratch for gpt-oss's widths)
+DECODE_ROWS = 256
+
+
+class Mxfp4(Codec):
+    name = "mxfp4"
+    values_per_code = 2
+
+    def find(self, checkpoint: Checkpoint, config: Mapping) -> dict[str, Stored]:
+        quantization = config.get("quantization_config") or {}
+        packed = [n for n, t in checkpoint.tensors.items() if n.endswith(BLOCKS) and t.dtype == "U8"]
+        if not packed and quantization.get("quant_method") != "mxfp4":
+            return {}
+        if not packed:
+            raise CheckpointError(
+                f"{checkpoint.root}'s config.json says quant_method 'mxfp4', but it holds no uint8 "
+                "…_blocks tensors; the checkpoint is incomplete or its config is wrong."
+            )
+        found = {}
+        for name in packed:
+            blocks = checkpoint.tensors[name]
+            scale_name = name.removesuffix(BLOCKS) + SCALES
+            scales = checkpoint.tensors.get(scale_name)
+            if scales is None:
+                raise CheckpointError(
+                    f"{checkpoint.root} holds {name} but not the scales {scale_name} of its MXFP4 blocks; "
+                    "the checkpoint is incomplete."
+                )
+            shape = tuple(blocks.shape)
+            if (
+                len(shape) != 4
+                or shape[-1] != BLOCK // 2
+                or scales.dtype != "U8"
+                or scales.shape != shape[:-1]
+            ):
+                raise CheckpointError(
+                    f"{name} in {blocks.path} is {blocks.dtype} {list(shape)} beside {scale_name}, "
+                    f"{scales.dtype} {list(scales.shape)}; MXFP4 experts need uint8 blocks [experts, rows, "
+                    "cols/32, 16] and uint8 scales [experts, rows, cols/32]."
+                )
+            found[name] = Stored(self, name, blocks, {"scales": scales}, {"scales": scale_name}, shape)
+        return found
+
+    def row_band(self, stored: Stored | None) -> int:
+        return BAND
+
+    def grid(self, stored: Stored) -> tuple[int, int]:
+        experts, rows, groups, half = stored.params
+        return experts * rows, groups * half
+
+    def describe(self, stored: Stored) -> str:
+        return "MXFP4 (e2m1, 32-value blocks, power-of-two scales)"
+
+    def prepare(
+        self,
+        stored: Stored | None,
+        load: Callable[[TensorRef], torch.Tensor],
+        rounding: Rounding,
+        device: torch.device | str,
+    ) -> Bands:
+        assert stored is not None
+        scales = load(stored.companions["scales"]).to(device)
+        return Mxfp4Bands(stored, scales.reshape(self.grid(stored)[0], -1), rounding)
+
+    def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
+        """The module's dense parameter `X` [E, cols, rows] in place of `X_blocks`, as
+        transformers writes it (each expert transposed), with the step's ops on it. Its values
+        are made whole when the engine reaches it, one expert at a time, in bfloat16: e2m1
+        times a power of two has two significant bits, so they are exact."""
+        from dataclasses import replace
+
+        experts, rows, groups, _ = stored.params
+        name = stored.name.removesuffix(BLOCKS)
+        shape = (experts, groups * BLOCK, rows)
+
+        def decode() -> torch.Tensor:
+            import torch
+
+            from bonemerge.checkpoint import RangeReader
+            from bonemerge.checkpoint.tensors import load_whole, read_rows
+
+            bands = self.prepare(stored, load_whole, Rounding(), "cpu")
+            packed = replace(stored.weight, shape=self.grid(stored))
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            values = torch.empty(rows, groups * BLOCK, dtype=torch.bfloat16)
+            with RangeReader() as reader:
+                for expert in range(experts):
+                    for first in range(0, rows, DECODE_ROWS):  # bands keep the fp64 scratch small
+                        begin, stop = expert * rows + first, expert * rows + min(rows, first + DECODE_ROWS)
+                        band = values[first : first + stop - begin]
+                        bands.decode(read_rows(reader, packed, begin, stop), band, begin)
+                    out[expert].copy_(values.t())
+            return out
+
+        source = dequantized_source(name, shape, decode, stored)
+        return replace(step, name=name, dtype=dtype, shape=shape, source=source, decode=None, encode=None)
+
+
+def _lut(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    import torch
+
+    values = torch.tensor(MAGNITUDES, dtype=dtype, device=device)
+    return torch.cat([values, -values])
+
+
+def _nearest(magnitude: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (0-7) of `magnitude` (≥ 0, ≤ 6), to nearest, ties to the even code."""
+    import torch
+
+    code = torch.zeros(magnitude.shape, dtype=torch.uint8, device=magnitude.device)
+    for index in range(len(MAGNITUDES) - 1):
+        middle = (MAGNITUDES[index] + MAGNITUDES[index + 1]) / 2
+        # a tie goes up only to an even code
+        code += (magnitude >= middle if index % 2 else magnitude > middle).to(torch.uint8)
+    return code
+
+
+def _below(magnitude: torch.Tensor) -> torch.Tensor:
+    """The code of the largest e2m1 magnitude ≤ each of `magnitude` (≥ 0)."""
+    import torch
+
+    code = torch.zeros(magnitude.shape, dtype=torch.uint8, device=magnitude.device)
+    for value in MAGNITUDES[1:]:
+        code += (magnitude >= value).to(torch.uint8)
+    return code
+
+
+class Mxfp4Bands(Bands):
+    values_per_code = 2
+
+    def __init__(self, stored: Stored, scales: torch.Tensor, rounding: Rounding) -> None:
+        super().__init__()
+        self.name = stored.name
+        self.stored_scale = scales
+        self.scale = scales.clone()
+        self.shape = stored.params
+        self.rounding = rounding
+        self._lock = threading.Lock()
+
+    def _factors(self, row0: int, rows: int, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+        """2^(s − 127) for rows [row0, row0 + rows), one per 32-value block: (rows, cols/32, 1)."""
+        import torch
+
+        exponent = scale[row0 : row0 + rows].to(torch.int32) - BIAS
+        return torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=scale.device), exponent).unsqueeze(
+            -1
+        )
+
+    def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
+        """e2m1 × 2^(s − 127), exact in float64 and rounded once into `out`."""
+        import torch
+
+        rows = stored.shape[0]
+        codes = torch.stack([stored & 0x0F, stored >> 4], dim=-1).view(rows, -1, BLOCK).long()
+        exact = _lut(torch.float64, stored.device)[codes]
+        exact *= self._factors(row0, rows, torch.float64, self.scale if encoded else self.stored_scale)
+        round_once(exact.view(rows, -1), out)
+
+    def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
+        import torch
+
+        rows = values.shape[0]
+        blocked = values.view(rows, -1, BLOCK)
+        scaled = blocked / self._factors(row0, rows, values.dtype, self.stored_scale)
+        over = (scaled.abs() > OVERFLOW).any(dim=-1)
+        if bool(over.any()):
+            self._rescale(blocked, scaled, over, row0)
+        magnitude = scaled.abs().clamp_(max=MAX)
+        if self.rounding.mode == "nearest":
+            code = _nearest(magnitude)
+        else:
+            low = _below(magnitude)
+            high = (low + 1).clamp(max=len(MAGNITUDES) - 1)
+            lut = _lut(magnitude.dtype, magnitude.device)
+            lower, upper = lut[low.long()], lut[high.long()]
+            fraction = torch.where(upper > lower, (magnitude - lower) / (upper - lower), 0.0)
+            code = torch.where(self._uniform(row0, magnitude) < fraction, high, low)
+        code |= torch.signbit(scaled).to(torch.uint8) * SIGN
+        pairs = code.view(rows, -1, 2)
+        out.view(torch.uint8).view(rows, -1).copy_(pairs[..., 0] | (pairs[..., 1] << 4))
+
+    def _uniform(self, row0: int, like: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) numbers drawn BAND rows at a time from generators seeded by the band."""
+        import torch
+
+        out = torch.empty_like(like)
+        for begin in range(0, like.shape[0], BAND):
+            generator = torch.Generator(device=like.device)
+            generator.manual_seed(self.rounding.generator_seed(self.name, (row0 + begin) // BAND))
+            rows = out[begin : begin + BAND]
+            rows.copy_(torch.rand(rows.shape, generator=generator, device=like.device, dtype=like.dtype))
+        return out
+
+    def _rescale(self, blocked: torch.Tensor, scaled: torch.Tensor, over: torch.Tensor, row0: int) -> None:
+        """The smallest power-of-two scale holding each overflowing block's largest value."""
+        import torch
+
+        for row, group in torch.nonzero(over).tolist():
+            amax = float(blocked[row, group].abs().max().double())
+            exponent = math.ceil(math.log2(amax / MAX))
+            while math.ldexp(MAX, exponent - 1) >= amax:
+                exponent -= 1
+            while math.ldexp(MAX, exponent) < amax:
+                exponent += 1
+            if exponent + BIAS > MAX_SCALE:
+                raise MergeError(f"{self.name}: a merged block's largest value {amax} exceeds MXFP4's range.")
+            scaled[row, group] = blocked[row, group] / math.ldexp(1.0, exponent)
+            with self._lock:
+                self.scale[row0 + row, group] = exponent + BIAS
+                self.encoded.rescaled.append(self._where(row0 + row, group))
+
+    def _where(self, row: int, group: int) -> tuple[int, int, int]:
+        """(expert, row, block) of a stored block."""
+        return (*divmod(row, self.shape[1]), group)
+
+    def derived(self) -> dict[str, torch.Tensor]:
+        return {"scales": self.scale.cpu().view(self.shape[:-1])}
+
+    def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
+        """The code step above the code just below each value, times its (encoded) scale."""
+        import torch
+
+        rows = values.shape[0]
+        factor = self._factors(row0, rows, values.dtype, self.scale)
+        low = _below((values.view(rows, -1, BLOCK) / factor).abs().clamp(max=MAX)).long()
+        steps = torch.tensor(
+            [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0], dtype=values.dtype, device=values.device
+        )
+        return (steps[low] * factor).view(values.shape)
+
+
+MXFP4 = Mxfp4()
