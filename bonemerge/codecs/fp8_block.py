@@ -157,6 +157,22 @@ class Fp8Bands(Bands):
         index = torch.arange(row0, row0 + rows, device=scale.device) // self.block[0]
         return scale.index_select(0, index).to(dtype).repeat_interleave(self.block[1], dim=1)[:, : self.cols]
 
+    def _blocks(
+        self, rows: torch.Tensor, row0: int, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` seen as (row blocks, 128, column blocks, 128) beside their scales shaped to
+        broadcast over it, where the rows are whole blocks (all but a partial last band): the
+        same element-wise products and quotients as with `scales`, without writing a scale for
+        every element."""
+        b0, b1 = self.block
+        count, cols = rows.shape
+        if count % b0 or cols % b1 or not rows.is_contiguous():
+            full = self.scales(row0, count, rows.dtype, scale)
+            return rows, full
+        first = row0 // b0
+        blocks = scale[first : first + count // b0].to(rows.dtype)
+        return rows.view(count // b0, b0, cols // b1, b1), blocks[:, None, :, None]
+
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         """code × scale: in fp32 or fp64 one rounding of the exact product (4 + 24 significant
         bits); into a 16-bit dtype the exact fp64 product, rounded once (`round_once`)."""
@@ -170,7 +186,8 @@ class Fp8Bands(Bands):
                 torch.index_select(table, 0, index, out=out.view(-1))
             else:
                 out.copy_(table.index_select(0, index).view(out.shape))
-            out.mul_(self.scales(row0, out.shape[0], out.dtype, scale))
+            blocked, factors = self._blocks(out, row0, scale)
+            blocked.mul_(factors)
         else:
             exact = stored.to(torch.float64) * self.scales(row0, out.shape[0], torch.float64, scale)
             round_once(exact, out)
@@ -179,7 +196,8 @@ class Fp8Bands(Bands):
         import torch
 
         assert row0 % self.block[0] == 0, "bands must start on a scale row"
-        scaled = values / self.scales(row0, values.shape[0], values.dtype, self.stored_scale)
+        blocked, factors = self._blocks(values, row0, self.stored_scale)
+        scaled = (blocked / factors).view(values.shape)
         smallest, largest = torch.aminmax(scaled)  # one pass, no temporaries: overflow is rare
         if float(smallest) < -OVERFLOW or float(largest) > OVERFLOW:
             self._rescale(values, scaled, scaled.abs() > OVERFLOW, row0)
