@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
-from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.checkpoint.tensors import read_grid_rows, read_whole
 from bonemerge.codecs import DENSE, Bands, Derived, Rounding
 from bonemerge.engine import WRITE_BEHIND, Chunk, EngineOptions, rows_cols
 from bonemerge.errors import BonemergeError, MergeError
@@ -193,8 +193,8 @@ class Compute:
         self._loaded_lock = threading.Lock()
         transformed = [s for s in steps if s.nbytes]
 
-        def chunk_bytes(step: Step, dtype: str) -> int:
-            return chunk_rows(step) * step.grid[1] * dtypes.BITS[dtype] // 8
+        def chunk_bytes(step: Step, dtype: str, cols: int) -> int:
+            return chunk_rows(step) * cols * dtypes.BITS[dtype] // 8
 
         worked = [s for s in transformed if s.ops or s.encode is not None]
         wide = any(compute_dtype(s, options.precision) == torch.float64 for s in worked)
@@ -211,12 +211,16 @@ class Compute:
         self._torch_threads = torch.get_num_threads()
         if self._parallel > 1:
             torch.set_num_threads(1)
-        out_bytes = max((chunk_bytes(s, s.dtype) for s in transformed), default=0)
+        out_bytes = max((chunk_bytes(s, s.dtype, s.written_grid[1]) for s in transformed), default=0)
         self._out: Pool[torch.Tensor] = Pool(
             torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + self._parallel)
         )
         raw_size = max(
-            (chunk_bytes(s, s.source.dtype) for s in transformed if isinstance(s.source, TensorRef)),
+            (
+                chunk_bytes(s, s.source.dtype, s.grid[1])
+                for s in transformed
+                if isinstance(s.source, TensorRef)
+            ),
             default=0,
         )
         reads = [
@@ -273,7 +277,7 @@ class Compute:
         coded = self._coded(step)
         self._first_pass(step, prepared, compute, coded.decoder)
         out_dtype = dtypes.to_torch(step.dtype)
-        _, cols = step.grid
+        _, cols = step.written_grid
         pending: deque[_Computing] = deque()
         try:
             for start, stop in _chunks(step):
@@ -382,7 +386,7 @@ class Compute:
             if not block.needs_pass:
                 continue
             for start, stop in _chunks(step):
-                rows = read_rows(self.reader, step.source, start, stop)
+                rows = read_grid_rows(self.reader, step.source, step.grid, start, stop)
                 work = self._decoded(rows, compute, start, decoder)
                 for earlier, inverse in prepared[:index]:
                     (earlier.unmerge if inverse else earlier.merge)(work, start)
@@ -419,7 +423,7 @@ class Compute:
             coded = self._coded(step)
             self._first_pass(step, prepared, compute, coded.decoder)
             for start, stop in _chunks(step):
-                rows = read_rows(self.reader, step.source, start, stop)
+                rows = read_grid_rows(self.reader, step.source, step.grid, start, stop)
                 for begin, end in _spans(0, stop - start, _fit(step, COMPUTE_ELEMENTS)):
                     work = self._decoded(rows[begin:end], compute, start + begin, coded.decoder)
                     for maths, inverse in prepared:

@@ -25,7 +25,7 @@ from bonemerge.checkpoint import Checkpoint, Source, TensorRef, dtypes, layout
 from bonemerge.checkpoint.layout import ShardPlan
 from bonemerge.checkpoint.reader import file_identity
 from bonemerge.checkpoint.writer import METADATA, Entry, encode_header
-from bonemerge.codecs import Derived, Stored
+from bonemerge.codecs import Derived, Stored, find_stored
 from bonemerge.codecs.planning import plan_storage
 from bonemerge.errors import AdapterError
 from bonemerge.methods import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, BlockOp, Target
@@ -57,6 +57,13 @@ class Step:
         a quantized weight (MXFP4's bytes of two codes), else `rows_cols` of its shape."""
         stored = self.encode or self.decode
         return stored.codec.grid(stored) if stored is not None else dtypes.rows_cols(self.shape)
+
+    @property
+    def written_grid(self) -> tuple[int, int]:
+        """(rows, elements per row) of the tensor as written: the codes' grid when the step is
+        re-encoded, else its values (twice as wide as a grid of two codes a byte)."""
+        rows, cols = self.grid
+        return rows, cols if self.encode is not None else cols * self.values_per_code
 
     @property
     def values_per_code(self) -> int:
@@ -218,6 +225,10 @@ class _Builder:
         self.steps: dict[str, Step] = {
             name: Step(name, ref.dtype, ref.shape, ref) for name, ref in base.tensors.items()
         }
+        for name, stored in find_stored(base).items():
+            if not stored.codec.encodes:  # seen as the dense weight it is always written as
+                dense = stored.codec.dense_dtype(stored)
+                self.steps[name] = Step(name, dense, stored.values_shape, stored.weight)
         self.notes: list[str] = []
         self.untied = False
 

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
-from bonemerge.checkpoint.tensors import read_rows, read_whole
+from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import Bands, Derived, Rounding, Stored, find_stored
 from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
 from bonemerge.engine import Engine, EngineOptions
@@ -317,11 +317,7 @@ def _exact_input(
 
 
 def _step_rows(reader: RangeReader, source, step: Step, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of `source` as the engine streams `step`: a codec's grid (MXFP4's
-    blocks as rows of bytes) where it has one."""
-    if isinstance(source, TensorRef) and dtypes.rows_cols(source.shape) != step.grid:
-        source = replace(source, shape=step.grid)
-    return read_rows(reader, source, start, stop)
+    return read_grid_rows(reader, source, step.grid, start, stop)
 
 
 def _loader(reader: RangeReader, op) -> Callable[[str], torch.Tensor]:
@@ -394,7 +390,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
                 tally = tallies[step.name]
                 if chunk.data is not None:
                     try:
-                        got = _step_rows(reader, ref, step, chunk.start, chunk.stop)
+                        got = read_grid_rows(reader, ref, step.written_grid, chunk.start, chunk.stop)
                         tally.add(chunk.data, got, step.dtype)
                     finally:
                         chunk.release()

@@ -9,6 +9,7 @@ high rank holds blocks of gigabytes, and a hostile header can promise far more.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -48,6 +49,17 @@ def read_rows(reader: RangeReader, source: Source, start: int, stop: int) -> tor
     if source.dtype not in dtypes.TORCH_NAME:
         return values.view(1, -1)
     return values.view(stop - start, cols)
+
+
+def read_grid_rows(
+    reader: RangeReader, source: Source, grid: tuple[int, int], start: int, stop: int
+) -> torch.Tensor:
+    """Rows [start, stop) of `source` seen as `grid` (rows, elements per row): how the engine
+    streams a codec's weight whose stored shape is not its rows (MXFP4's blocks, bitsandbytes'
+    packed column of bytes)."""
+    if isinstance(source, TensorRef) and dtypes.rows_cols(source.shape) != grid:
+        source = replace(source, shape=grid)
+    return read_rows(reader, source, start, stop)
 
 
 def pieces(reader: RangeReader, source: Source, limit: int | None = None) -> Iterator[torch.Tensor]:

@@ -178,6 +178,9 @@ class Codec:
     name: str = ""
     #: values per stored element (2 for MXFP4's two codes a byte)
     values_per_code: int = 1
+    #: False for a format bonemerge reads but does not write (bitsandbytes 4-bit): its weights
+    #: are always written dequantized, to `dense_dtype` unless `--dtype` says otherwise
+    encodes: bool = True
 
     def find(self, checkpoint: Checkpoint, config: Mapping) -> dict[str, Stored]:
         """Every weight of `checkpoint` this codec stores, by name; refuses (one sentence) a
@@ -214,6 +217,11 @@ class Codec:
     def describe(self, stored: Stored) -> str:
         """How summaries name the format of `stored` (`FP8 e4m3, 128×128 blocks`)."""
         return self.name
+
+    def dense_dtype(self, stored: Stored) -> str:
+        """The dtype a weight of a format that is not written (`encodes` False) is dequantized
+        to without `--dtype`: the one it was quantized from."""
+        return "BF16"
 
 
 def round_once(values: torch.Tensor, out: torch.Tensor) -> None:

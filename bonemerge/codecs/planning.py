@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bonemerge.checkpoint import Checkpoint
-from bonemerge.codecs import Derived, find_stored
+from bonemerge.codecs import Derived, Stored, find_stored
 from bonemerge.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -32,24 +32,29 @@ def plan_storage(
     found = find_stored(base)
     if not found:
         return steps, {}, []
-    done = dict(steps)
     kinds = sorted({s.codec.describe(s) for s in found.values()})
     if dtype is not None:
-        renamed = {}
-        for name, stored in found.items():
-            step = steps.get(name)
-            if step is not None and step.source is stored.weight:
-                done[name] = stored.codec.dequantized(step, stored, dtype)
-                renamed[name] = done[name].name
-            for companion in stored.names.values():
-                done.pop(companion, None)
-        # a codec may write the dense weight under the module's own name (MXFP4's `X_blocks` as `X`)
-        done = {renamed.get(name, name): step for name, step in done.items()}
         note = (
             f"dequantized {len(found)} {' and '.join(kinds)} weights to {dtype}; their scales and "
             "the config's quantization_config were dropped"
         )
-        return done, {"quantization_config": REMOVE}, [note]
+        return _dequantized(steps, found, dtype), {"quantization_config": REMOVE}, [note]
+    read_only = {name: s for name, s in found.items() if not s.codec.encodes}
+    if read_only:
+        # formats bonemerge reads but does not write: dense in the dtype they were quantized from
+        steps = _dequantized(steps, read_only, None)
+        found = {name: s for name, s in found.items() if name not in read_only}
+        written = sorted({s.codec.dense_dtype(s) for s in read_only.values()})
+        read_kinds = sorted({s.codec.describe(s) for s in read_only.values()})
+        note = (
+            f"dequantized {len(read_only)} {' and '.join(read_kinds)} weights to {' and '.join(written)}, "
+            "the dtype they were quantized from (bonemerge does not write this format; quantize the "
+            "output again if you need it); their scales and the config's quantization_config were dropped"
+        )
+        if not found:
+            return steps, {"quantization_config": REMOVE}, [note]
+        kinds = sorted({s.codec.describe(s) for s in found.values()})
+    done = dict(steps)
     touched = [s for name, s in found.items() if name in steps and steps[name].ops]
     if operation == "unmerge" and touched and not allow_lossy:
         raise AdapterError(
@@ -74,3 +79,19 @@ def plan_storage(
         f"{len(found) - len(touched)} quantized weights copied as they are"
     )
     return done, {}, [note]
+
+
+def _dequantized(steps: dict[str, Step], found: dict[str, Stored], dtype: str | None) -> dict[str, Step]:
+    """`steps` with every weight in `found` decoded to `dtype` (None: the codec's dense dtype)
+    and its companion tensors dropped."""
+    done = dict(steps)
+    renamed = {}
+    for name, stored in found.items():
+        step = steps.get(name)
+        if step is not None and step.source is stored.weight:
+            done[name] = stored.codec.dequantized(step, stored, dtype or stored.codec.dense_dtype(stored))
+            renamed[name] = done[name].name
+        for companion in stored.names.values():
+            done.pop(companion, None)
+    # a codec may write the dense weight under the module's own name (MXFP4's `X_blocks` as `X`)
+    return {renamed.get(name, name): step for name, step in done.items()}

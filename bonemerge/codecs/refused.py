@@ -40,15 +40,21 @@ _METHODS = {
     "exl2": "ExLlamaV2",
 }
 # tensor names that give a format away even without a config
+_BNB_PARTS = re.compile(
+    r"^(?P<weight>.+)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[\w.]+)$"
+)
+_BNB_4BIT = re.compile(r"\.quant_state\.bitsandbytes__(nf4|fp4)$")
 _TENSORS = (
-    (re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.[\w.]+)$"), "bitsandbytes"),
+    (_BNB_PARTS, "bitsandbytes"),
+    (re.compile(r"\.SCB$"), "bitsandbytes 8-bit (LLM.int8)"),
     (re.compile(r"\.(qweight|qzeros|g_idx)$"), "GPTQ/AWQ"),
     (re.compile(r"\.weight_(packed|zero_point|global_scale)$"), "compressed-tensors"),
     (re.compile(r"\.weight_scale_2$"), "NVFP4"),
 )
 _STORED = (
-    "bonemerge reads dense, block-FP8 (quant_method fp8, weight_scale_inv) and MXFP4 (gpt-oss "
-    "experts, _blocks and _scales) weights only"
+    "bonemerge reads dense, block-FP8 (quant_method fp8, weight_scale_inv), MXFP4 (gpt-oss "
+    "experts, _blocks and _scales) and bitsandbytes 4-bit (NF4/FP4, read into a dense output) "
+    "weights only"
 )
 
 
@@ -57,6 +63,10 @@ def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
     quantization = config.get("quantization_config") or {}
     method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
     where = str(checkpoint.root)
+    # 4-bit bitsandbytes weights, each with its quant state, are read by a codec (`bnb4.py`)
+    four_bit = {name.split(".quant_state.")[0] for name in checkpoint.tensors if _BNB_4BIT.search(name)}
+    if isinstance(method, str) and method.lower() == "bitsandbytes" and four_bit:
+        method = None
     if isinstance(method, str) and method.lower() in _METHODS:
         raise CheckpointError(
             f"{where} is quantized with {_METHODS[method.lower()]} (config.json quantization_config."
@@ -65,7 +75,8 @@ def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
         )
     for name, ref in checkpoint.tensors.items():
         for pattern, what in _TENSORS:
-            if pattern.search(name):
+            match = pattern.search(name)
+            if match and not (pattern is _BNB_PARTS and match.group("weight") in four_bit):
                 _refuse_tensor(where, name, what)
         weight = checkpoint.tensors.get(name.removesuffix("_scale"), ref)
         if name.endswith(".weight_scale") and weight.dtype in ("F8_E4M3", "U8"):
