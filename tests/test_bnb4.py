@@ -170,14 +170,14 @@ def test_blocks_that_straddle_rows_decode_as_bitsandbytes_quantized_them(tmp_pat
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
     from bitsandbytes.functional import QuantState, dequantize_blockwise
-
     from peft import LoraConfig
     from transformers import LlamaForCausalLM
 
     dense = _dense(tmp_path / "dense", 176)
     quantized = _quantized(dense, tmp_path / "nf4", "nf4", True)
     factory = lambda: LlamaForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)  # noqa: E731
-    lora = lora_oracle.train_lora(factory, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora", seed=1)
+    config = LoraConfig(r=2, target_modules=["q_proj"])
+    lora = lora_oracle.train_lora(factory, config, tmp_path / "lora", seed=1)
     result = run("merge", quantized, lora, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     tensors = load_file(quantized / "model.safetensors")
@@ -188,7 +188,8 @@ def test_blocks_that_straddle_rows_decode_as_bitsandbytes_quantized_them(tmp_pat
         state = QuantState.from_dict(parts, device=torch.device("cpu"))
         absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
         code = _get_4bit_code("nf4", torch.device("cpu"))
-        expected = _dequantize_4bit_compute(tensors[name].view(-1), absmax, code, 64, state.shape, torch.bfloat16)
+        packed = tensors[name].view(-1)
+        expected = _dequantize_4bit_compute(packed, absmax, code, 64, state.shape, torch.bfloat16)
         assert got[name].shape == (LLAMA["hidden_size"], 176)
         assert torch.equal(got[name].view(torch.int16), expected.view(torch.int16)), name
 
@@ -220,7 +221,7 @@ def _state_json(tensors, **changes):
         (lambda t: _state_json(t, blocksize=48), ("blocksize 48",)),
         (lambda t: _state_json(t, quant_type="fp4"), ("quant_type 'fp4', not 'nf4'",)),
         (
-            lambda t: t.update({f"{STATE}.quant_state.bitsandbytes__nf4": torch.tensor([1, 2], dtype=torch.uint8)}),
+            lambda t: t.update({f"{STATE}.quant_state.bitsandbytes__nf4": torch.tensor([1, 2]).byte()}),
             ("does not hold JSON",),
         ),
     ],
