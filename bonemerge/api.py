@@ -261,11 +261,12 @@ def _open_model(
     base_revision: str | None,
     adapter_revision: str | None,
     progress: bool = False,
+    remote: bool = False,
 ) -> _Model:
     """A plain base plus adapter folders, one full PEFT checkpoint standing for both, or one
     adapter whose config names its base (`base_model_name_or_path` and `revision`)."""
     if adapters:
-        location = locate(reference, base_revision, "--base", progress)
+        location = locate(reference, base_revision, "--base", progress, remote=remote)
         checkpoint = open_checkpoint(location.path)
         if is_training_checkpoint(checkpoint):
             raise BonemergeError(
@@ -274,10 +275,10 @@ def _open_model(
             )
         loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
         return _Model(checkpoint, checkpoint, loaded, location.hub_id or _hub_id_of(loaded[0]))
-    location = locate(reference, adapter_revision, "--adapter", progress)
+    location = locate(reference, adapter_revision, "--adapter", progress, remote=remote)
     if _is_adapter_folder(location.path):
         adapter = load_adapter(location.path)
-        base = named_base(adapter, reference, base_revision, progress)
+        base = named_base(adapter, reference, base_revision, progress, remote)
         checkpoint = open_checkpoint(base.path)
         return _Model(checkpoint, checkpoint, [adapter], base.hub_id or _hub_id_of(adapter))
     checkpoint = open_checkpoint(location.path)
@@ -291,7 +292,11 @@ def _open_model(
 
 
 def named_base(
-    adapter: Adapter, reference: PathLike, base_revision: str | None = None, progress: bool = False
+    adapter: Adapter,
+    reference: PathLike,
+    base_revision: str | None = None,
+    progress: bool = False,
+    remote: bool = False,
 ) -> Location:
     """The base model `adapter`'s config names (`base_model_name_or_path`, a path taken from the
     adapter folder, and `revision`): where merge and verify look when no base is given."""
@@ -302,7 +307,7 @@ def named_base(
             "model too (merge: BASE first; verify: --base BASE)."
         )
     revision = base_revision or adapter.config.raw.get("revision") or None
-    return locate(named, revision, "--base", progress, relative_to=adapter.root)
+    return locate(named, revision, "--base", progress, relative_to=adapter.root, remote=remote)
 
 
 def _hub_id_of(adapter: Adapter) -> str | None:
@@ -317,17 +322,33 @@ def _card_adapters(adapters: Sequence[Adapter]):
     return [AppliedAdapter(a.label, a.config.describe(), a.config.tag) for a in adapters]
 
 
+def _check_stream(output: PathLike | None, push: Push | None, stream: bool, overwrite: bool) -> None:
+    """`--stream` writes to the Hub only; everything else writes a local output first."""
+    if not stream:
+        if output is None:
+            raise BonemergeError("no output was given; pass --output OUT (or --stream with --push-to-hub).")
+        return
+    if push is None:
+        raise BonemergeError("--stream writes straight to the Hub; pass --push-to-hub REPO_ID with it.")
+    if output is not None or overwrite:
+        raise BonemergeError(
+            "--stream keeps no local output; drop --output and --overwrite, or drop --stream to write one."
+        )
+
+
 @dataclass(frozen=True)
 class _Target:
     """Where and how a command writes: the same for every command that makes a model."""
 
-    path: Path
+    path: Path | None
     overwrite: bool
     resume: bool
     options: object
     command: str | None
     began: float
     push: Push | None
+    #: `--stream`: no local output; shards go to the Hub one at a time (`hub_stream`)
+    stream: bool = False
 
 
 def _publish(
@@ -369,7 +390,8 @@ def _write_model(
     roots = [a.root for a in adapters] if tokenizer_from_adapters else []
     own = [s.filename for s in plan.shards] + [plan.index_name] * plan.write_index + ["README.md", MANIFEST]
     extras = companions.plan_companions(source, roots, own)
-    check_free_space(target.path, plan.file_bytes + extras.bytes)
+    if not target.stream:
+        check_free_space(target.path, plan.file_bytes + extras.bytes)
     options = target.options
     fingerprint = plan.fingerprint(
         version=__version__,
@@ -383,14 +405,18 @@ def _write_model(
     watch.check()
     given_notes = list(notes)
     notes = given_notes + list(extras.notes)
-    if not target.resume and (left := resumable_shards(target.path, fingerprint)):
-        discarded = (
-            f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
-            f"{target.path} and are written again; --resume would have reused them"
-        )
-        warn(discarded)
-        notes.append(discarded)
-    with Staging(target.path, fingerprint, target.resume) as staging:
+    if target.stream:
+        sink = _streamed(target, fingerprint, watch.check, plan, extras.bytes)
+    else:
+        if not target.resume and (left := resumable_shards(target.path, fingerprint)):
+            discarded = (
+                f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
+                f"{target.path} and are written again; --resume would have reused them"
+            )
+            warn(discarded)
+            notes.append(discarded)
+        sink = Staging(target.path, fingerprint, target.resume)
+    with sink as staging:
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
 
@@ -398,7 +424,14 @@ def _write_model(
             watch.check()
             staging.record(file, size, digest)
 
-        stats = write_plan(plan, staging.path, options, skip=staging.finished, shard_done=shard_done)
+        stats = write_plan(
+            plan,
+            staging.path,
+            options,
+            skip=staging.finished,
+            shard_done=shard_done,
+            bounded=staging.bounded if target.stream else None,
+        )
         lossy = (
             _lossy_note(stats, _dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
         )
@@ -426,10 +459,13 @@ def _write_model(
         }
         files = write_manifest(staging.path, manifest, staging.finished)
         watch.check()
-        pushed = _publish(staging, target.overwrite, target.push, open_checkpoint)
+        if target.stream:
+            pushed = staging.commit().url
+        else:
+            pushed = _publish(staging, target.overwrite, target.push, open_checkpoint)
     return Report(
         operation=operation,
-        output=str(target.path),
+        output=target.push.repo_id if target.stream else str(target.path),
         inputs=manifest["inputs"],
         tensors_merged=stats.merged,
         tensors_copied=stats.copied,
@@ -446,6 +482,23 @@ def _write_model(
         ),
         quantized=quantized,
     )
+
+
+def _streamed(target: _Target, fingerprint: str, check_inputs: Callable[[], None], plan, small: int):
+    """Where a `--stream` run writes: a `StreamedOutput` whose checks also ask whether a Hub
+    base moved, once its disk is known to take the shards it holds at once."""
+    from bonemerge import hub_read
+    from bonemerge.checkpoint.writer import METADATA, encode_header
+    from bonemerge.hub_stream import ON_DISK, StreamedOutput
+
+    def check() -> None:
+        check_inputs()
+        hub_read.check_unchanged()
+
+    sink = StreamedOutput(target.push, fingerprint, target.resume, check)
+    largest = max((len(encode_header(s.entries, METADATA)) + s.data_bytes for s in plan.shards), default=0)
+    check_free_space(sink.folder, ON_DISK * largest + small)
+    return sink
 
 
 def _lossy_note(stats, dtype: str, resumed: bool) -> str | None:
@@ -513,15 +566,30 @@ class _ModelCommand:
 
 
 def _run_model(
-    job: _ModelCommand, output: PathLike, dtype: str, max_shard_size: str | int | None, target: _Target
+    job: _ModelCommand, output: PathLike | None, dtype: str, max_shard_size: str | int | None, target: _Target
 ) -> Report:
     """Every model-writing command in the order of the safety contract: the output and push
     target checked, the plan built (headers only), the adapters' values checked, the history
-    guard, and only then the long I/O."""
+    guard, and only then the long I/O. Hub models read in place are let go of at the end."""
+    try:
+        return _checked_run(job, output, dtype, max_shard_size, target)
+    finally:
+        if target.stream:
+            from bonemerge import hub_read
+
+            hub_read.close_all()
+
+
+def _checked_run(
+    job: _ModelCommand, output: PathLike | None, dtype: str, max_shard_size: str | int | None, target: _Target
+) -> Report:
     from bonemerge.plan import build_plan
 
     merging = job.operation != "unload"
-    path = check_output(output, [_input_path(job.given), *(a.root for a in job.adapters)], target.overwrite)
+    path = None
+    if not target.stream:
+        inputs = [_input_path(job.given), *(a.root for a in job.adapters)]
+        path = check_output(output, inputs, target.overwrite)
     if target.push is not None:
         target.push.check()
     shard_bytes = _shard_bytes(max_shard_size)
@@ -567,7 +635,7 @@ def _run_model(
 def merge(
     base: PathLike,
     adapters: Sequence[PathLike],
-    output: PathLike,
+    output: PathLike | None,
     *,
     adapter_name: str | None = None,
     base_revision: str | None = None,
@@ -585,6 +653,7 @@ def merge(
     allow_remerge: bool = False,
     rounding: str = "nearest",
     seed: int = 0,
+    stream: bool = False,
 ) -> Report:
     """Merge `adapters`, in order, into the model at `base`, writing a new model at `output`.
 
@@ -600,7 +669,8 @@ def merge(
 
     began = time.perf_counter()
     options = _options(device, precision, safe_merge, progress, rounding, seed)
-    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress)
+    _check_stream(output, push, stream, overwrite)
+    model = _open_model(base, adapters, adapter_name, base_revision, adapter_revision, progress, stream)
     name = model.base_hub_id or _input_path(model.given).name
     count = len(model.adapters)
 
@@ -632,14 +702,14 @@ def merge(
         output,
         dtype,
         max_shard_size,
-        _Target(Path(output), overwrite, resume, options, command, began, push),
+        _Target(output and Path(output), overwrite, resume, options, command, began, push, stream),
     )
 
 
 def unmerge(
     merged: PathLike,
     adapters: Sequence[PathLike],
-    output: PathLike,
+    output: PathLike | None,
     *,
     adapter_revision: str | None = None,
     allow_lossy: bool = False,
@@ -653,6 +723,7 @@ def unmerge(
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
+    stream: bool = False,
 ) -> Report:
     """Take `adapters` (given in the order they were merged) back out of the model at `merged`."""
     from bonemerge.modelcard import render_card
@@ -661,7 +732,8 @@ def unmerge(
     options = _options(device, precision, safe_merge, progress)
     if not adapters:
         raise BonemergeError("no adapter was given; pass the adapters that were merged into the model.")
-    checkpoint = _open_merged(merged, progress)
+    _check_stream(output, push, stream, overwrite)
+    checkpoint = _open_merged(merged, progress, stream)
     loaded = [_load_adapter(a, adapter_revision, progress) for a in adapters]
     name = _input_path(checkpoint).name
 
@@ -693,14 +765,14 @@ def unmerge(
         output,
         dtype,
         max_shard_size,
-        _Target(Path(output), overwrite, resume, options, command, began, push),
+        _Target(output and Path(output), overwrite, resume, options, command, began, push, stream),
     )
 
 
-def _open_merged(reference: PathLike, progress: bool = False) -> Checkpoint:
+def _open_merged(reference: PathLike, progress: bool = False, remote: bool = False) -> Checkpoint:
     """The merged model unmerge and verify take first; an adapter given there (the arguments
     swapped) is named as such, not sent to the message about merge's base."""
-    path = locate(reference, None, "MERGED", progress).path
+    path = locate(reference, None, "MERGED", progress, remote=remote).path
     if _is_adapter_folder(path):
         raise BonemergeError(
             f"{reference} is a PEFT adapter, not a merged model; pass the merged model first and the "
@@ -735,7 +807,7 @@ def _training(location: Location, command: str) -> tuple[Checkpoint, TrainingChe
 
 def unload(
     checkpoint: PathLike,
-    output: PathLike,
+    output: PathLike | None,
     *,
     adapter_name: str | None = None,
     original_modules: bool = False,
@@ -746,6 +818,7 @@ def unload(
     progress: bool = False,
     command: str | None = None,
     push: Push | None = None,
+    stream: bool = False,
 ) -> Report:
     """The plain base model inside a full PEFT checkpoint, without merging its blocks.
 
@@ -756,7 +829,8 @@ def unload(
 
     began = time.perf_counter()
     options = _options("cpu", "auto", True, progress)
-    location = locate(checkpoint, None, "CHECKPOINT", progress)
+    _check_stream(output, push, stream, overwrite)
+    location = locate(checkpoint, None, "CHECKPOINT", progress, remote=stream)
     given, training = _training(location, "unload")
     adapters = [] if original_modules else [training.adapter(adapter_name)]
     kept = (
@@ -784,7 +858,7 @@ def unload(
         output,
         dtype,
         max_shard_size,
-        _Target(Path(output), overwrite, resume, options, command, began, push),
+        _Target(output and Path(output), overwrite, resume, options, command, began, push, stream),
     )
 
 

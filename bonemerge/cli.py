@@ -158,6 +158,15 @@ def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 _output = click.option("-o", "--output", required=True, type=click.Path(), help="Folder to create.")
+_model_output = _options(
+    click.option("-o", "--output", type=click.Path(), help="Folder to create (required unless --stream)."),
+    click.option(
+        "--stream",
+        is_flag=True,
+        help="With --push-to-hub and no --output: read a Hub base in place and upload the output "
+        "shard by shard (at most two shards on disk), committing once at the end.",
+    ),
+)
 _overwrite = click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it exists (atomically, only on success)."
 )
@@ -211,6 +220,17 @@ _push_to_hub = _options(
     ),
     _push_target,
 )
+
+
+def _streamed_push(options: dict[str, Any]) -> Any:
+    """`_push` for a command that writes a model: `--output`, or `--stream` with `--push-to-hub`."""
+    if options["stream"] and not options.get("push_to_hub"):
+        raise click.UsageError("--stream writes straight to the Hub; pass --push-to-hub REPO_ID with it.")
+    if options["stream"] and options["output"] is not None:
+        raise click.UsageError("--stream keeps no local output; drop --output (or drop --stream).")
+    if not options["stream"] and options["output"] is None:
+        raise click.UsageError("Missing option '-o' / '--output' (or --stream with --push-to-hub).")
+    return _push(options)
 
 
 def _push(options: dict[str, Any], repo_id: str | None = None) -> Any:
@@ -338,7 +358,7 @@ def main() -> None:
     "(or it is given twice); without it that is refused, since it would apply the adapter twice.",
 )
 @_options(
-    _output,
+    _model_output,
     _adapter_name,
     _base_revision,
     _adapter_revision,
@@ -367,10 +387,11 @@ def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **op
       bonemerge merge meta-llama/Llama-3.2-1B me/bone-adapter@v2 -o ./merged --push-to-hub me/merged
       bonemerge merge me/bone-adapter --output ./merged
       bonemerge merge ./trainer/checkpoint-500 --output ./merged
+      bonemerge merge meta-llama/Llama-3.2-1B me/lora --push-to-hub me/merged --stream
     """
     from bonemerge.api import merge as run
 
-    push = _push(options)
+    push = _streamed_push(options)
     report = run(
         base, adapters, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
     )
@@ -386,7 +407,16 @@ def merge(base: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **op
     help="Keep trained modules_to_save copies and biases, whose originals cannot be recovered.",
 )
 @_options(
-    _output, _adapter_revision, _dtype, _shard, _compute, _overwrite, _resume, _quiet, _as_json, _push_to_hub
+    _model_output,
+    _adapter_revision,
+    _dtype,
+    _shard,
+    _compute,
+    _overwrite,
+    _resume,
+    _quiet,
+    _as_json,
+    _push_to_hub,
 )
 @_reported
 def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, **options: Any) -> None:
@@ -401,7 +431,7 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     """
     from bonemerge.api import unmerge as run
 
-    push = _push(options)
+    push = _streamed_push(options)
     report = run(
         merged, adapters, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
     )
@@ -415,7 +445,7 @@ def unmerge(merged: str, adapters: tuple[str, ...], quiet: bool, as_json: bool, 
     is_flag=True,
     help="Keep the original modules_to_save modules, not the trained copies.",
 )
-@_options(_output, _adapter_name, _dtype, _shard, _overwrite, _resume, _quiet, _as_json, _push_to_hub)
+@_options(_model_output, _adapter_name, _dtype, _shard, _overwrite, _resume, _quiet, _as_json, _push_to_hub)
 @_reported
 def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """Write the plain base model inside a full PEFT CHECKPOINT, without merging its blocks.
@@ -426,7 +456,7 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
     """
     from bonemerge.api import unload as run
 
-    push = _push(options)
+    push = _streamed_push(options)
     report = run(
         checkpoint, progress=_progress(quiet or as_json), command=_command_line(), push=push, **options
     )

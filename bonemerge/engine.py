@@ -19,10 +19,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from bonemerge.checkpoint import RangeReader, ShardWriter
+from bonemerge.checkpoint import RangeReader, ShardWriter, TensorRef
 from bonemerge.checkpoint.dtypes import rows_cols
+from bonemerge.checkpoint.reader import expect_reads
 from bonemerge.checkpoint.writer import METADATA
-from bonemerge.pipeline import Worker
+from bonemerge.pipeline import Pool, Worker
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 WRITE_BEHIND = 6
 COPY_LEAD = 1 << 30
+MEMORY_PIECE = 8 << 20  # an untouched tensor's piece when it passes through memory
+MEMORY_PIECES = 4
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class _Progress:
 
 
 ShardDone = Callable[[str, int, str], None]
+ShardOpening = Callable[[str], None]
 
 
 class _Shards:
@@ -166,12 +170,19 @@ class _Shards:
     (fsynced) one with its size and digest; the copy-ahead thread may open one earlier."""
 
     def __init__(
-        self, shards: Sequence[ShardPlan], folder: Path, progress: _Progress, done: ShardDone, hasher: Worker
+        self,
+        shards: Sequence[ShardPlan],
+        folder: Path,
+        progress: _Progress,
+        done: ShardDone,
+        hasher: Worker,
+        opening: ShardOpening = lambda file: None,
     ) -> None:
         self._shards = list(shards)
         self._folder = folder
         self._progress = progress
         self._done = done
+        self._opening = opening
         self._hasher = hasher
         self._index = {e.name: i for i, shard in enumerate(self._shards) for e in shard.entries}
         self._open: dict[int, ShardWriter] = {}
@@ -199,6 +210,8 @@ class _Shards:
             if self._current >= 0:
                 self._close(self._current)
             self._current += 1
+            if self._current not in self._open:
+                self._opening(self._shards[self._current].filename)
         return self._writer(index)
 
     def _close(self, index: int) -> None:
@@ -215,6 +228,24 @@ class _Shards:
         self._through(self._index[step.name]).skip(fd, step.source.offset if step.nbytes else 0, step.nbytes)
         ahead.passed(step)
         self._progress.update(step.nbytes)
+
+    def through_memory(self, step: Step, reader: RangeReader, buffers: Pool[memoryview]) -> None:
+        """Write an untouched tensor by reading it into pooled buffers (an input that has no
+        descriptor, such as a Hub shard read by ranges, or an output that must not be written
+        ahead); each buffer goes back to the pool once written and hashed."""
+        writer = self._through(self._index[step.name])
+        if not step.nbytes:
+            writer.skip(-1, 0, 0)
+        for begin in range(0, step.nbytes, MEMORY_PIECE):
+            buffer = buffers.take()
+            view = buffer[: min(MEMORY_PIECE, step.nbytes - begin)]
+            try:
+                reader.readinto(step.source.path, step.source.offset + begin, view)
+            except BaseException:
+                buffers.give(buffer)
+                raise
+            writer.write(view, lambda b=buffer: buffers.give(b))
+            self._progress.update(len(view))
 
     def write(self, name: str, data: torch.Tensor, release: Callable[[], None]) -> None:
         """Write a chunk; its buffer goes back to the pool once it is written and hashed."""
@@ -302,6 +333,24 @@ class _CopyAhead:
         self._thread.join()
 
 
+def _read_runs(steps: Sequence[Step]) -> dict[Path, list[tuple[int, int]]]:
+    """The byte runs the plan reads from each input file, in plan order: consecutive tensors
+    that lie back to back and are read the same way (copied, or computed) make one run."""
+    runs: dict[Path, list[tuple[int, int]]] = {}
+    last: tuple[Path, bool, int] | None = None
+    for step in steps:
+        source = step.source
+        if not isinstance(source, TensorRef) or not source.nbytes:
+            continue
+        spans = runs.setdefault(source.path, [])
+        if last == (source.path, step.is_copy, source.offset):
+            spans[-1] = (spans[-1][0], source.offset + source.nbytes)
+        else:
+            spans.append((source.offset, source.offset + source.nbytes))
+        last = (source.path, step.is_copy, source.offset + source.nbytes)
+    return runs
+
+
 def write_plan(
     plan: Plan,
     folder: Path,
@@ -309,23 +358,38 @@ def write_plan(
     *,
     skip: Container[str] = (),
     shard_done: ShardDone = lambda name, size, digest: None,
+    bounded: ShardOpening | None = None,
 ) -> EngineStats:
     """Write the shards of `plan` not named in `skip` into `folder`, each in one sequential pass
     (untouched tensors copied ahead by their own thread); writes and fsyncs run on a writer
     thread while the next chunks are computed, and `shard_done(file, size, digest)` is called
-    as each shard becomes durable."""
+    as each shard becomes durable.
+
+    With `bounded` (streaming to the Hub), nothing is written ahead: untouched tensors pass
+    through memory in order, and `bounded(file)` is called on the writer thread before each
+    shard file is created, so that it can hold the writing back until there is room."""
     shards = [shard for shard in plan.shards if shard.filename not in skip]
     steps = [plan.steps[e.name] for shard in shards for e in shard.entries]
+    expect_reads(_read_runs(steps))
     engine = Engine(steps, options)
     progress = _Progress(sum(s.data_bytes for s in shards), options.progress)
     hasher = Worker("bonemerge-hasher", depth=WRITE_BEHIND + 2)
-    files = _Shards(shards, folder, progress, shard_done, hasher)
-    ahead = _CopyAhead([s for s in steps if s.is_copy and s.nbytes], files, engine.reader)
+    files = _Shards(shards, folder, progress, shard_done, hasher, bounded or (lambda file: None))
+    copies = [s for s in steps if s.is_copy and s.nbytes]
+    ahead = _CopyAhead(copies, files, engine.reader) if bounded is None else None
+    buffers: Pool[memoryview] = Pool(
+        memoryview(bytearray(MEMORY_PIECE)) for _ in range(MEMORY_PIECES if ahead is None and copies else 0)
+    )
     writer = Worker("bonemerge-writer", depth=WRITE_BEHIND + 1)
     stats = EngineStats()
     try:
         for chunk in engine.stream():
             step = chunk.step
+            if chunk.data is None and ahead is None:
+                writer.submit(lambda s=step: files.through_memory(s, engine.reader, buffers))
+                stats.copied += 1
+                stats.bytes_written += step.nbytes
+                continue
             if chunk.data is None:
                 fd = engine.reader.fd(step.source.path) if step.nbytes else -1
                 writer.submit(lambda s=step, fd=fd: files.copied(s, fd, ahead))
@@ -345,13 +409,15 @@ def write_plan(
         hasher.close()
         stats.encoded = engine.encoded()
     except BaseException:
-        ahead.close()
+        if ahead is not None:
+            ahead.close()
         writer.close(discard=True)
         hasher.close(discard=True)
         files.abort()
         raise
     finally:
-        ahead.close()
+        if ahead is not None:
+            ahead.close()
         progress.close()
         engine.close()
     return stats

@@ -93,8 +93,10 @@ def locate(
     what: str = "--base",
     progress: bool = False,
     relative_to: Path | None = None,
+    remote: bool = False,
 ) -> Location:
-    """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache.
+    """A local path as it is, or a Hub repo downloaded (only what bonemerge needs) into the cache;
+    with `remote` (`--stream`), only its small files, its weights read in place (`hub_read`).
 
     A relative path is taken from `relative_to` when given (an adapter's config names its base
     relative to the adapter folder, never to wherever bonemerge happens to run)."""
@@ -117,6 +119,10 @@ def locate(
         return Location(path)
     repo, rev = parsed
     try:
+        if remote:
+            from bonemerge.hub_read import open_remote
+
+            return Location(open_remote(repo, rev, progress), repo, rev)
         return Location(download(repo, rev, progress), repo, rev)
     except HubError as exc:
         folder, rest = repo.split("/", 1)

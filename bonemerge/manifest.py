@@ -82,12 +82,17 @@ def is_bonemerge_output(folder: Path) -> bool:
 
 def write_manifest(folder: Path, fields: dict, known: Mapping[str, tuple[int, str]]) -> dict[str, dict]:
     """Write `fields` plus the size and BLAKE3 digest of every file under `folder` (from `known`
-    where the writer already hashed it) as `folder/bonemerge.json`; returns the file map."""
+    where the writer already hashed it, and of the files in `known` no longer there) as
+    `folder/bonemerge.json`; returns the file map."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         name = str(path.relative_to(folder))
         size, digest = known.get(name) or (path.stat().st_size, file_digest(path))
         files[name] = {"bytes": size, ALGORITHM: digest}
+    gone = {name: record for name, record in known.items() if name not in files}
+    if gone:  # shards already uploaded and deleted (`--stream`): listed by what the writer hashed
+        files |= {name: {"bytes": size, ALGORITHM: digest} for name, (size, digest) in gone.items()}
+        files = dict(sorted(files.items(), key=lambda item: PurePosixPath(item[0]).parts))
     text = json.dumps(fields | {"files": files}, indent=2) + "\n"
     (folder / MANIFEST).write_text(text, encoding="utf-8")
     return files

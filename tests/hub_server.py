@@ -36,6 +36,12 @@ Usage:
         assert hub.files("org/new")["config.json"] == (Path("out") / "config.json").read_bytes()
         assert hub.commits("org/new")[0]["title"] == "Upload folder using huggingface_hub"
         lfs_puts = [path for method, path in hub.requests if method == "PUT"]  # LFS uploads received
+
+Failing on demand, for the streaming tests: `fail_next(kind)` answers an error status,
+`drop_next(times, after)` cuts a download's connection after a share of its body, `on(kind,
+action)` runs `action` (say, a new commit to a base) when the next request of `kind` arrives,
+and `delay[kind]` slows every such request. `sent`/`received` count the body bytes of downloads
+(resolve GETs) and LFS uploads (PUTs).
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ import fnmatch
 import hashlib
 import json
 import re
+import socket
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -291,6 +299,11 @@ class HubServer:
         self.url = ""
         self._repos: dict[str, Repo] = {}
         self._failures: dict[str, list[int]] = {kind: [] for kind in FAILURE_KINDS}
+        self._drops: list[tuple[float, int]] = []
+        self._hooks: dict[str, list[Any]] = {kind: [] for kind in FAILURE_KINDS}
+        self.delay: dict[str, float] = {}
+        self.sent = 0
+        self.received = 0
         self._lock = threading.RLock()
         self._counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -416,9 +429,33 @@ class HubServer:
         with self._lock:
             self._failures[kind] += [status] * times
 
+    def drop_next(self, times: int = 1, after: float = 0.5, at_least: int = 0) -> None:
+        """Cut the connection of the next `times` downloads (resolve GETs) whose body is at least
+        `at_least` bytes, once `after` (a share, 0 to 1) of it is sent: the client sees a
+        response that ends early."""
+        with self._lock:
+            self._drops += [(after, at_least)] * times
+
+    def on(self, kind: str, action: Any) -> None:
+        """Run `action()` once, when the next request of `kind` (see `fail_next`) arrives."""
+        with self._lock:
+            self._hooks[kind].append(action)
+
     # -- internals shared by the request handler ------------------------------------------
 
+    def _take_drop(self, size: int) -> float | None:
+        with self._lock:
+            if self._drops and size >= self._drops[0][1]:
+                return self._drops.pop(0)[0]
+            return None
+
     def _take_failure(self, kind: str) -> None:
+        with self._lock:
+            hooks, self._hooks[kind] = self._hooks[kind], []
+        for action in hooks:
+            action()
+        if self.delay.get(kind):
+            time.sleep(self.delay[kind])
         with self._lock:
             if self._failures[kind]:
                 status = self._failures[kind].pop(0)
@@ -542,14 +579,29 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         else:
             payload = json.dumps(body).encode()
             headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        cut = headers.pop("X-Test-Drop-After", None)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if cut is not None:  # promise the whole body, send part of it, hang up
+            payload = payload[: int(cut)]
+            self.close_connection = True
+        try:
             self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client let go of a response it had enough of
+            self.close_connection = True
+            return
+        if "/resolve/" in self.path and self.command == "GET":
+            with self.hub._lock:
+                self.hub.sent += len(payload)
+        if cut is not None:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _error(self, error: HubHTTPError) -> tuple[int, Any, dict[str, str]]:
         headers = {"X-Error-Message": error.message, **error.headers}
@@ -822,6 +874,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _handle_lfs_upload(self, repo: str, oid: str) -> Reply:
         """The pre-signed-URL stand-in: no auth (the client sends none), but content must match."""
         self.hub._take_failure("upload")
+        with self.hub._lock:
+            self.hub.received += len(self.body)
         if hashlib.sha256(self.body).hexdigest() != oid:
             raise HubHTTPError(400, f"uploaded content does not hash to {oid}")
         with self.hub._lock:
@@ -949,7 +1003,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return 200, b"", headers | {"Content-Length": str(entry.size)}
         content = self.hub.blobs.read(entry.sha256)
-        return self._ranged(content, headers)
+        status, body, headers = self._ranged(content, headers)
+        drop = self.hub._take_drop(len(body))
+        if drop is not None:
+            headers["X-Test-Drop-After"] = str(int(len(body) * drop))
+        return status, body, headers
 
     def _ranged(self, content: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
         match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", self.headers.get("Range", ""))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint.confine import kind_of, refusal, root_of
 from bonemerge.checkpoint.header import Header, TensorInfo, read_header
+from bonemerge.checkpoint.reader import mounted
 from bonemerge.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
@@ -152,6 +153,11 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def _present(path: Path) -> bool:
+    """A weight file on disk, or one mounted in its place (a Hub shard read in place)."""
+    return path.is_file() or mounted(path) is not None
+
+
 def _open_shard(path: Path) -> Shard:
     header = read_header(path)
     return Shard(path, header, header.file_size, header.identity)
@@ -185,7 +191,7 @@ def _indexed(index_path: Path) -> Checkpoint:
     shard_of: dict[str, str] = {}
     for file in sorted(files):
         path = root / file
-        if not path.is_file():
+        if not _present(path):
             raise CheckpointError(
                 f"{index_path} names shard {file}, which is missing; download the complete checkpoint."
             )
@@ -241,7 +247,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
         raise CheckpointError(f"{path} holds several indexes ({names}); pass one checkpoint at a time.")
-    if (path / "model.safetensors").is_file():
+    if _present(path / "model.safetensors"):
         return _single(path / "model.safetensors", is_folder=True)
     files = sorted(
         p for p in path.glob("*.safetensors") if p.is_file() and p.name != "adapter_model.safetensors"

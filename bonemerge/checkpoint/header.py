@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bonemerge.checkpoint import dtypes
-from bonemerge.checkpoint.reader import stat_identity
+from bonemerge.checkpoint.reader import MountedFile, mounted, stat_identity
 from bonemerge.errors import CheckpointError, shown
 
 MAX_HEADER_BYTES = 100_000_000
@@ -207,8 +207,27 @@ def header_from_bytes(data: bytes, name: str = "<bytes>") -> Header:
         raise _invalid(name, exc) from None
 
 
+def _reading(file: MountedFile) -> Callable[[int], bytes]:
+    """`read(n)` over a mounted file, from its start: the length prefix, then the header."""
+    position = 0
+
+    def read(size: int) -> bytes:
+        nonlocal position
+        buffer = bytearray(max(0, min(size, file.size - position)))
+        file.readinto(position, memoryview(buffer))
+        position += len(buffer)
+        return bytes(buffer)
+
+    return read
+
+
 def read_header(path: Path) -> Header:
-    """Read and validate the header of the safetensors file at `path`."""
+    """Read and validate the header of the safetensors file at `path` (on disk or mounted)."""
+    if (remote := mounted(path)) is not None:
+        try:
+            return replace(_decode(_reading(remote), remote.size), identity=remote.identity)
+        except _Invalid as exc:
+            raise _invalid(path, exc) from None
     try:
         with open(path, "rb") as f:
             identity = stat_identity(os.fstat(f.fileno()))

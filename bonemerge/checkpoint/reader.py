@@ -9,13 +9,52 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from bonemerge.errors import CheckpointError
 
 # The most a bounded read of a whole tensor (a check, a fingerprint) holds at once.
 PIECE_BYTES = 64 << 20
+
+
+class MountedFile(Protocol):
+    """A file that is not on this disk (a Hub model's shard read by HTTP ranges) standing at a
+    path: every reader reads it through `readinto`, and `identity` stands for its stat."""
+
+    identity: tuple[int, ...]
+    size: int
+
+    def readinto(self, offset: int, view: memoryview) -> None: ...
+
+    def expect(self, runs: Sequence[tuple[int, int]]) -> None:
+        """The byte ranges [start, end) that will be read, each front to back (a hint)."""
+
+
+_mounts: dict[Path, MountedFile] = {}
+
+
+def mount(path: Path, file: MountedFile) -> None:
+    """Make `path` read as `file` for every reader of this process until `unmount`."""
+    _mounts[path] = file
+
+
+def unmount(path: Path) -> None:
+    _mounts.pop(path, None)
+
+
+def mounted(path: Path) -> MountedFile | None:
+    """The file standing at `path` in place of one on disk, or None."""
+    return _mounts.get(path) if _mounts else None
+
+
+def expect_reads(runs: Mapping[Path, Sequence[tuple[int, int]]]) -> None:
+    """Tell each mounted file which byte runs a plan will read from it, so that each run can be
+    asked for in one request; files on disk need no telling."""
+    for path, spans in runs.items():
+        if (file := mounted(path)) is not None:
+            file.expect(spans)
 
 
 class RangeReader:
@@ -27,6 +66,8 @@ class RangeReader:
 
     def fd(self, path: Path) -> int:
         """The descriptor of `path`, opened on first use by whichever thread asks first."""
+        if mounted(path) is not None:
+            raise AssertionError(f"{path} is not on this disk: it has no descriptor, read it instead")
         with self._lock:
             return self._fd(path)
 
@@ -44,6 +85,9 @@ class RangeReader:
 
     def readinto(self, path: Path, offset: int, view: memoryview) -> None:
         """Fill `view` with the bytes at `offset`; a short file is an error, never zeros."""
+        if (remote := mounted(path)) is not None:
+            remote.readinto(offset, view)
+            return
         fd = self.fd(path)
         done, size = 0, len(view)
         while done < size:
@@ -89,7 +133,10 @@ class RangeReader:
 
 
 def file_identity(path: Path) -> tuple[int, ...]:
-    """Size, modification time, inode, device and status-change time of `path` (`stat_identity`)."""
+    """Size, modification time, inode, device and status-change time of `path` (`stat_identity`);
+    for a mounted file, what stands for them (its size and content digest)."""
+    if (remote := mounted(path)) is not None:
+        return remote.identity
     return stat_identity(os.stat(path))
 
 

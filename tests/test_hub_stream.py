@@ -1,0 +1,303 @@
+"""`--stream`: a Hub base read in place and the output uploaded shard by shard, one commit.
+
+Every run is the real `bonemerge` command against the loopback Hub (`tests/hub_server.py`, Xet
+off, classic LFS), which records what was downloaded (by range), pre-uploaded and committed,
+and fails on demand. The truth each stream run is held to is a local merge of the same inputs
+(download, merge into a folder): the committed files must be those bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import toy
+from tests.hub_server import HubServer
+
+SCRIPT = Path(sys.executable).with_name("bonemerge")
+TOKEN = "hf_test_token"
+LAYERS = 6
+SHARD = "1MB"
+# Files whose bytes depend on how the command was run (its command line, the time, input paths).
+RUN_DEPENDENT = {"README.md", "bonemerge.json"}
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    """A Llama-shaped model of about 11 MB: a dozen output shards of at most 1 MB."""
+    found: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (900, 256),
+        "lm_head.weight": (900, 256),
+    }
+    for layer in range(LAYERS):
+        prefix = f"model.layers.{layer}"
+        found |= {
+            f"{prefix}.self_attn.q_proj.weight": (256, 256),
+            f"{prefix}.self_attn.k_proj.weight": (128, 256),
+            f"{prefix}.mlp.up_proj.weight": (384, 256),
+            f"{prefix}.mlp.down_proj.weight": (256, 384),
+            f"{prefix}.input_layernorm.weight": (256,),
+        }
+    return found | {"model.norm.weight": (256,)}
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with HubServer(tmp_path / "server") as server:
+        yield server
+        assert not server.errors, server.errors
+
+
+@pytest.fixture
+def seeded(tmp_path, hub):
+    """org/base (three shards, fp32) and org/adapter (Bone blocks on every q_proj)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in shapes().items()}
+    base = toy.write_base(tmp_path / "src" / "base", tensors, shards=3)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    blocks = {
+        name.removesuffix(".weight"): torch.randn(8, 256, generator=generator) * 0.01
+        for name in tensors
+        if name.endswith("q_proj.weight")
+    }
+    adapter = toy.write_adapter(
+        tmp_path / "src" / "adapter", blocks, config={"base_model_name_or_path": "org/base"}
+    )
+    hub.add_repo("org/base", base)
+    hub.add_repo("org/adapter", adapter)
+    return base, adapter
+
+
+def environment(tmp_path: Path, hub: HubServer, home: str = "hf-home") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    return env | {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / home),
+        "HF_TOKEN": TOKEN,
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+
+
+def start(tmp_path: Path, hub: HubServer, *args: object, home: str = "hf-home") -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(SCRIPT), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(tmp_path, hub, home),
+        cwd=tmp_path,
+    )
+
+
+def run(tmp_path: Path, hub: HubServer, *args: object, home: str = "hf-home") -> subprocess.CompletedProcess:
+    process = start(tmp_path, hub, *args, home=home)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+STREAM = (
+    "merge",
+    "org/base",
+    "org/adapter",
+    "--max-shard-size",
+    SHARD,
+    "--push-to-hub",
+    "me/merged",
+    "--stream",
+)
+
+
+def state_folder(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "bonemerge" / "hub-stream"
+
+
+def pushed(hub: HubServer, repo_id: str = "me/merged", revision: str = "main") -> dict[str, bytes]:
+    return {k: v for k, v in hub.files(repo_id, revision).items() if k != ".gitattributes"}
+
+
+def local_merge(tmp_path: Path, hub: HubServer) -> dict[str, bytes]:
+    """The same merge written to a local folder from a full download: what the Hub must hold."""
+    args = ("merge", "org/base", "org/adapter", "--max-shard-size", SHARD, "-o", "local")
+    done = run(tmp_path, hub, *args, home="hf-local")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "local"
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def same_run_independent(manifest: bytes) -> dict:
+    """bonemerge.json without what depends on how and when the command ran."""
+    found = json.loads(manifest)
+    for key in ("command", "created", "inputs"):
+        found.pop(key)
+    for entry in found["history"]:
+        entry.pop("command")
+        entry.pop("created")
+    found["files"].pop("README.md")
+    return found
+
+
+def assert_same_model(got: dict[str, bytes], expected: dict[str, bytes]) -> None:
+    assert set(got) == set(expected)
+    for name in set(expected) - RUN_DEPENDENT:
+        assert got[name] == expected[name], name
+    assert same_run_independent(got["bonemerge.json"]) == same_run_independent(expected["bonemerge.json"])
+
+
+def lfs_puts(hub: HubServer, since: int = 0) -> list[str]:
+    return [path for method, path in hub.requests[since:] if method == "PUT"]
+
+
+def shard_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(name for name in files if name.endswith(".safetensors"))
+
+
+class DiskSampler:
+    """Samples, every few milliseconds, the bytes a process holds on disk under `folder`: the
+    blocks of every file there, plus those of files it deleted but still holds open (seen in
+    /proc/<pid>/fd as "(deleted)"), which still take space."""
+
+    def __init__(self, folder: Path, pid: int) -> None:
+        self.folder = folder
+        self.pid = pid
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _held(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.folder):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_blocks * 512
+                except FileNotFoundError:
+                    continue
+        fds = Path(f"/proc/{self.pid}/fd")
+        try:
+            entries = list(fds.iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            return total
+        for entry in entries:
+            try:
+                if os.readlink(entry).endswith("(deleted)"):
+                    total += os.stat(entry).st_blocks * 512
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._held())
+            self.samples += 1
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def test_a_streamed_merge_commits_the_local_merge_with_two_shards_of_disk(tmp_path, hub, seeded):
+    expected = local_merge(tmp_path, hub)
+    hub.requests.clear()
+    hub.sent = 0
+    process = start(tmp_path, hub, *STREAM)
+    sampler = DiskSampler(state_folder(tmp_path), process.pid)
+    out, err = process.communicate(timeout=600)
+    peak = sampler.stop()
+    assert process.returncode == 0, err
+    got = pushed(hub)
+    assert_same_model(got, expected)
+    assert len(hub.commits("me/merged")) == 2  # the repo's creation, then one commit with everything
+    assert f"pushed: {hub.url}/me/merged" in out
+    largest = max(len(got[name]) for name in shard_names(got))
+    assert len(shard_names(got)) >= 8 and sampler.samples > 20
+    assert peak <= 2.25 * largest, (peak, largest)
+    # every file of the base and the adapter read exactly once: the weights by ranges
+    inputs = [*hub.files("org/base").values(), *hub.files("org/adapter").values()]
+    assert hub.sent == sum(len(content) for content in inputs)
+    cached = tmp_path / "hf-home" / "hub" / "models--org--base" / "blobs"
+    assert all(p.stat().st_size < 100_000 for p in cached.iterdir())
+    assert len(lfs_puts(hub)) == len(shard_names(got))
+    assert not any(state_folder(tmp_path).iterdir())  # nothing left behind after the commit
+
+
+def records(tmp_path: Path) -> list[dict]:
+    """What the stream run recorded as uploaded so far."""
+    found = []
+    for path in state_folder(tmp_path).glob("*/uploaded.jsonl"):
+        found += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return found
+
+
+def test_a_killed_run_resumes_without_uploading_finished_shards_again(tmp_path, hub, seeded):
+    expected = local_merge(tmp_path, hub)
+    hub.delay["upload"] = 0.3  # slow enough to be killed half-way
+    process = start(tmp_path, hub, *STREAM)
+    deadline = time.monotonic() + 120
+    while len(records(tmp_path)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = records(tmp_path)
+    assert len(finished) >= 2 and process.returncode == -signal.SIGKILL
+    assert len(hub.commits("me/merged")) == 1  # created, nothing committed
+    hub.delay.clear()
+    since = len(hub.requests)
+    done = run(tmp_path, hub, *STREAM, "--resume")
+    assert done.returncode == 0, done.stderr
+    again = lfs_puts(hub, since)
+    assert not [record for record in finished if any(record["sha256"] in put for put in again)]
+    got = pushed(hub)
+    assert len(again) <= len(shard_names(got)) - len(finished)
+    assert_same_model(got, expected)
+    assert not any(state_folder(tmp_path).iterdir())
+
+
+def test_a_base_changed_on_the_hub_mid_run_commits_nothing(tmp_path, hub, seeded):
+    base, _ = seeded
+    moved = []
+    hub.on("upload", lambda: moved.append(hub.add_repo("org/base", base, message="retrained")))
+    done = run(tmp_path, hub, *STREAM)
+    assert moved and done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: org/base@main changed on") and "nothing was committed" in last
+    assert len(hub.commits("me/merged")) == 1
+    assert not list(state_folder(tmp_path).glob("*/files"))  # no temporary files left
+
+
+def test_transient_failures_are_retried_without_reading_twice(tmp_path, hub, seeded):
+    expected = local_merge(tmp_path, hub)
+    hub.sent = 0
+    hub.drop_next(2, after=0.5, at_least=100_000)
+    hub.fail_next("upload", 1)
+    done = run(tmp_path, hub, *STREAM)
+    assert done.returncode == 0, done.stderr
+    assert_same_model(pushed(hub), expected)
+    inputs = [*hub.files("org/base").values(), *hub.files("org/adapter").values()]
+    assert hub.sent == sum(len(content) for content in inputs)  # a cut response resumes where it stopped
+
+
+@pytest.mark.parametrize("failure", ["download", "upload"])
+def test_persistent_failures_say_what_to_do_and_commit_nothing(tmp_path, hub, seeded, failure):
+    if failure == "download":
+        hub.drop_next(100, after=0.0, at_least=100_000)
+    else:
+        hub.fail_next("upload", 100)
+    done = run(tmp_path, hub, *STREAM)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nothing was committed" in last and "--resume" in last, last
+    assert "Traceback" not in done.stderr
+    assert len(hub.commits("me/merged")) == 1
+    assert not list(state_folder(tmp_path).glob("*/files"))
