@@ -417,6 +417,14 @@ def _write_model(
             notes.append(discarded)
         sink = Staging(target.path, fingerprint, target.resume)
     with sink as staging:
+        if target.stream and staging.discarded:
+            discarded = (
+                f"{staging.discarded} uploaded shard(s) of an interrupted run of the same command were "
+                "found and are written again (the Hub skips uploading what it holds); --resume would have "
+                "reused them"
+            )
+            warn(discarded)
+            notes.append(discarded)
         if staging.reused:
             notes.append(f"reused {len(staging.reused)} finished shard(s) of an interrupted run (--resume)")
 

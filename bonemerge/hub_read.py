@@ -202,13 +202,14 @@ class RemoteFile:
     def _failure(self, exc: BaseException) -> HubError:
         from huggingface_hub.errors import HfHubHTTPError
 
-        if isinstance(exc, _Cut):
-            why = f"the connection was cut {RETRIES + 1} times in a row"
-        elif isinstance(exc, HfHubHTTPError) and getattr(exc, "response", None) is not None:
+        if isinstance(exc, HfHubHTTPError) and getattr(exc, "response", None) is not None:
             why = f"it answered {exc.response.status_code}"
+        elif isinstance(exc, _Cut):
+            why = f"the connection was cut {RETRIES + 1} times in a row"
         else:
             text = str(exc).strip().splitlines()
-            why = f"{type(exc).__name__}: {text[0].rstrip('.')}" if text else type(exc).__name__
+            detail = f"{type(exc).__name__}: {text[0].rstrip('.')}" if text else type(exc).__name__
+            why = f"it failed {RETRIES + 1} times in a row: {detail}"
         return HubError(
             f"cannot read {self.label} from {_endpoint()} ({why}); nothing was committed: check the "
             "network, then run the same command with --resume to go on from the last uploaded shard."

@@ -89,6 +89,8 @@ class StreamedOutput:
         self.path = self.folder / "files"
         self.finished: dict[str, tuple[int, str]] = {}
         self.reused: list[str] = []
+        #: shards an interrupted run uploaded, found without `resume`: written again
+        self.discarded = 0
         self.uploaded_bytes = 0
         self._check = check
         self._api = HfApi(token=push.token)
@@ -146,6 +148,8 @@ class StreamedOutput:
         a clean start (the Hub still skips objects it holds: only the writing is redone)."""
         records = self.folder / _RECORDS
         if not self.resume:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                self.discarded = len(records.read_text(encoding="utf-8").splitlines())
             records.unlink(missing_ok=True)
             return
         found: dict[str, tuple[int, str, str]] = {}

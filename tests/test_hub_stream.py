@@ -301,3 +301,46 @@ def test_persistent_failures_say_what_to_do_and_commit_nothing(tmp_path, hub, se
     assert "Traceback" not in done.stderr
     assert len(hub.commits("me/merged")) == 1
     assert not list(state_folder(tmp_path).glob("*/files"))
+
+
+def test_ctrl_c_commits_nothing_and_leaves_no_temporary_files(tmp_path, hub, seeded):
+    hub.delay["upload"] = 0.3
+    process = start(tmp_path, hub, *STREAM)
+    deadline = time.monotonic() + 120
+    while not records(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert len(hub.commits("me/merged")) == 1
+    assert not list(state_folder(tmp_path).glob("*/files"))
+    hub.delay.clear()
+    done = run(tmp_path, hub, *STREAM)  # without --resume: said, and done again
+    assert done.returncode == 0, done.stderr
+    assert "uploaded shard(s) of an interrupted run" in done.stderr and "--resume would have" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--stream", "-o", "out", "--push-to-hub", "me/x"], "--stream keeps no local output"),
+        (["--stream"], "pass --push-to-hub REPO_ID with it"),
+        ([], "Missing option '-o' / '--output'"),
+    ],
+)
+def test_stream_options_are_checked_before_any_work(tmp_path, hub, seeded, args, fragment):
+    done = run(tmp_path, hub, "merge", "org/base", "org/adapter", *args)
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr
+    assert not [path for method, path in hub.requests if "/resolve/" in path]
+
+
+def test_unmerge_streams_too(tmp_path, hub, seeded):
+    assert run(tmp_path, hub, *STREAM).returncode == 0
+    args = ("unmerge", "me/merged", "org/adapter", "--max-shard-size", SHARD)
+    local = run(tmp_path, hub, *args, "-o", "local-unmerged", home="hf-local")
+    assert local.returncode == 0, local.stderr
+    done = run(tmp_path, hub, *args, "--push-to-hub", "me/unmerged", "--stream")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "local-unmerged"
+    expected = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert_same_model(pushed(hub, "me/unmerged"), expected)
