@@ -672,6 +672,8 @@ def merge(
     An adapter that the base's history says is merged already is refused unless `allow_remerge`.
     Weights stored quantized (block FP8) stay so unless `dtype` is given; `rounding` (nearest,
     or stochastic seeded by `seed`) says how their merged values become codes again.
+    With `stream`, `output` is None and `push` required: a Hub base is read in place and the
+    result uploaded shard by shard, at most two on disk, in one commit (`hub_stream`).
     """
     from bonemerge.modelcard import render_card
 

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from tests import toy
+from tests.disk_use import DiskSampler
 from tests.hub_server import HubServer
 
 SCRIPT = Path(sys.executable).with_name("bonemerge")
@@ -160,59 +160,12 @@ def shard_names(files: dict[str, bytes]) -> list[str]:
     return sorted(name for name in files if name.endswith(".safetensors"))
 
 
-class DiskSampler:
-    """Samples, every few milliseconds, the bytes a process holds on disk under `folder`: the
-    blocks of every file there, plus those of files it deleted but still holds open (seen in
-    /proc/<pid>/fd as "(deleted)"), which still take space."""
-
-    def __init__(self, folder: Path, pid: int) -> None:
-        self.folder = folder
-        self.pid = pid
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _held(self) -> int:
-        total = 0
-        for root, _, files in os.walk(self.folder):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(root, name)).st_blocks * 512
-                except FileNotFoundError:
-                    continue
-        fds = Path(f"/proc/{self.pid}/fd")
-        try:
-            entries = list(fds.iterdir())
-        except (FileNotFoundError, ProcessLookupError):
-            return total
-        for entry in entries:
-            try:
-                if os.readlink(entry).endswith("(deleted)"):
-                    total += os.stat(entry).st_blocks * 512
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._held())
-            self.samples += 1
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def test_a_streamed_merge_commits_the_local_merge_with_two_shards_of_disk(tmp_path, hub, seeded):
     expected = local_merge(tmp_path, hub)
     hub.requests.clear()
     hub.sent = 0
     process = start(tmp_path, hub, *STREAM)
-    sampler = DiskSampler(state_folder(tmp_path), process.pid)
+    sampler = DiskSampler([state_folder(tmp_path)], process.pid)
     out, err = process.communicate(timeout=600)
     peak = sampler.stop()
     assert process.returncode == 0, err
@@ -344,3 +297,22 @@ def test_unmerge_streams_too(tmp_path, hub, seeded):
     folder = tmp_path / "local-unmerged"
     expected = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     assert_same_model(pushed(hub, "me/unmerged"), expected)
+
+
+@pytest.mark.parametrize(
+    ("base", "target", "where"),
+    [
+        ("src/base", ["--create-pr"], "refs/pr/1"),
+        ("org/base", ["--revision", "dev", "--private"], "dev"),
+    ],
+    ids=["local-base-pull-request", "hub-base-branch"],
+)
+def test_stream_targets_and_a_local_base(tmp_path, hub, seeded, base, target, where):
+    expected = local_merge(tmp_path, hub)
+    args = ("merge", base, "org/adapter", "--max-shard-size", SHARD, "--push-to-hub", "me/merged")
+    done = run(tmp_path, hub, *args, "--stream", *target)
+    assert done.returncode == 0, done.stderr
+    assert_same_model(pushed(hub, revision=where), expected)
+    assert pushed(hub) == {}  # main holds only what create_repo made
+    if "--private" in target:
+        assert hub.repo("me/merged")["private"] is True
