@@ -335,19 +335,25 @@ class _CopyAhead:
 
 def _read_runs(steps: Sequence[Step]) -> dict[Path, list[tuple[int, int]]]:
     """The byte runs the plan reads from each input file, in plan order: consecutive tensors
-    that lie back to back and are read the same way (copied, or computed) make one run."""
+    that lie back to back and are read the same way (copied, computed, or loaded whole as a
+    quantized weight's scales) make one run."""
     runs: dict[Path, list[tuple[int, int]]] = {}
-    last: tuple[Path, bool, int] | None = None
+    last: dict[str, tuple[Path, int, int]] = {}  # lane -> (file, where its run ends, run's index)
     for step in steps:
-        source = step.source
-        if not isinstance(source, TensorRef) or not source.nbytes:
-            continue
-        spans = runs.setdefault(source.path, [])
-        if last == (source.path, step.is_copy, source.offset):
-            spans[-1] = (spans[-1][0], source.offset + source.nbytes)
-        else:
-            spans.append((source.offset, source.offset + source.nbytes))
-        last = (source.path, step.is_copy, source.offset + source.nbytes)
+        companions = list(step.decode.companions.values()) if step.decode is not None else []
+        lane = "copied" if step.is_copy else "computed"
+        for kind, source in [(lane, step.source), *(("scales", part) for part in companions)]:
+            if not isinstance(source, TensorRef) or not source.nbytes:
+                continue
+            spans = runs.setdefault(source.path, [])
+            end = source.offset + source.nbytes
+            path, until, index = last.get(kind, (None, -1, -1))
+            if (path, until) == (source.path, source.offset):
+                spans[index] = (spans[index][0], end)
+            else:
+                index = len(spans)
+                spans.append((source.offset, end))
+            last[kind] = (source.path, end, index)
     return runs
 
 

@@ -316,3 +316,69 @@ def test_stream_targets_and_a_local_base(tmp_path, hub, seeded, base, target, wh
     assert pushed(hub) == {}  # main holds only what create_repo made
     if "--private" in target:
         assert hub.repo("me/merged")["private"] is True
+
+
+def test_a_block_fp8_base_streams_with_its_scales(tmp_path, hub):
+    """Scales are loaded whole beside their weights: read by ranges too, the merge unchanged."""
+    from safetensors.torch import save_file
+
+    from tests.fp8_model import write_fp8_llama
+
+    base = write_fp8_llama(tmp_path / "src" / "fp8", shards=2)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    generator = torch.Generator().manual_seed(5)
+    factors = {}
+    for name in index["weight_map"]:
+        if name.endswith("q_proj.weight"):
+            module = f"base_model.model.{name.removesuffix('.weight')}"
+            rows, cols = shapes_of(base, name)
+            factors[f"{module}.lora_A.weight"] = torch.randn(4, cols, generator=generator) * 0.01
+            factors[f"{module}.lora_B.weight"] = torch.randn(rows, 4, generator=generator) * 0.01
+    adapter = tmp_path / "src" / "lora"
+    adapter.mkdir(parents=True)
+    save_file(factors, adapter / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    hub.add_repo("org/fp8", base)
+    hub.add_repo("org/lora", adapter)
+    done = run(tmp_path, hub, "merge", "org/fp8", "org/lora", "-o", "local", home="hf-local")
+    assert done.returncode == 0, done.stderr
+    hub.sent = 0
+    done = run(tmp_path, hub, "merge", "org/fp8", "org/lora", "--push-to-hub", "me/fp8", "--stream")
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "local"
+    expected = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert_same_model(pushed(hub, "me/fp8"), expected)
+    inputs = [*hub.files("org/fp8").values(), *hub.files("org/lora").values()]
+    assert hub.sent == sum(len(content) for content in inputs)
+
+
+def shapes_of(folder: Path, name: str) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    with safe_open(folder / index["weight_map"][name], "pt") as handle:
+        return tuple(handle.get_slice(name).get_shape())
+
+
+def test_read_runs_keep_copies_and_computed_tensors_apart():
+    """Each run is asked for in one request by one reading thread: a run of copies must not
+    swallow the computed tensor between them (the other thread reads it), or bytes travel twice."""
+    from types import SimpleNamespace
+
+    from bonemerge.checkpoint import TensorRef
+    from bonemerge.engine import _read_runs
+
+    def step(offset: int, copy: bool, path: str = "a") -> SimpleNamespace:
+        source = TensorRef(f"t{offset}", Path(path), offset, "F32", (10,), 10)
+        return SimpleNamespace(source=source, is_copy=copy, decode=None)
+
+    steps = [
+        step(0, True),
+        step(10, False),
+        step(20, True),
+        step(30, True),
+        step(40, False),
+        step(0, True, "b"),
+    ]
+    assert _read_runs(steps) == {Path("a"): [(0, 10), (10, 20), (20, 40), (40, 50)], Path("b"): [(0, 10)]}
