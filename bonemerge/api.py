@@ -323,17 +323,9 @@ def _card_adapters(adapters: Sequence[Adapter]):
 
 
 def _check_stream(output: PathLike | None, push: Push | None, stream: bool, overwrite: bool) -> None:
-    """`--stream` writes to the Hub only; everything else writes a local output first."""
-    if not stream:
-        if output is None:
-            raise BonemergeError("no output was given; pass --output OUT (or --stream with --push-to-hub).")
-        return
-    if push is None:
-        raise BonemergeError("--stream writes straight to the Hub; pass --push-to-hub REPO_ID with it.")
-    if output is not None or overwrite:
-        raise BonemergeError(
-            "--stream keeps no local output; drop --output and --overwrite, or drop --stream to write one."
-        )
+    from bonemerge.hub_stream import check_stream
+
+    check_stream(output, push, stream, overwrite)
 
 
 @dataclass(frozen=True)
@@ -406,7 +398,9 @@ def _write_model(
     given_notes = list(notes)
     notes = given_notes + list(extras.notes)
     if target.stream:
-        sink = _streamed(target, fingerprint, watch.check, plan, extras.bytes)
+        from bonemerge.hub_stream import streamed_output
+
+        sink = streamed_output(target.push, fingerprint, target.resume, watch.check, plan, extras.bytes)
     else:
         if not target.resume and (left := resumable_shards(target.path, fingerprint)):
             discarded = (
@@ -490,23 +484,6 @@ def _write_model(
         ),
         quantized=quantized,
     )
-
-
-def _streamed(target: _Target, fingerprint: str, check_inputs: Callable[[], None], plan, small: int):
-    """Where a `--stream` run writes: a `StreamedOutput` whose checks also ask whether a Hub
-    base moved, once its disk is known to take the shards it holds at once."""
-    from bonemerge import hub_read
-    from bonemerge.checkpoint.writer import METADATA, encode_header
-    from bonemerge.hub_stream import ON_DISK, StreamedOutput
-
-    def check() -> None:
-        check_inputs()
-        hub_read.check_unchanged()
-
-    sink = StreamedOutput(target.push, fingerprint, target.resume, check)
-    largest = max((len(encode_header(s.entries, METADATA)) + s.data_bytes for s in plan.shards), default=0)
-    check_free_space(sink.folder, ON_DISK * largest + small)
-    return sink
 
 
 def _lossy_note(stats, dtype: str, resumed: bool) -> str | None:

@@ -351,3 +351,36 @@ class StreamedOutput:
         with interrupts.deferred():
             self._discard()
             self._forget()
+
+
+def check_stream(output: object, push: Push | None, stream: bool, overwrite: bool) -> None:
+    """`--stream` writes to the Hub only; everything else writes a local output first."""
+    if not stream:
+        if output is None:
+            raise BonemergeError("no output was given; pass --output OUT (or --stream with --push-to-hub).")
+        return
+    if push is None:
+        raise BonemergeError("--stream writes straight to the Hub; pass --push-to-hub REPO_ID with it.")
+    if output is not None or overwrite:
+        raise BonemergeError(
+            "--stream keeps no local output; drop --output and --overwrite, or drop --stream to write one."
+        )
+
+
+def streamed_output(
+    push: Push, fingerprint: str, resume: bool, check_inputs: Callable[[], None], plan, small: int
+) -> StreamedOutput:
+    """Where a `--stream` run of `plan` writes, once its disk is known to take the ON_DISK
+    largest shards and the `small` files; its checks also ask whether a Hub base moved."""
+    from bonemerge import hub_read
+    from bonemerge.checkpoint.writer import METADATA, encode_header
+    from bonemerge.output import check_free_space
+
+    def check() -> None:
+        check_inputs()
+        hub_read.check_unchanged()
+
+    sink = StreamedOutput(push, fingerprint, resume, check)
+    largest = max((len(encode_header(s.entries, METADATA)) + s.data_bytes for s in plan.shards), default=0)
+    check_free_space(sink.folder, ON_DISK * largest + small)
+    return sink
