@@ -108,7 +108,7 @@ class _Cursor:
         while done < len(view):
             if not self._pending:
                 chunk = next(self._chunks, None)
-                if not chunk:
+                if chunk is None:
                     raise _Cut()
                 self._pending = memoryview(chunk)
             take = min(len(self._pending), len(view) - done)
