@@ -1,10 +1,9 @@
 """Reducing an adapter: which modules to keep, in what dtype, under which method — planning only.
 
 The written adapter must load in PEFT as is, so its `adapter_config.json` has to describe
-exactly the modules that were kept: when a filter removes modules, `target_modules` becomes
-the list of kept module paths (PEFT matches a listed full path exactly), and
-`layers_to_transform` the kept layers, so that PEFT neither builds empty blocks for modules
-that are gone nor warns about missing keys.
+exactly the modules that were kept, and the tensors stored once for the whole adapter must
+be what PEFT expects for them: the adapter's method says both (`Method.reduced_config`,
+`Method.reduced_shared`).
 """
 
 from __future__ import annotations
@@ -15,15 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from bonemerge.adapters import Adapter, infer_rule
+from bonemerge.adapters.matching import layer_of
 from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError, shown
-from bonemerge.methods import Converted, RankRequest, Target, kind_name
+from bonemerge.methods import Converted, RankRequest, Reduction, Target, kind_name
 from bonemerge.plan import Plan, Step, fit_blocks
 from bonemerge.units import format_size
 
 WEIGHTS = "adapter_model.safetensors"
-_LAYER = re.compile(r"(?:^|\.)([^.]+)\.(\d+)(?:\.|$)")
 
 
 def parse_layers(text: str) -> frozenset[int]:
@@ -38,12 +37,6 @@ def parse_layers(text: str) -> frozenset[int]:
             raise BonemergeError(f"the layer range {shown(part.strip())} runs backwards.")
         layers.update(range(first, last + 1))
     return frozenset(layers)
-
-
-def layer_of(module: str) -> tuple[str, int] | None:
-    """(`layers`, 3) for `model.layers.3.self_attn.q_proj`: the first numbered path segment."""
-    match = _LAYER.search(module)
-    return (match.group(1), int(match.group(2))) if match else None
 
 
 @dataclass(frozen=True)
@@ -101,34 +94,27 @@ def _peft_type(adapter: Adapter, to: str | None) -> str:
 
 def stripped_config(
     adapter: Adapter,
-    kept: list[str],
+    reduction: Reduction,
     options: StripOptions,
     peft_type: str,
     converted: Mapping[str, Converted],
 ) -> dict:
-    """The adapter_config.json of the reduced adapter."""
-    config = dict(adapter.config.raw)
+    """The adapter_config.json of the reduced adapter: the method's reduced config, converted
+    by the method when `--to` asks for another one."""
+    config = adapter.config.method.reduced_config(dict(adapter.config.raw), reduction)
     if peft_type != adapter.config.peft_type:
         config = adapter.config.method.converted_config(config, peft_type, converted)
-    if len(kept) != len(adapter.blocks):
-        config["target_modules"] = sorted(kept)
-        config["exclude_modules"] = None
-        if options.layers is not None:
-            found = [layer_of(m) for m in kept]
-            config["layers_to_transform"] = sorted({f[1] for f in found if f})
-            patterns = sorted({f[0] for f in found if f})
-            config["layers_pattern"] = patterns[0] if len(patterns) == 1 else patterns
     if options.drop_modules_to_save:
         config["modules_to_save"] = None
     return config
 
 
 def needs_base(adapter: Adapter, options: StripOptions) -> bool:
-    """Whether this strip converts the adapter in a way that needs its base model."""
+    """Whether this strip needs the adapter's base model (a conversion that sizes or computes
+    from it, or a method whose reduced adapter depends on the kept layers' shapes)."""
     peft_type = _peft_type(adapter, options.to)
-    return peft_type != adapter.config.peft_type and adapter.config.method.conversion_needs_base(
-        adapter.config, peft_type
-    )
+    filtered = len(kept_modules(adapter, options)) != len(adapter.blocks)
+    return adapter.config.method.needs_base(adapter.config, peft_type, filtered)
 
 
 @dataclass(frozen=True)
@@ -193,6 +179,12 @@ def build_strip_plan(
     kept_set = set(kept)
     blocks = [block for block in adapter.blocks if block.module in kept_set]
     pairs = list(zip(blocks, _base_weights(adapter, blocks, base), strict=True))
+    reduction = Reduction(
+        tuple(kept),
+        len(kept) != len(adapter.blocks),
+        options.layers,
+        {block.module: tuple(target.shape) for block, target in pairs if target is not None},
+    )
     converted = {
         block.module: block.method.convert(block, peft_type, base=target, load=load_whole, rank=options.rank)
         for block, target in counted(pairs, "converting", progress and base is not None)
@@ -201,6 +193,11 @@ def build_strip_plan(
     for result in converted.values():
         for name, source in result.tensors.items():
             steps[name] = Step(name, source.dtype, tuple(source.shape), source)
+    method = adapter.config.method
+    same = peft_type == adapter.config.peft_type
+    shared = method.reduced_shared(blocks, peft_type, reduction, load_whole) if same else {}
+    for name, source in shared.items():
+        steps[name] = Step(name, source.dtype, tuple(source.shape), source)
     block_modules = {b.module for b in adapter.blocks}
     for name, source in adapter.replacements.items():
         module = name.rsplit(".", 1)[0]
@@ -218,7 +215,7 @@ def build_strip_plan(
         }
     shard = ShardPlan(WEIGHTS, write_order([s.entry() for s in steps.values()]))
     plan = Plan((shard,), steps, write_index=False, index_name="")
-    config = stripped_config(adapter, kept, options, peft_type, converted)
+    config = stripped_config(adapter, reduction, options, peft_type, converted)
     conversion = None
     if peft_type != adapter.config.peft_type:
         discarded = sum(c.discarded for c in converted.values())
@@ -233,7 +230,7 @@ def build_strip_plan(
             (discarded / total) ** 0.5 if total else 0.0,
             _size_warnings(converted, pairs, steps),
         )
-    block_keys = {key for c in converted.values() for key in c.tensors}
+    block_keys = {key for c in converted.values() for key in c.tensors} | set(shared)
     block_steps = len(block_keys)
     summary = StripSummary(
         blocks_kept=len(kept),

@@ -136,8 +136,12 @@ def check_blocks_finite(adapters: Sequence[Adapter]) -> None:
     bounded pieces: blocks of large adapters (or of a lying header) can be gigabytes."""
     with RangeReader() as reader:
         for adapter in adapters:
+            checked: set[int] = set()  # an adapter-wide tensor is read once, not once per block
             for block in adapter.blocks:
                 for part, source in block.parts.items():
+                    if id(source) in checked:
+                        continue
+                    checked.add(id(source))
                     if not _finite(reader, source):
                         raise AdapterError(
                             f"block {block.keys.get(part, block.key)} of {adapter.root} holds NaN or Inf "
@@ -898,7 +902,10 @@ def strip(
     if needs_base(adapter, strip_options):
         base_checkpoint = training.base if training and base is None else _conversion_base(adapter, base, to)
     elif base is not None:
-        raise BonemergeError("--base is only used when converting to another method (--to lora).")
+        raise BonemergeError(
+            "--base is only used when the strip needs the base model (converting to another method "
+            "with --to lora, or filtering an adapter whose method sizes what it keeps from the base)."
+        )
     inputs = [path] + ([_input_path(base_checkpoint)] if base_checkpoint and not training else [])
     target = check_output(output, inputs, overwrite)
     if push is not None:
@@ -985,7 +992,8 @@ def _conversion_base(adapter: Adapter, base: PathLike | None, to: str | None) ->
     base = base or named
     if not base:
         raise BonemergeError(
-            f"converting {adapter.root} to {to} needs its base model, and its config names none; "
+            f"{f'converting {adapter.root} to {to}' if to else f'reducing {adapter.root}'} needs its base "
+            "model, and its config names none; "
             "pass --base BASE."
         )
     revision = adapter.config.raw.get("revision") or None

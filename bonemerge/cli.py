@@ -38,7 +38,7 @@ from bonemerge.checkpoint.layout import parse_size
 from bonemerge.dtype_names import HELP as DTYPE_HELP
 from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError, shown
-from bonemerge.methods import conversion_names, method_names
+from bonemerge.methods import conversion_help, conversion_names, method_names
 from bonemerge.units import format_size
 
 # Commands that never need torch, which keeps them quick to start.
@@ -490,8 +490,7 @@ def unload(checkpoint: str, quiet: bool, as_json: bool, **options: Any) -> None:
 @click.option(
     "--to",
     type=click.Choice(conversion_names()),
-    help="Convert the adapter: Bone to MiSS or back (not MiSS mini), or Bone/MiSS to LoRA "
-    "(exact for default and mini; Bat needs --rank).",
+    help=f"Convert the adapter: {conversion_help()}.",
 )
 @click.option(
     "--base",

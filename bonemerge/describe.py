@@ -23,6 +23,7 @@ from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.codecs import describe_storage
 from bonemerge.errors import BonemergeError
 from bonemerge.manifest import MANIFEST, read_manifest
+from bonemerge.methods import shared_tensors
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -87,13 +88,16 @@ def describe_adapter(adapter: Adapter) -> dict:
             groups[leaf].add(found[1])
             layers.add(found[1])
     config = adapter.config
+    shared = shared_tensors(adapter.blocks)
     return {
         "method": config.peft_type,
         "adapter": config.describe(),
         **config.summary(),
         "base_model": config.base_model,
         "blocks": len(adapter.blocks),
-        "parameters": sum(b.parameters for b in adapter.blocks),
+        # tensors stored once for the whole adapter (VeRA's projections) are counted once
+        "parameters": sum(b.parameters for b in adapter.blocks)
+        + sum(math.prod(source.shape) for _, source in shared.values()),
         "modules": {
             leaf: {"count": counts[leaf], "layers": ranges(groups[leaf]) if groups[leaf] else None}
             for leaf in sorted(counts)
@@ -102,7 +106,9 @@ def describe_adapter(adapter: Adapter) -> dict:
         "full_tensors": sorted(adapter.replacements),
         "modules_to_save": list(config.modules_to_save),
         "dtypes": _dtypes(
-            [p for b in adapter.blocks for p in b.parts.values()] + list(adapter.replacements.values())
+            [p for b in adapter.blocks for p in b.own.values()]
+            + [source for _, source in shared.values()]
+            + list(adapter.replacements.values())
         ),
     }
 

@@ -8,12 +8,13 @@ maths, not by path, so a renamed folder, a Hub round trip or a Bone → MiSS con
 its identity, while any change of a single byte, a cast or a filter makes a new adapter.
 
 The fingerprint is SHA-256 over a canonical form, read in bounded pieces (adapters for large
-models run to gigabytes): a version line, the maths-relevant config (what its method says
-decides the maths: variant and sizes for Bone/MiSS, rank and scaling for LoRA) as canonical
-JSON, then for every tensor in name order (block tensors by module path and part, full
-tensors by the base tensor they replace) a JSON line `[kind, name, dtype, shape]` followed by
-its raw little-endian bytes. The `peft_type` spelling (BONE/MISS), key suffixes and file
-layout are left out because they do not change the maths.
+models run to gigabytes): a version line, the maths-relevant config (the settings its method
+says decide the maths, `About.settings`) as canonical JSON, then for every tensor in name
+order (block tensors as their method names them, `Method.record_name`; tensors shared by the
+whole adapter once, by part; full tensors by the base tensor they replace) a JSON line
+`[kind, name, dtype, shape]` followed by its raw little-endian bytes. The `peft_type`
+spelling (BONE/MISS), key suffixes and file layout are left out because they do not change
+the maths.
 
 The fingerprint identifies a file, not an update: `lora_alpha` 8 vs 8.0, factors rescaled
 (A·2, B/2) or a Bone block converted to LoRA make new bytes for the same ΔW. So merges and
@@ -43,6 +44,7 @@ from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, TensorRef, read_json
 from bonemerge.errors import AdapterError, CheckpointError, shown
 from bonemerge.manifest import MANIFEST
+from bonemerge.methods import shared_tensors
 
 if TYPE_CHECKING:
     from bonemerge.methods import BlockOp
@@ -74,14 +76,14 @@ def fingerprint(adapter: Adapter) -> str:
     """SHA-256 of the adapter's canonical form (see the module docstring), as hex."""
     config = adapter.config
     items: list[tuple[str, str, Source]] = [
-        ("block", module if part == "block" else f"{module}:{part}", source)
-        for module, part, source in (
-            (b.module, part, source) for b in adapter.blocks for part, source in b.parts.items()
-        )
+        ("block", config.method.record_name(b.module, part), source)
+        for b in adapter.blocks
+        for part, source in b.own.items()
     ]
+    items += [("shared", part, source) for part, (_, source) in shared_tensors(adapter.blocks).items()]
     items += [("full", name, source) for name, source in adapter.replacements.items()]
     digest = hashlib.sha256(_FORMAT)
-    digest.update(json.dumps(config.method.identity(config), sort_keys=True).encode() + b"\n")
+    digest.update(json.dumps(config.summary(), sort_keys=True).encode() + b"\n")
     with RangeReader() as reader:
         for kind, name, source in sorted(items, key=lambda item: (item[1], item[0])):
             digest.update(json.dumps([kind, name, source.dtype, list(source.shape)]).encode() + b"\n")

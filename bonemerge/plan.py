@@ -152,7 +152,7 @@ class Plan:
                     [
                         [
                             o.block.method.name,
-                            o.block.method.settings_digest(o.block),
+                            o.block.params.digest(),
                             o.target.suffix,
                             o.inverse,
                             [[part, describe(source)] for part, source in sorted(o.block.parts.items())],
@@ -304,6 +304,8 @@ class _Builder:
         step = self.steps.get(name)
         if step is None and target.part == "weight" and _leaf(name) in OUTPUT_EMBEDDINGS and not inverse:
             step = self._tied_embedding(name, block, adapter)
+        if step is None and target.optional:
+            return
         if step is None:
             raise AdapterError(
                 f"adapter tensor {block.keys.get(target.part, block.key)} of {adapter.root} has no matching "

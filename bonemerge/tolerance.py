@@ -10,15 +10,9 @@ and fp32 weights, fp64 for fp64 ones) and `q` the output dtype, for an element o
 weight:
 
 - its input may already be off by `carried` (the bound of the operations before it);
-- default / mini, `W + B`: one addition, error ≤ γ₁·(|W| + |B|);
-- Bat, `W + W·B_a + B_a`: an inner product over r terms plus two additions, error
-  ≤ γ_(r+2)·(|W| + Σₖ|W_ik||B_kj| + |B_ij|) (the classic γₙ = n·u/(1 − n·u) bound), plus
-  half an ulp in `q` of the delta's magnitude, because PEFT rounds the delta to the weight's
-  dtype before adding it; the input error is carried through (I + B_a): ε·|I + B_a|;
-- LoRA, `W + s·B@A`: the same with the product's r terms, `|W| + |s|·|B|@|A|` (and the
-  rounded delta for embeddings, which PEFT rounds before adding);
-- DoRA, `m/‖v‖ ⊙ v` with `v = W + ΔW`: the error of v scaled by the factor, plus the relative
-  error of the norm (its own summation and the error of v) times the result;
+- the op's own maths adds the bound its method states (see each module in
+  `bonemerge.methods`), typically γₙ·(the merge applied to magnitudes), with the classic
+  γₙ = n·u/(1 − n·u) over the n terms of its inner products;
 - with several adapters, PEFT rounds the weight to `q` between them and loads every adapter
   after the first in `q`: half an ulp of each intermediate weight, and the effect of each
   later block rounded to `q`;
@@ -59,7 +53,7 @@ def between_merges(rows: torch.Tensor, carried: torch.Tensor, dtype: str) -> tor
     """A second adapter merged by another tool starts from a weight rounded to `dtype` (PEFT
     merges adapter after adapter in place): half an ulp more. PEFT also loads every adapter
     after the first in the model's dtype, so those blocks arrive rounded to it
-    (`merge_error(..., block_rounded=True)`)."""
+    (each op's bound is then asked for with `rounded`)."""
     return carried + 0.5 * ulp(rows.abs() + carried, dtype)
 
 

@@ -8,17 +8,26 @@ error, because silently skipping part of an adapter is how merges go quietly wro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bonemerge.adapters.config import AdapterConfig, read_adapter_config
+from bonemerge.adapters.config import read_adapter_config
 from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import MemoryTensor, Source, TensorRef, dtypes, read_header
 from bonemerge.checkpoint.confine import kind_of
 from bonemerge.errors import AdapterError, shown
-from bonemerge.methods import PEFT_TENSOR, PREFIX, Block
+from bonemerge.methods import PEFT_TENSOR, PREFIX, AdapterConfig, Block
 
-__all__ = ["PREFIX", "Adapter", "Block", "check_real", "load_adapter", "load_pickle", "replaced_name"]
+__all__ = [
+    "PREFIX",
+    "Adapter",
+    "Block",
+    "check_real",
+    "load_adapter",
+    "load_pickle",
+    "make_blocks",
+    "replaced_name",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,26 @@ def check_real(key: str, tensor: Source, where: Path) -> None:
             f"adapter tensor {key} in {where} is stored as {tensor.dtype}; adapter tensors must be "
             "float16, bfloat16, float32 or float64 (complex or quantized ones cannot be merged)."
         )
+
+
+def make_blocks(
+    config: AdapterConfig,
+    parts: dict[str, dict[str, Source]],
+    keys: dict[str, dict[str, str]],
+    shared: dict[str, Source],
+    shared_keys: dict[str, str],
+    where: Path,
+) -> tuple[Block, ...]:
+    """The adapter's blocks, by module, each with the adapter-wide tensors among its parts
+    (named in `Block.shared`), once the method has checked those."""
+    method = config.method
+    method.check_shared(shared, config, where)
+    names = frozenset(shared)
+    blocks = (
+        method.make_block(module, found | shared, keys[module] | shared_keys, config, where)
+        for module, found in parts.items()
+    )
+    return tuple(replace(block, shared=names) if names else block for block in blocks)
 
 
 def replaced_name(key: str) -> str:
@@ -126,6 +155,8 @@ def load_adapter(path: str | Path) -> Adapter:
 
     parts: dict[str, dict[str, Source]] = {}
     keys: dict[str, dict[str, str]] = {}
+    shared: dict[str, Source] = {}
+    shared_keys: dict[str, str] = {}
     replacements: dict[str, Source] = {}
     frozen: set[str] = set()
     saved_as: dict[str, str] = {}
@@ -135,7 +166,13 @@ def load_adapter(path: str | Path) -> Adapter:
             claim = method.claim(name, config)
         except AdapterError as exc:
             raise AdapterError(f"{weights} {exc}") from None
-        if claim is not None:
+        if claim is not None and claim.shared:
+            check_real(key, tensor, weights)
+            if claim.part in shared:
+                raise AdapterError(f"{weights} holds two {claim.part} tensors; remove one.")
+            shared[claim.part] = tensor
+            shared_keys[claim.part] = key
+        elif claim is not None:
             check_real(key, tensor, weights)
             if claim.part in parts.setdefault(claim.module, {}):
                 raise AdapterError(
@@ -156,9 +193,7 @@ def load_adapter(path: str | Path) -> Adapter:
             saved_as[target] = key
             if name.endswith(".base_layer.weight"):
                 frozen.add(target)
-    blocks = tuple(
-        method.make_block(module, found, keys[module], config, weights) for module, found in parts.items()
-    )
+    blocks = make_blocks(config, parts, keys, shared, shared_keys, weights)
     if not blocks:
         raise AdapterError(
             f"{weights} holds no {method.name} tensors; it is empty or not a {config.peft_type} adapter."

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from bonemerge.errors import AdapterError
 
 _SIMILARITY_POOL = 2000
+_LAYER = re.compile(r"(?:^|\.)([^.]+)\.(\d+)(?:\.|$)")
+
+
+def layer_of(module: str) -> tuple[str, int] | None:
+    """(`layers`, 3) for `model.layers.3.self_attn.q_proj`: the first numbered path segment."""
+    match = _LAYER.search(module)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bonemerge.adapters.config import read_adapter_config
-from bonemerge.adapters.loader import PREFIX, Adapter, check_real
+from bonemerge.adapters.loader import PREFIX, Adapter, check_real, make_blocks
 from bonemerge.adapters.scope import check_scope
 from bonemerge.checkpoint import Checkpoint, Source
 from bonemerge.errors import AdapterError, shown
@@ -82,15 +82,24 @@ def read_training_checkpoint(checkpoint: Checkpoint, with_blocks: bool = True) -
     found: dict[str, dict[str, dict[str, Source]]] = defaultdict(dict)
     keys: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
     saved: dict[str, dict[str, str]] = defaultdict(dict)
+    shared: dict[str, dict[str, str]] = defaultdict(dict)
     methods: dict[str, set[tuple[Method, str]]] = defaultdict(set)
     for key in checkpoint.tensors:
-        if not key.startswith(PREFIX):
+        # tensors a tuner keeps for the whole adapter sit beside the model (`base_model.vera_A.<name>`)
+        name = key.removeprefix(PREFIX)
+        claimed = claim_training(name)
+        if not key.startswith(PREFIX) and not (claimed and claimed[1].shared):
             raise AdapterError(
                 f"{where} mixes PeftModel names with the plain name {shown(key)}; it is not a checkpoint "
                 "PEFT wrote, re-save it from the PeftModel."
             )
-        name = key[len(PREFIX) :]
-        if claimed := claim_training(name):
+        if claimed and claimed[1].shared:
+            method, claim = claimed
+            check_real(key, checkpoint.tensors[key], where)
+            shared[str(claim.adapter_name)][claim.part] = key
+            methods[str(claim.adapter_name)].add((method, str(claim.peft_type)))
+            continue
+        if claimed:
             method, claim = claimed
             check_real(key, checkpoint.tensors[key], where)
             adapter = str(claim.adapter_name)
@@ -145,10 +154,18 @@ def read_training_checkpoint(checkpoint: Checkpoint, with_blocks: bool = True) -
                 )
         else:
             config = method.infer_config(peft_type, list(modules.items()), shapes, list(copies), where)
-        made = tuple(
-            method.make_block(module, parts, keys[adapter_name][module], config, where)
-            for module, parts in modules.items()
+        wide = shared.get(adapter_name, {})
+        made = (
+            make_blocks(
+                config,
+                modules,
+                keys[adapter_name],
+                {part: checkpoint.tensors[key] for part, key in wide.items()},
+                wide,
+                where,
+            )
             if with_blocks
+            else ()
         )
         if folder is not None:
             check_scope(made, config.raw, folder / "adapter_config.json", where)

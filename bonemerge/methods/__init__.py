@@ -13,21 +13,27 @@ from bonemerge.methods.base import (
     INPUT_EMBEDDINGS,
     OUTPUT_EMBEDDINGS,
     PREFIX,
+    About,
     AdapterConfig,
     Block,
     BlockOp,
+    BlockSettings,
     Converted,
     ErrorBound,
     KeyClaim,
     Method,
     RankRequest,
+    Reduction,
     RowMaths,
     Target,
+    shared_tensors,
 )
 from bonemerge.methods.bone import BONE
+from bonemerge.methods.ia3 import IA3
 from bonemerge.methods.lora import LORA
+from bonemerge.methods.vera import VERA
 
-REGISTRY: tuple[Method, ...] = (BONE, LORA)
+REGISTRY: tuple[Method, ...] = (BONE, LORA, IA3, VERA)
 
 # Tensor names of PEFT's tuners: a key like these that the adapter's own method does not
 # claim belongs to another method (or to a training checkpoint), and is never taken for a
@@ -49,7 +55,7 @@ def method_for(peft_type: object) -> Method | None:
 def kind_name(peft_type: str) -> str:
     """How messages name adapters of `peft_type` (`Bone`, `MiSS`, `LoRA`)."""
     method = method_for(peft_type)
-    return method.kind_name(peft_type) if method else peft_type
+    return method.kind_names[peft_type] if method else peft_type
 
 
 def _listed(names: list[str]) -> str:
@@ -58,12 +64,12 @@ def _listed(names: list[str]) -> str:
 
 
 def supported() -> str:
-    """`Bone/MiSS and LoRA`: the methods, as messages name them."""
+    """`Bone/MiSS, LoRA, IA³ and VeRA`: the methods, as messages name them."""
     return _listed([method.name for method in REGISTRY])
 
 
 def method_names() -> str:
-    """`Bone, Bat, MiSS, LoRA, rsLoRA and DoRA`: every variant users know, for the help texts,
+    """`Bone, Bat, MiSS, LoRA, rsLoRA, DoRA, ...`: every variant users know, for the help texts,
     so that they name every method the registry holds and nothing else."""
     return _listed([variant for method in REGISTRY for variant in method.variants or (method.name,)])
 
@@ -77,6 +83,11 @@ def claim_training(name: str) -> tuple[Method, KeyClaim] | None:
     return None
 
 
+def conversion_help() -> str:
+    """What `strip --to` can do, from each method that converts, for the help text."""
+    return "; ".join(method.conversion_help for method in REGISTRY if method.conversion_help)
+
+
 def conversion_names() -> tuple[str, ...]:
     """Every `strip --to` name some method offers."""
     return tuple(dict.fromkeys(name for method in REGISTRY for name in method.conversion_names()))
@@ -88,20 +99,25 @@ __all__ = [
     "PEFT_TENSOR",
     "PREFIX",
     "REGISTRY",
+    "About",
     "AdapterConfig",
     "Block",
     "BlockOp",
+    "BlockSettings",
     "Converted",
     "ErrorBound",
     "KeyClaim",
     "Method",
     "RankRequest",
+    "Reduction",
     "RowMaths",
     "Target",
     "claim_training",
+    "conversion_help",
     "conversion_names",
     "kind_name",
     "method_for",
     "method_names",
+    "shared_tensors",
     "supported",
 ]

@@ -9,14 +9,24 @@ claim tensor keys; the planner asks it which base tensors a block changes and wh
 shapes fit; the engine asks it for `RowMaths` on row chunks; strip, inspect and verify ask it
 for file names, descriptions and error bounds. Methods never do I/O: tensors reach them as
 `Source`s (where the bytes are) or, in the engine, as loaded tensors.
+
+`Method` is an abstract base class: a method that lacks a required hook cannot be
+instantiated, so it fails when the registry is imported, not on the one path that needs the
+hook. Its hooks come in four groups: the file format (config, keys, blocks, the reduced
+config strip writes), the maths (targets, shape checks, row maths, error bounds), naming
+(`name`, `variants`, `kind_names`, `about`) and conversion (`strip --to`).
 """
 
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bonemerge.errors import AdapterError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,46 +64,84 @@ class AdapterConfig:
     @property
     def tag(self) -> str:
         """The Hub tag for this kind of adapter (`bone`, `bat`, `miss`, `lora`, `dora`...)."""
-        return self.method.tag(self)
+        return self.method.about(self).tag
 
     def describe(self) -> str:
         """`MiSS mini (r=16, mini_r=4)`, `LoRA (r=16, alpha=32)`: how reports name the adapter."""
-        return self.method.describe(self)
+        return self.method.about(self).text
 
     def summary(self) -> dict[str, object]:
-        """The settings `inspect --json` shows, by their PEFT names."""
-        return self.method.summary(self)
+        """The settings that decide the maths, by their PEFT names: what `inspect --json` shows
+        and what adapter fingerprints hash (not how the config spells them)."""
+        return self.method.about(self).settings
+
+
+@dataclass(frozen=True)
+class About:
+    """How an adapter is named: `text` in reports (`MiSS mini (r=16, mini_r=4)`), `tag` on the
+    Hub (`miss`), and the `settings` that decide its maths (inspect, fingerprints)."""
+
+    text: str
+    tag: str
+    settings: dict[str, object]
+
+
+class BlockSettings:
+    """A block's own settings (variant and sizes for Bone, rank, scale and layout for LoRA):
+    each method's is a frozen dataclass deriving from this. `digest` says what, beside the
+    tensors, decides the block's result, for resume fingerprints."""
+
+    def digest(self) -> str:
+        return repr(self)
 
 
 @dataclass(frozen=True, eq=False)
 class Block:
     """One module's trained tensors (`parts`, by the method's names) and its per-module
-    settings (`params`: variant and sizes for Bone, rank and scale for LoRA)."""
+    settings (`params`). Tensors stored once for the whole adapter (VeRA's projections) are
+    among `parts` too, so that the maths loads them like any other, and named in `shared`, so
+    that counts, fingerprints and written files take them once."""
 
     module: str
     method: Method
     parts: Mapping[str, Source]
     keys: Mapping[str, str]
-    params: Any
+    params: BlockSettings
+    shared: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
         """The key of the block's main tensor in its file, for messages."""
-        return next(iter(self.keys.values()))
+        return next(key for part, key in self.keys.items() if part not in self.shared)
+
+    @property
+    def own(self) -> dict[str, Source]:
+        """The tensors of this block alone (without the adapter-wide ones)."""
+        return {part: source for part, source in self.parts.items() if part not in self.shared}
 
     @property
     def parameters(self) -> int:
-        import math
+        return sum(math.prod(source.shape) for source in self.own.values())
 
-        return sum(math.prod(source.shape) for source in self.parts.values())
+
+def shared_tensors(blocks: Sequence[Block]) -> dict[str, tuple[str, Source]]:
+    """The adapter-wide tensors of `blocks`, once each: part -> (file key, source)."""
+    found: dict[str, tuple[str, Source]] = {}
+    for block in blocks:
+        for part in sorted(block.shared):
+            found.setdefault(part, (block.keys[part], block.parts[part]))
+    return found
 
 
 @dataclass(frozen=True)
 class Target:
-    """A base tensor a block changes: `suffix` names it beside the module (`weight`, `bias`)."""
+    """A base tensor a block changes: `suffix` names it beside the module (`weight`, `bias`).
+    An `optional` target is changed where the base has it and skipped where it does not
+    (IA³ scales a layer's bias only when the layer has one)."""
 
     suffix: str
     part: str = "weight"
+    optional: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +154,7 @@ class BlockOp:
     inverse: bool = False
 
 
-class RowMaths:
+class RowMaths(abc.ABC):
     """A block prepared for one weight, applied in place to row chunks in the compute dtype.
 
     Rows are the weight's first dimension; `row0` is the index of the chunk's first row.
@@ -117,19 +165,23 @@ class RowMaths:
     needs_pass = False
 
     def observe(self, work: torch.Tensor, row0: int) -> None:
-        raise NotImplementedError
+        """The first pass over the rows, for maths that sets `needs_pass`."""
+        raise TypeError(f"{type(self).__name__} sets needs_pass without observing the rows")
 
     def finish(self) -> None:
         """Called once the first pass has observed every row."""
+        return None
 
+    @abc.abstractmethod
     def merge(self, work: torch.Tensor, row0: int) -> None:
-        raise NotImplementedError
+        """Apply the block to the rows `work` (from row `row0`), in place."""
 
+    @abc.abstractmethod
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
-        raise NotImplementedError
+        """Undo `merge` on the rows `work`, in place."""
 
 
-class ErrorBound:
+class ErrorBound(abc.ABC):
     """How far another implementation's merge of one op may lie from the exact value, element
     by element (see `bonemerge.tolerance`). `bound` takes the exact input rows (float64), the
     error bound they carry, and whether the op's tensors were rounded to the weight's dtype
@@ -139,10 +191,12 @@ class ErrorBound:
     needs_pass = False
 
     def observe(self, rows: torch.Tensor, carried: torch.Tensor, row0: int) -> None:
-        raise NotImplementedError
+        """The first pass over the rows, for bounds that set `needs_pass`."""
+        raise TypeError(f"{type(self).__name__} sets needs_pass without observing the rows")
 
+    @abc.abstractmethod
     def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """The error bound of each element of `rows` once the op has been applied."""
 
 
 class MagnitudeBound(ErrorBound):
@@ -234,44 +288,73 @@ class RankRequest:
 
 @dataclass
 class KeyClaim:
-    """A tensor key a method recognises: the module it belongs to and which part it is."""
+    """A tensor key a method recognises: the module it belongs to and which part it is.
+    A `shared` tensor belongs to the whole adapter (its module is empty)."""
 
     module: str
     part: str
     adapter_name: str | None = None
     peft_type: str | None = None
+    shared: bool = False
 
 
-class Method:
-    """One adapter family. Subclasses override what their format and maths need."""
+@dataclass(frozen=True)
+class Reduction:
+    """What `strip` keeps of an adapter: the modules kept (all of them when nothing was
+    filtered), the layers asked for, and the shapes of the base weights the kept blocks
+    change (by module, when the method asked for the base: `needs_base`)."""
 
+    kept: tuple[str, ...]
+    filtered: bool
+    layers: frozenset[int] | None = None
+    weights: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """One adapter family. Subclasses implement the abstract hooks and override the others
+    where their format or maths needs it."""
+
+    # -- naming ---------------------------------------------------------------------------
     #: how messages and docs name the family
     name: str = ""
-    #: the `peft_type` values it reads
-    peft_types: tuple[str, ...] = ()
+    #: the `peft_type` values it reads, and how messages name each (`{"BONE": "Bone", ...}`)
+    kind_names: ClassVar[Mapping[str, str]] = {}
     #: the names users know its variants by, for the help texts (`Bone`, `Bat`, `MiSS`)
     variants: tuple[str, ...] = ()
+    #: what `strip --to` can make of its adapters, for the help text (empty: nothing)
+    conversion_help: str = ""
 
-    # -- configs and files ---------------------------------------------------------------
+    @property
+    def peft_types(self) -> tuple[str, ...]:
+        return tuple(self.kind_names)
+
+    @abc.abstractmethod
+    def about(self, config: AdapterConfig) -> About:
+        """How reports, the Hub and fingerprints name and identify an adapter of this method."""
+
+    # -- file format ----------------------------------------------------------------------
+    @abc.abstractmethod
     def read_config(self, peft_type: str, raw: dict, path: Path) -> Any:
         """Parse the settings the maths depends on; one clear sentence for anything unusable."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def claim(self, name: str, config: AdapterConfig) -> KeyClaim | None:
         """The module and part of an adapter-file key (`base_model.model.` removed), if it is
         one of this method's tensors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def claim_training(self, name: str) -> KeyClaim | None:
-        """Same for a full PeftModel state dict key, which carries the adapter name."""
-        raise NotImplementedError
+        """Same for a full PeftModel state dict key, which carries the adapter name
+        (`base_model.model.` removed where the key has it)."""
 
+    @abc.abstractmethod
     def make_block(
         self, module: str, parts: dict[str, Source], keys: dict[str, str], config: AdapterConfig, where: Path
     ) -> Block:
-        """A block from its tensors, checked against the config (shapes, ranks)."""
-        raise NotImplementedError
+        """A block from its tensors (the adapter-wide ones among them), checked against the
+        config (shapes, ranks)."""
 
+    @abc.abstractmethod
     def infer_config(
         self,
         peft_type: str,
@@ -281,9 +364,59 @@ class Method:
         where: Path,
     ) -> AdapterConfig:
         """The config of a full PEFT checkpoint saved without its adapter_config.json."""
-        raise NotImplementedError
 
-    # -- planning -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
+        """Each part's key in an adapter file PEFT writes for `peft_type` (no adapter name)."""
+
+    def record_name(self, module: str, part: str) -> str:
+        """How an adapter fingerprint names a block tensor (`bonemerge.history`)."""
+        return f"{module}:{part}"
+
+    def check_shared(self, shared: Mapping[str, Source], config: AdapterConfig, where: Path) -> None:
+        """Refuse adapter-wide tensors (claimed `shared`) that are missing or do not fit the
+        config; a method that claims none has nothing to check."""
+        return None
+
+    def reduced_config(self, raw: dict, reduction: Reduction) -> dict:
+        """The adapter_config.json of the adapter `strip` writes from one whose config is `raw`:
+        when modules were filtered out, `target_modules` lists the kept module paths (PEFT
+        matches a listed full path exactly), nothing is excluded, and `layers_to_transform`
+        holds the kept layers, so that PEFT neither builds empty blocks for modules that are
+        gone nor warns about missing keys. A method with fields that depend on these extends it."""
+        from bonemerge.adapters.matching import layer_of
+
+        config = dict(raw)
+        if reduction.filtered:
+            config["target_modules"] = sorted(reduction.kept)
+            config["exclude_modules"] = None
+            if reduction.layers is not None:
+                found = [layer_of(m) for m in reduction.kept]
+                config["layers_to_transform"] = sorted({f[1] for f in found if f})
+                patterns = sorted({f[0] for f in found if f})
+                config["layers_pattern"] = patterns[0] if len(patterns) == 1 else patterns
+        return config
+
+    def reduced_shared(
+        self,
+        blocks: Sequence[Block],
+        peft_type: str,
+        reduction: Reduction,
+        load: Callable[[Source], torch.Tensor],
+    ) -> dict[str, Source]:
+        """The adapter-wide tensors, by their key in a `peft_type` adapter file, of the adapter
+        `strip` writes with `blocks` (`load` reads values, for tensors computed from others)."""
+        if not blocks:
+            return {}
+        keys = self.file_keys(blocks[0], peft_type)
+        return {keys[part]: source for part, (_, source) in shared_tensors(blocks).items()}
+
+    def needs_base(self, config: AdapterConfig, peft_type: str, filtered: bool) -> bool:
+        """Whether `strip` (to `peft_type`, with modules `filtered` out or not) needs the base
+        model: its shapes, or its values."""
+        return False
+
+    # -- maths ----------------------------------------------------------------------------
     def fit(
         self,
         blocks: Sequence[tuple[Block, str]],
@@ -300,6 +433,7 @@ class Method:
         return [block for block, _ in blocks], []
 
     def targets(self, block: Block) -> tuple[Target, ...]:
+        """The base tensors the block changes, beside its module."""
         return (Target("weight"),)
 
     def place(
@@ -311,11 +445,11 @@ class Method:
         `shape_of` gives a base tensor's current shape, or None if there is none."""
         return [(f"{module}.{target.suffix}", target) for target in self.targets(block)]
 
+    @abc.abstractmethod
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
     ) -> None:
         """The block must fit the tensor `name` it changes; refuse what cannot be done."""
-        raise NotImplementedError
 
     def module_scoped(self, block: Block) -> bool:
         """Whether PEFT's module scope (target_modules, exclude_modules, layers_to_transform)
@@ -327,11 +461,7 @@ class Method:
         """Rows that must stay together in one chunk."""
         return 1
 
-    def settings_digest(self, block: Block) -> str:
-        """What, beside the tensors, decides the block's result (for resume fingerprints)."""
-        return repr(block.params)
-
-    # -- maths ----------------------------------------------------------------------------
+    @abc.abstractmethod
     def prepare(
         self,
         op: BlockOp,
@@ -342,10 +472,10 @@ class Method:
         precision: str,
     ) -> RowMaths:
         """Ready `op` for a tensor of `shape`, loading the parts it needs with `load`."""
-        raise NotImplementedError
 
     def check_inverse(self, block: Block, load: Callable[[str], torch.Tensor]) -> None:
         """Refuse, before anything is written, a block whose merge cannot be undone reliably."""
+        return None
 
     def product_terms(self, op: BlockOp) -> int:
         """Terms of the fp32 inner products in the merge, which bound its rounding error."""
@@ -358,7 +488,9 @@ class Method:
     def error_bound(
         self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
     ) -> ErrorBound:
-        """The per-element error bound of merging `op` into a `dtype` weight of `shape`."""
+        """The per-element error bound of merging `op` into a `dtype` weight of `shape`
+        (`bonemerge.tolerance`): by default the merge maths applied to magnitudes, with γ over
+        `product_terms` (see `MagnitudeBound`). Each method's docstring states its bound."""
         import torch
 
         def prepare(loader: Callable[[str], torch.Tensor]) -> RowMaths:
@@ -376,35 +508,10 @@ class Method:
         fingerprint alone."""
         return None
 
-    # -- describing and converting --------------------------------------------------------
-    def describe(self, config: AdapterConfig) -> str:
-        raise NotImplementedError
-
-    def kind_name(self, peft_type: str) -> str:
-        """How messages name adapters of `peft_type`."""
-        return self.name
-
-    def summary(self, config: AdapterConfig) -> dict[str, object]:
-        raise NotImplementedError
-
-    def tag(self, config: AdapterConfig) -> str:
-        raise NotImplementedError
-
-    def identity(self, config: AdapterConfig) -> dict[str, object]:
-        """The settings that decide the maths, for adapter fingerprints (not how they are spelt)."""
-        return self.summary(config)
-
-    def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
-        """Each part's key in an adapter file PEFT writes for `peft_type` (no adapter name)."""
-        raise NotImplementedError
-
+    # -- conversion -----------------------------------------------------------------------
     def conversions(self, config: AdapterConfig) -> dict[str, str]:
         """`strip --to` names this adapter can become, with the `peft_type` each gives."""
         return {}
-
-    def conversion_needs_base(self, config: AdapterConfig, peft_type: str) -> bool:
-        """Whether converting needs the base model (its shapes, or its values)."""
-        return False
 
     def convert(
         self,
@@ -416,7 +523,8 @@ class Method:
         rank: RankRequest,
     ) -> Converted:
         """`block` as a `peft_type` file holds it; `base` is the weight it merges into."""
-        return Converted({self.file_keys(block, peft_type)[part]: src for part, src in block.parts.items()})
+        keys = self.file_keys(block, peft_type)
+        return Converted({keys[part]: source for part, source in block.own.items()})
 
     def converted_config(self, raw: dict, peft_type: str, converted: Mapping[str, Converted]) -> dict:
         """The adapter_config.json of a converted adapter (`converted` by module)."""
@@ -428,4 +536,22 @@ class Method:
 
     def refuse_conversion(self, config: AdapterConfig, name: str, where: Path) -> str:
         """Why `strip --to name` cannot convert this adapter, in one sentence."""
-        return f"{where} is a {self.describe(config)} adapter, which cannot be converted to {name}."
+        return f"{where} is a {config.describe()} adapter, which cannot be converted to {name}."
+
+    def low_rank_tensors(
+        self,
+        block: Block,
+        dtype: str,
+        rank: int,
+        shape: tuple[int, ...],
+        a: Callable[[], torch.Tensor],
+        b: Callable[[], torch.Tensor],
+    ) -> dict[str, Source]:
+        """For a method other methods convert to: the file tensors of `block`'s update written
+        as `B @ A` at scale 1 (`a`, `b` compute the factors when the engine writes them)."""
+        raise AdapterError(f"{self.name} adapters cannot be written from low-rank factors.")
+
+    def low_rank_config(self, raw: dict, ranks: Mapping[str, int]) -> dict:
+        """The config of an adapter written with `low_rank_tensors` at `ranks` (by module),
+        placed where the adapter with config `raw` was."""
+        raise AdapterError(f"{self.name} adapters cannot be written from low-rank factors.")

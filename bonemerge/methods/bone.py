@@ -10,9 +10,16 @@ row chunks. Each `RowMaths` works in place on a chunk already converted to the c
     bat:     W'_ac = W_ac (I + B_a) + B_a  on r x r tiles       (B is out/r x r x r)
 
 MiSS is Bone renamed (`.miss_block`, `peft_type: MISS`) plus the mini variant, so one method
-serves both; `strip --to` converts between them where the maths allows.
+serves both; `strip --to` converts between them where the maths allows, and to LoRA through
+the LoRA method (`low_rank_tensors`, `low_rank_config`).
 `reference_merge` states the same maths on a whole tensor in the plainest form, as the
 independent check used by the demo and the tests.
+
+Error bounds (`bonemerge.tolerance`): default / mini, `W + B`, one addition, error
+≤ γ₁·(|W| + |B|); Bat, `W + W·B_a + B_a`, an inner product over r terms plus two additions,
+error ≤ γ_(r+2)·(|W| + Σₖ|W_ik||B_kj| + |B_ij|), plus half an ulp in the output dtype of the
+delta's magnitude, because PEFT rounds the delta to the weight's dtype before adding it; an
+input error is carried through (I + B_a): ε·|I + B_a|.
 """
 
 from __future__ import annotations
@@ -20,18 +27,19 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from bonemerge.errors import AdapterError, MergeError, shown
 from bonemerge.methods.base import (
     PREFIX,
+    About,
     AdapterConfig,
     Block,
     BlockOp,
+    BlockSettings,
     Converted,
     KeyClaim,
     Method,
@@ -57,12 +65,17 @@ _MISS_ONLY = ("mini_r", "miss_dropout")
 
 
 @dataclass(frozen=True)
-class BoneSettings:
+class BoneSettings(BlockSettings):
     """What a Bone/MiSS config says about the maths: the variant and the block sizes."""
 
     variant: str
     r: int
     mini_r: int | None
+
+    def digest(self) -> str:
+        # The variant alone decides the maths (r and mini_r follow from the block's shape); kept
+        # this way so that resume fingerprints do not depend on how settings are spelled.
+        return self.variant
 
 
 def _positive_int(value: object) -> bool:
@@ -236,8 +249,27 @@ def _implied_variant(settings: BoneSettings, key: str, shape: tuple[int, ...], w
 
 class BoneMethod(Method):
     name = "Bone/MiSS"
-    peft_types = ("BONE", "MISS")
+    kind_names: ClassVar[dict[str, str]] = {"BONE": "Bone", "MISS": "MiSS"}
     variants = ("Bone", "Bat", "MiSS")
+    conversion_help = (
+        "Bone to MiSS or back (not MiSS mini), or Bone/MiSS to LoRA "
+        "(exact for default and mini; Bat needs --rank)"
+    )
+
+    def about(self, config: AdapterConfig) -> About:
+        settings: BoneSettings = config.settings
+        name = self.kind_names[config.peft_type]
+        if config.peft_type == "BONE" and settings.variant == "bat":
+            name = "Bat"
+        elif settings.variant != "default":
+            name += f" {settings.variant}"
+        sizes = f"r={settings.r}" + (f", mini_r={settings.mini_r}" if settings.variant == "mini" else "")
+        tag = "miss" if config.peft_type == "MISS" else "bat" if settings.variant == "bat" else "bone"
+        return About(
+            f"{name} ({sizes})",
+            tag,
+            {"variant": settings.variant, "r": settings.r, "mini_r": settings.mini_r},
+        )
 
     def read_config(self, peft_type: str, raw: dict, path: Path) -> BoneSettings:
         r = raw.get("r", 64)
@@ -368,11 +400,6 @@ class BoneMethod(Method):
     def row_multiple(self, op: BlockOp) -> int:
         return op.block.params.r if op.block.params.variant == "bat" else 1
 
-    def settings_digest(self, block: Block) -> str:
-        # The variant alone decides the maths (r and mini_r follow from the block's shape); kept
-        # this way so that resume fingerprints do not depend on how settings are spelled.
-        return block.params.variant
-
     def prepare(
         self,
         op: BlockOp,
@@ -423,30 +450,12 @@ class BoneMethod(Method):
 
         return parts(of_matrix("delta", apply, shape))
 
-    def describe(self, config: AdapterConfig) -> str:
-        settings: BoneSettings = config.settings
-        name = {"BONE": "Bone", "MISS": "MiSS"}[config.peft_type]
-        if config.peft_type == "BONE" and settings.variant == "bat":
-            name = "Bat"
-        elif settings.variant != "default":
-            name += f" {settings.variant}"
-        sizes = f"r={settings.r}" + (f", mini_r={settings.mini_r}" if settings.variant == "mini" else "")
-        return f"{name} ({sizes})"
-
-    def kind_name(self, peft_type: str) -> str:
-        return {"BONE": "Bone", "MISS": "MiSS"}[peft_type]
-
-    def summary(self, config: AdapterConfig) -> dict[str, object]:
-        settings: BoneSettings = config.settings
-        return {"variant": settings.variant, "r": settings.r, "mini_r": settings.mini_r}
-
-    def tag(self, config: AdapterConfig) -> str:
-        if config.peft_type == "BONE":
-            return "bat" if config.settings.variant == "bat" else "bone"
-        return "miss"
-
     def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
         return {"block": f"{PREFIX}{block.module}.{SUFFIX[peft_type]}"}
+
+    def record_name(self, module: str, part: str) -> str:
+        # a block is one tensor: fingerprints name it by its module alone
+        return module
 
     def conversions(self, config: AdapterConfig) -> dict[str, str]:
         found = {"miss": "MISS", "lora": "LORA"}
@@ -454,7 +463,7 @@ class BoneMethod(Method):
             found["bone"] = "BONE"
         return found
 
-    def conversion_needs_base(self, config: AdapterConfig, peft_type: str) -> bool:
+    def needs_base(self, config: AdapterConfig, peft_type: str, filtered: bool) -> bool:
         # A block does not know the width of its weight, which LoRA's A must span.
         return peft_type == "LORA"
 
@@ -482,7 +491,7 @@ class BoneMethod(Method):
 
     def converted_config(self, raw: dict, peft_type: str, converted: Mapping[str, Converted]) -> dict:
         if peft_type == "LORA":
-            return lora_config(raw, {module: c.rank or 0 for module, c in converted.items()})
+            return _lora().low_rank_config(raw, {module: c.rank or 0 for module, c in converted.items()})
         raw = dict(raw, peft_type=peft_type)
         if peft_type == "BONE":
             for key in _MISS_ONLY:
@@ -495,47 +504,16 @@ class BoneMethod(Method):
     def refuse_conversion(self, config: AdapterConfig, name: str, where: Path) -> str:
         if name == "bone" and config.settings.variant == "mini":
             return f"{where} is a MiSS mini adapter, which Bone cannot express; it stays MiSS."
-        return f"{where} is a {self.describe(config)} adapter, which cannot be converted to {name}."
+        return super().refuse_conversion(config, name, where)
 
 
-# Keys of a LoRA config that describe where the adapter sits rather than its maths: a
-# converted adapter sits where the original did.
-_PLACEMENT = (
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "modules_to_save",
-    "bias",
-    "base_model_name_or_path",
-    "revision",
-    "task_type",
-)
+def _lora() -> Method:
+    """The method Bone/MiSS converts to with `--to lora`, from the registry."""
+    from bonemerge.methods import method_for
 
-
-def lora_config(raw: dict, ranks: Mapping[str, int]) -> dict:
-    """A PEFT LoRA config whose every module has scale 1 (`lora_alpha == r`), so that the
-    written factors are the update itself; modules of another rank go to `rank_pattern`
-    (and `alpha_pattern`, to keep their scale 1), keyed by their escaped full path."""
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(module): k for module, k in sorted(ranks.items()) if k != common}
-    config = {
-        "peft_type": "LORA",
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "lora_bias": False,
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    config |= {key: raw.get(key) for key in _PLACEMENT}
-    config["bias"] = config["bias"] or "none"
-    return config
+    found = method_for("LORA")
+    assert found is not None
+    return found
 
 
 def _selection(r: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -583,26 +561,7 @@ def _exact_lora(block: Block, shape: tuple[int, ...], load: Callable[[Source], t
                 block_values = block_values[:, torch.arange(out_features) % mini_r]
             return block_values.t().contiguous()
 
-    return Converted(_lora_pair(block, dtype, rank, shape, a, b), rank=rank)
-
-
-def _lora_pair(
-    block: Block,
-    dtype: str,
-    rank: int,
-    shape: tuple[int, ...],
-    a: Callable[[], torch.Tensor],
-    b: Callable[[], torch.Tensor],
-) -> dict[str, Source]:
-    """lora_A (rank x in) and lora_B (out x rank) under PEFT's keys, computed when written."""
-    from bonemerge.checkpoint import ComputedTensor
-
-    out_features, in_features = shape
-    stem = f"{PREFIX}{block.module}"
-    return {
-        f"{stem}.lora_A.weight": ComputedTensor(f"{stem}.lora_A.weight", dtype, (rank, in_features), a),
-        f"{stem}.lora_B.weight": ComputedTensor(f"{stem}.lora_B.weight", dtype, (out_features, rank), b),
-    }
+    return Converted(_lora().low_rank_tensors(block, dtype, rank, shape, a, b), rank=rank)
 
 
 def _bat_to_lora(
@@ -634,7 +593,7 @@ def _bat_to_lora(
         return compute
 
     return Converted(
-        _lora_pair(block, "F32", k, shape, factor("A"), factor("B")),
+        _lora().low_rank_tensors(block, "F32", k, shape, factor("A"), factor("B")),
         rank=k,
         discarded=spectrum.discarded(k),
         total=spectrum.total,

@@ -69,3 +69,16 @@ LINEAR_ONLY = frozenset(
     }
 )
 KNOWN_TYPES = frozenset(CONV1D_LEAVES) | LINEAR_ONLY
+
+
+def stored_transposed(
+    module: str, rule: Callable[[str], bool] | None, fits_linear: bool, fits_conv1d: bool, flag: bool
+) -> bool:
+    """Whether the weight of `module` is stored in x out (a Conv1D), as PEFT decides it for
+    the layer it wraps: from the architecture when `rule` knows it, else from the one layout
+    the weight's shape fits, else (a square weight) from the config's `fan_in_fan_out`."""
+    if rule is not None:
+        return rule(module)
+    if fits_linear != fits_conv1d:
+        return fits_conv1d
+    return flag

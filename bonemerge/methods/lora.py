@@ -15,6 +15,17 @@ is a row of the stored weight, so it streams as is; for Conv1D and Embedding it 
 so the engine first streams the tensor once to collect the column norms (`needs_pass`).
 The norm of the original `W + ΔW` is not recoverable from the merged weight, so a DoRA merge
 cannot be undone from the files: unmerge refuses it.
+
+Other methods whose update is low-rank (Bone/MiSS, `strip --to lora`) are written as LoRA
+adapters through `low_rank_tensors` and `low_rank_config`, so PEFT's LoRA keys and config
+fields live here alone.
+
+Error bounds (`bonemerge.tolerance`): `W + s·B@A`, an inner product over r terms plus an
+addition, error ≤ γ_(r+2)·(|W| + |s|·|B|@|A|) (the classic γₙ = n·u/(1 − n·u) bound), plus half
+an ulp of the delta for Embedding, nn.Conv1d, MultiheadAttention and parameter merges, which
+PEFT rounds before adding; DoRA, `m/‖v‖ ⊙ v` with `v = W + ΔW`: the error of v scaled by the
+factor, plus the relative error of the norm (its own summation and the error of v) times the
+result.
 """
 
 from __future__ import annotations
@@ -23,10 +34,11 @@ import math
 import re
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from bonemerge.errors import AdapterError, shown
 from bonemerge.methods import layouts
@@ -34,9 +46,11 @@ from bonemerge.methods.base import (
     INPUT_EMBEDDINGS,
     OUTPUT_EMBEDDINGS,
     PREFIX,
+    About,
     AdapterConfig,
     Block,
     BlockOp,
+    BlockSettings,
     ErrorBound,
     KeyClaim,
     MagnitudeBound,
@@ -104,7 +118,7 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
-class LoraParams:
+class LoraParams(BlockSettings):
     """One module's LoRA: how it is stored (`kind`, `transposed`), its rank and its scale."""
 
     kind: str
@@ -113,6 +127,9 @@ class LoraParams:
     scale: float
     dora: bool
     fan_in_fan_out: bool = False  # as adapter_config.json says; `transposed` is what holds
+
+    def digest(self) -> str:
+        return f"{self.kind} transposed={self.transposed} scale={self.scale!r} dora={self.dora}"
 
 
 def _number(value: object) -> bool:
@@ -606,8 +623,32 @@ def _with_reading(block: Block, params: LoraParams) -> Block:
 
 class LoraMethod(Method):
     name = "LoRA"
-    peft_types = ("LORA",)
+    kind_names: ClassVar[dict[str, str]] = {"LORA": "LoRA"}
     variants = ("LoRA", "rsLoRA", "DoRA")
+
+    def about(self, config: AdapterConfig) -> About:
+        s: LoraSettings = config.settings
+        name = "DoRA" if s.dora else "LoRA"
+        details = [f"r={s.r}", "alpha unknown" if s.alpha is None else f"alpha={s.alpha:g}"]
+        if s.rslora:
+            name = "rsLoRA" if not s.dora else "DoRA, rsLoRA scaling"
+        if s.rank_pattern or s.alpha_pattern:
+            details.append("per-module ranks")
+        if s.lora_bias:
+            details.append("bias")
+        if s.target_parameters:
+            details.append("parameters " + ", ".join(s.target_parameters))
+        settings = {
+            "r": s.r,
+            "lora_alpha": s.alpha,
+            "use_rslora": s.rslora,
+            "use_dora": s.dora,
+            "fan_in_fan_out": s.fan_in_fan_out,
+            "lora_bias": s.lora_bias,
+            "rank_pattern": dict(s.rank_pattern),
+            "alpha_pattern": dict(s.alpha_pattern),
+        } | ({"target_parameters": list(s.target_parameters)} if s.target_parameters else {})
+        return About(f"{name} ({', '.join(details)})", "dora" if s.dora else "lora", settings)
 
     def read_config(self, peft_type: str, raw: dict, path: Path) -> LoraSettings:
         _refuse_unmergeable(raw, path)
@@ -914,12 +955,6 @@ class LoraMethod(Method):
                     f"{list(need)}; the adapter is damaged."
                 )
 
-    def settings_digest(self, block: Block) -> str:
-        p: LoraParams = block.params
-        if isinstance(p, ParamBlock):
-            return repr(p)
-        return f"{p.kind} transposed={p.transposed} scale={p.scale!r} dora={p.dora}"
-
     def prepare(
         self,
         op: BlockOp,
@@ -1035,36 +1070,6 @@ class LoraMethod(Method):
             return parts(delta)
         return parts(delta, of_vector("dora-magnitude", load("magnitude")))
 
-    def describe(self, config: AdapterConfig) -> str:
-        s: LoraSettings = config.settings
-        name = "DoRA" if s.dora else "LoRA"
-        details = [f"r={s.r}", "alpha unknown" if s.alpha is None else f"alpha={s.alpha:g}"]
-        if s.rslora:
-            name = "rsLoRA" if not s.dora else "DoRA, rsLoRA scaling"
-        if s.rank_pattern or s.alpha_pattern:
-            details.append("per-module ranks")
-        if s.lora_bias:
-            details.append("bias")
-        if s.target_parameters:
-            details.append("parameters " + ", ".join(s.target_parameters))
-        return f"{name} ({', '.join(details)})"
-
-    def summary(self, config: AdapterConfig) -> dict[str, object]:
-        s: LoraSettings = config.settings
-        return {
-            "r": s.r,
-            "lora_alpha": s.alpha,
-            "use_rslora": s.rslora,
-            "use_dora": s.dora,
-            "fan_in_fan_out": s.fan_in_fan_out,
-            "lora_bias": s.lora_bias,
-            "rank_pattern": dict(s.rank_pattern),
-            "alpha_pattern": dict(s.alpha_pattern),
-        } | ({"target_parameters": list(s.target_parameters)} if s.target_parameters else {})
-
-    def tag(self, config: AdapterConfig) -> str:
-        return "dora" if config.settings.dora else "lora"
-
     def file_keys(self, block: Block, peft_type: str) -> dict[str, str]:
         stem = PREFIX + block.module
         names = (
@@ -1074,6 +1079,64 @@ class LoraMethod(Method):
         )
         names["magnitude"] = "lora_magnitude_vector"
         return {part: f"{stem}.{names[part]}" for part in block.parts}
+
+    def low_rank_tensors(
+        self,
+        block: Block,
+        dtype: str,
+        rank: int,
+        shape: tuple[int, ...],
+        a: Callable[[], torch.Tensor],
+        b: Callable[[], torch.Tensor],
+    ) -> dict[str, Source]:
+        """lora_A (rank x in) and lora_B (out x rank) under PEFT's keys, computed when written."""
+        from bonemerge.checkpoint import ComputedTensor
+
+        out_features, in_features = shape
+        stem = f"{PREFIX}{block.module}"
+        return {
+            f"{stem}.lora_A.weight": ComputedTensor(f"{stem}.lora_A.weight", dtype, (rank, in_features), a),
+            f"{stem}.lora_B.weight": ComputedTensor(f"{stem}.lora_B.weight", dtype, (out_features, rank), b),
+        }
+
+    def low_rank_config(self, raw: dict, ranks: Mapping[str, int]) -> dict:
+        """A PEFT LoRA config whose every module has scale 1 (`lora_alpha == r`), so that the
+        written factors are the update itself; modules of another rank go to `rank_pattern`
+        (and `alpha_pattern`, to keep their scale 1), keyed by their escaped full path."""
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {re.escape(module): k for module, k in sorted(ranks.items()) if k != common}
+        config = {
+            "peft_type": "LORA",
+            "r": common,
+            "lora_alpha": common,
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
+            "use_rslora": False,
+            "use_dora": False,
+            "fan_in_fan_out": False,
+            "lora_bias": False,
+            "lora_dropout": 0.0,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        config |= {key: raw.get(key) for key in _PLACEMENT}
+        config["bias"] = config["bias"] or "none"
+        return config
+
+
+# Keys of a LoRA config that describe where the adapter sits rather than its maths: an
+# adapter converted to LoRA sits where the original did.
+_PLACEMENT = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+)
 
 
 LORA = LoraMethod()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from bonemerge.checkpoint.experts import Piece, locate, present
 from bonemerge.errors import AdapterError
-from bonemerge.methods.base import Block, RowMaths, Target
+from bonemerge.methods.base import Block, BlockSettings, RowMaths, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +44,7 @@ PACKED = "_blocks"
 
 
 @dataclass(frozen=True)
-class ParamBlock:
+class ParamBlock(BlockSettings):
     """A `target_parameters` block: the parameter names it may be (`candidates`), the module
     path without PEFT's wrappers, and the config it takes its rank and scale from."""
 

@@ -166,7 +166,7 @@ def test_index_names_missing_shard(tmp_path, adapter):
 
 
 def test_unknown_method_is_named(tmp_path, base, adapter):
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 8}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA", "r": 8}))
     fails(
         tmp_path,
         "merge",
@@ -174,7 +174,7 @@ def test_unknown_method_is_named(tmp_path, base, adapter):
         adapter,
         "-o",
         tmp_path / "out",
-        expect=("is a IA3 adapter", "Bone/MiSS and LoRA"),
+        expect=("is a HRA adapter", "Bone/MiSS, LoRA, IA³ and VeRA"),
     )
 
 
