@@ -283,3 +283,24 @@ def test_every_method_list_names_the_registry():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     description = next(line for line in pyproject.splitlines() if line.startswith("description"))
     assert all(variant in description for method in REGISTRY for variant in method.variants)
+
+
+def test_ia3_refusals(tmp_path, gpt2):
+    """A zero in a vector erased what it scaled: unmerge refuses before writing anything; a
+    vector whose shape contradicts feedforward_modules is refused by name."""
+    from safetensors.torch import save_file
+
+    factory = gpt2_factory(gpt2)
+    adapter = train(factory, IA3Config(target_modules=["c_attn"], feedforward_modules=[]), tmp_path / "a")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.transformer.h.1.attn.c_attn.ia3_l"
+    tensors[key][5] = 0.0
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    merge(gpt2, [adapter], tmp_path / "merged")
+    with pytest.raises(BonemergeError, match=r"c_attn\.ia3_l .*1 zero"):
+        unmerge(tmp_path / "merged", [adapter], tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"feedforward_modules": ["c_attn"]}))
+    with pytest.raises(AdapterError, match=r"c_attn\.ia3_l .*\[1, in\]"):
+        merge(gpt2, [adapter], tmp_path / "other")
