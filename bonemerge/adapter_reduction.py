@@ -195,7 +195,7 @@ def build_strip_plan(
             steps[name] = Step(name, source.dtype, tuple(source.shape), source)
     method = adapter.config.method
     same = peft_type == adapter.config.peft_type
-    shared = method.reduced_shared(blocks, peft_type, reduction, load_whole) if same else {}
+    shared = method.reduced_shared(blocks, peft_type, reduction) if same else {}
     for name, source in shared.items():
         steps[name] = Step(name, source.dtype, tuple(source.shape), source)
     block_modules = {b.module for b in adapter.blocks}

@@ -97,7 +97,7 @@ def describe_adapter(adapter: Adapter) -> dict:
         "blocks": len(adapter.blocks),
         # tensors stored once for the whole adapter (VeRA's projections) are counted once
         "parameters": sum(b.parameters for b in adapter.blocks)
-        + sum(math.prod(source.shape) for _, source in shared.values()),
+        + sum(math.prod(source.shape) for source in shared.values()),
         "modules": {
             leaf: {"count": counts[leaf], "layers": ranges(groups[leaf]) if groups[leaf] else None}
             for leaf in sorted(counts)
@@ -107,7 +107,7 @@ def describe_adapter(adapter: Adapter) -> dict:
         "modules_to_save": list(config.modules_to_save),
         "dtypes": _dtypes(
             [p for b in adapter.blocks for p in b.own.values()]
-            + [source for _, source in shared.values()]
+            + list(shared.values())
             + list(adapter.replacements.values())
         ),
     }

@@ -80,7 +80,7 @@ def fingerprint(adapter: Adapter) -> str:
         for b in adapter.blocks
         for part, source in b.own.items()
     ]
-    items += [("shared", part, source) for part, (_, source) in shared_tensors(adapter.blocks).items()]
+    items += [("shared", part, source) for part, source in shared_tensors(adapter.blocks).items()]
     items += [("full", name, source) for name, source in adapter.replacements.items()]
     digest = hashlib.sha256(_FORMAT)
     digest.update(json.dumps(config.summary(), sort_keys=True).encode() + b"\n")

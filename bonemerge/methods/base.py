@@ -124,12 +124,12 @@ class Block:
         return sum(math.prod(source.shape) for source in self.own.values())
 
 
-def shared_tensors(blocks: Sequence[Block]) -> dict[str, tuple[str, Source]]:
-    """The adapter-wide tensors of `blocks`, once each: part -> (file key, source)."""
-    found: dict[str, tuple[str, Source]] = {}
+def shared_tensors(blocks: Sequence[Block]) -> dict[str, Source]:
+    """The adapter-wide tensors of `blocks`, once each, by part."""
+    found: dict[str, Source] = {}
     for block in blocks:
         for part in sorted(block.shared):
-            found.setdefault(part, (block.keys[part], block.parts[part]))
+            found.setdefault(part, block.parts[part])
     return found
 
 
@@ -398,18 +398,14 @@ class Method(abc.ABC):
         return config
 
     def reduced_shared(
-        self,
-        blocks: Sequence[Block],
-        peft_type: str,
-        reduction: Reduction,
-        load: Callable[[Source], torch.Tensor],
+        self, blocks: Sequence[Block], peft_type: str, reduction: Reduction
     ) -> dict[str, Source]:
         """The adapter-wide tensors, by their key in a `peft_type` adapter file, of the adapter
-        `strip` writes with `blocks` (`load` reads values, for tensors computed from others)."""
+        `strip` writes with `blocks`."""
         if not blocks:
             return {}
         keys = self.file_keys(blocks[0], peft_type)
-        return {keys[part]: source for part, (_, source) in shared_tensors(blocks).items()}
+        return {keys[part]: source for part, source in shared_tensors(blocks).items()}
 
     def needs_base(self, config: AdapterConfig, peft_type: str, filtered: bool) -> bool:
         """Whether `strip` (to `peft_type`, with modules `filtered` out or not) needs the base

@@ -227,18 +227,14 @@ class VeraMethod(Method):
         return filtered
 
     def reduced_shared(
-        self,
-        blocks: Sequence[Block],
-        peft_type: str,
-        reduction: Reduction,
-        load: Callable[[Source], torch.Tensor],
+        self, blocks: Sequence[Block], peft_type: str, reduction: Reduction
     ) -> dict[str, Source]:
         """The projections as they are, once the kept layers are known to still span the widest
         output (the longest λ_b) and the widest input (from the base) of the adapter: PEFT sizes
         the projections it draws on load by them (see the module docstring)."""
         found = shared_tensors(blocks)
         if reduction.filtered:
-            (_, a), (_, b) = found["A"], found["B"]
+            a, b = found["A"], found["B"]
             out_max = max(block.parts["lambda_b"].shape[0] for block in blocks)
             in_max = max(_inputs(block, reduction.weights[block.module]) for block in blocks)
             if (in_max, out_max) != (a.shape[1], b.shape[0]):
@@ -249,7 +245,7 @@ class VeraMethod(Method):
                     "adapter would compute other updates; keep a layer as wide as the widest (or "
                     "merge the adapter instead)."
                 )
-        return super().reduced_shared(blocks, peft_type, reduction, load)
+        return super().reduced_shared(blocks, peft_type, reduction)
 
     # -- maths ----------------------------------------------------------------------------
     def fit(
