@@ -141,7 +141,7 @@ class Target:
 
     suffix: str
     part: str = "weight"
-    optional: bool = False
+    optional: bool = field(default=False, kw_only=True)  # keyword-only: subclasses add fields
 
 
 @dataclass(frozen=True, eq=False)
