@@ -183,7 +183,8 @@ def build_strip_plan(
         tuple(kept),
         len(kept) != len(adapter.blocks),
         options.layers,
-        {block.module: tuple(target.shape) for block, target in pairs if target is not None},
+        adapter.blocks,
+        _weight_shapes(adapter, base),
     )
     converted = {
         block.module: block.method.convert(block, peft_type, base=target, load=load_whole, rank=options.rank)
@@ -296,6 +297,20 @@ def _round_up(value: float) -> str:
     return f"{math.ceil(round(value / 10**exponent, 9)) * 10**exponent:.2g}"
 
 
+def _weight_shapes(adapter: Adapter, base: Checkpoint | None) -> dict[str, tuple[int, ...]]:
+    """The shape of the base weight each block of the adapter changes, by module, where the
+    base has one (none without a base)."""
+    if base is None:
+        return {}
+    rule = infer_rule([b.module for b in adapter.blocks], base.tensors.keys(), str(adapter.root))
+    found = {}
+    for block in adapter.blocks:
+        source = base.tensors.get(rule.apply(block.module) + ".weight")
+        if source is not None:
+            found[block.module] = tuple(source.shape)
+    return found
+
+
 def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> list[Source | None]:
     """The base weight each block merges into (its values, when it is stored quantized),
     checked to fit, or None without a base."""
@@ -306,7 +321,8 @@ def _base_weights(adapter: Adapter, blocks: list, base: Checkpoint | None) -> li
     rule = infer_rule([b.module for b in blocks], base.tensors.keys(), str(adapter.root))
     stored = find_stored(base)
     shapes = {name: tuple(source.shape) for name, source in base.tensors.items()}
-    fitted = fit_blocks(replace(adapter, blocks=tuple(blocks)), rule, shapes, base.config(), [])
+    dtypes = {name: source.dtype for name, source in base.tensors.items()}
+    fitted = fit_blocks(replace(adapter, blocks=tuple(blocks)), rule, shapes, dtypes, base.config(), [])
     found = []
     for block, module in fitted:
         name = module + ".weight"

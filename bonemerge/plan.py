@@ -201,6 +201,7 @@ def fit_blocks(
     adapter: Adapter,
     rule: PrefixRule,
     shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, str],
     config: dict | None,
     notes: list[str],
 ) -> list[tuple[Block, str]]:
@@ -210,7 +211,7 @@ def fit_blocks(
     fitted: dict[int, Block] = {}
     for method in dict.fromkeys(block.method for block, _ in named):
         own = [(i, pair) for i, pair in enumerate(named) if pair[0].method is method]
-        blocks, said = method.fit([pair for _, pair in own], shapes, config or {}, adapter.root)
+        blocks, said = method.fit([pair for _, pair in own], shapes, dtypes, config or {}, adapter.root)
         fitted.update((i, block) for (i, _), block in zip(own, blocks, strict=True))
         notes.extend(f"{adapter.label}: {note}" for note in said)
     return [(fitted[i], rule.apply(fitted[i].module)) for i in range(len(named))]
@@ -291,7 +292,8 @@ class _Builder:
 
     def _blocks(self, adapter: Adapter, rule: PrefixRule, inverse: bool, skip: set[str]) -> None:
         shapes = {name: step.shape for name, step in self.steps.items()}
-        for block, module in fit_blocks(adapter, rule, shapes, self.config, self.notes):
+        dtypes = {name: step.dtype for name, step in self.steps.items()}
+        for block, module in fit_blocks(adapter, rule, shapes, dtypes, self.config, self.notes):
             where = f"block {block.key} of {adapter.root}"
             for name, target in block.method.place(block, module, self._shape_of, where):
                 self._block(adapter, block, target, name, inverse, skip)

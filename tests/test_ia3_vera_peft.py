@@ -232,11 +232,29 @@ def test_vera_filtered_strip_keeps_what_peft_draws(tmp_path, llama):
         assert torch.equal(tensor, whole[name] if ".layers.1." in name else base[name]), name
 
 
-def test_vera_without_saved_projections_is_refused(tmp_path, llama):
-    config = VeraConfig(r=8, target_modules=["q_proj"], save_projection=False)
-    adapter = train(llama_factory(llama), config, tmp_path / "adapter")
-    with pytest.raises(AdapterError, match="save_projection"):
-        merge(llama, [adapter], tmp_path / "merged")
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_vera_without_saved_projections_draws_them_as_peft_does(tmp_path, request, which):
+    """save_projection false: nothing in the file but λ vectors; PEFT draws the projections
+    from projection_prng_key, and so does bonemerge, to the bit."""
+    base = request.getfixturevalue(which)
+    factory = llama_factory(base) if which == "llama" else gpt2_factory(base)
+    targets = LLAMA_TARGETS if which == "llama" else GPT2_TARGETS
+    config = VeraConfig(r=8, target_modules=targets, save_projection=False, projection_prng_key=123)
+    adapter = train(factory, config, tmp_path / "adapter")
+    assert not any("vera_A" in key for key in load_file(adapter / "adapter_model.safetensors"))
+    merge(base, [adapter], tmp_path / "merged")
+    assert differing(oracle.read_folder(tmp_path / "merged"), peft_merged(factory, adapter)) == []
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "unmerged")
+    if which == "llama":
+        with pytest.raises(AdapterError, match="PEFT draws VeRA's projections again"):
+            strip(adapter, tmp_path / "narrow", include=r"[kv]_proj", base=base)
+        strip(adapter, tmp_path / "reduced", layers="1", base=base)
+        assert (
+            json.loads((tmp_path / "reduced" / "adapter_config.json").read_text())["save_projection"] is False
+        )
+        merge(base, [tmp_path / "reduced"], tmp_path / "merged-reduced")
+        expected = peft_merged(factory, tmp_path / "reduced")
+        assert differing(oracle.read_folder(tmp_path / "merged-reduced"), expected) == []
 
 
 @pytest.mark.parametrize("method", ["ia3", "vera"])

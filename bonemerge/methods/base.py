@@ -301,12 +301,14 @@ class KeyClaim:
 @dataclass(frozen=True)
 class Reduction:
     """What `strip` keeps of an adapter: the modules kept (all of them when nothing was
-    filtered), the layers asked for, and the shapes of the base weights the kept blocks
-    change (by module, when the method asked for the base: `needs_base`)."""
+    filtered), the layers asked for, every block of the adapter (`whole`), and the shapes of
+    the base weights its blocks change (by module, when the method asked for the base:
+    `needs_base`)."""
 
     kept: tuple[str, ...]
     filtered: bool
     layers: frozenset[int] | None = None
+    whole: tuple[Block, ...] = ()
     weights: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -417,15 +419,16 @@ class Method(abc.ABC):
         self,
         blocks: Sequence[tuple[Block, str]],
         shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
         model: Mapping,
         where: Path,
     ) -> tuple[list[Block], list[str]]:
         """The blocks as they apply to one base, and notes for the user. `blocks` pairs each
-        block with its module's name in the base, `shapes` holds the base's tensor shapes and
-        `model` its config.json: what the adapter file cannot say (LoRA's per-layer layout,
-        the parameter an nn.MultiheadAttention's LoRA changes) is decided here, from the base,
-        before any shape is checked; a block may come back with the name of the module whose
-        tensors it changes."""
+        block with its module's name in the base, `shapes` and `dtypes` hold the base's tensor
+        shapes and dtypes, and `model` its config.json: what the adapter file cannot say
+        (LoRA's per-layer layout, the parameter an nn.MultiheadAttention's LoRA changes, the
+        projections VeRA draws) is decided here, from the base, before any shape is checked;
+        a block may come back with the name of the module whose tensors it changes."""
         return [block for block, _ in blocks], []
 
     def targets(self, block: Block) -> tuple[Target, ...]:

@@ -216,6 +216,7 @@ class IA3Method(Method):
         self,
         blocks: Sequence[tuple[Block, str]],
         shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
         model: Mapping,
         where: Path,
     ) -> tuple[list[Block], list[str]]:

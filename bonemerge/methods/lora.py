@@ -826,6 +826,7 @@ class LoraMethod(Method):
         self,
         blocks: Sequence[tuple[Block, str]],
         shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
         model: Mapping,
         where: Path,
     ) -> tuple[list[Block], list[str]]:

@@ -10,13 +10,14 @@ and merges with LoRA's row maths, in bounded memory.
 The projections are stored once (`base_model.vera_A`, `base_model.vera_B`, when the config's
 `save_projection` is true, PEFT's default) and are adapter-wide tensors (`Block.shared`):
 counted once by inspect, hashed once by fingerprints, written once by strip. PEFT 0.18.1 does
-not read them back: on every load it draws them again from `projection_prng_key`, sized by the
-widest input and output among the layers the config targets (the saved keys lack the adapter
-name and are dropped as unexpected). For an adapter PEFT trained they are the same numbers,
-which bonemerge reads from the file; but a filtered `strip` that leaves out the widest layer
-would make PEFT draw other projections for every kept layer, so it is refused, naming the
-layer to keep (the input widths come from the base). With `save_projection` false there is
-nothing to read, and bonemerge refuses the adapter rather than re-implement torch's generator.
+not read them back: on every load it draws them again from `projection_prng_key` (a CPU
+`torch.Generator`, Kaiming-uniform bounds), sized by the widest input and output among the
+layers the config targets (the saved keys lack the adapter name and are dropped as
+unexpected). For an adapter PEFT trained they are the same numbers, which bonemerge reads from
+the file; with `save_projection` false there is nothing to read, and bonemerge draws them as
+PEFT does, once the base's layers give the widths (`fit`). A filtered `strip` that leaves out
+the widest layer would make PEFT draw other projections for every kept layer, so it is
+refused, naming what to keep (the input widths come from the base).
 
 Precision follows PEFT 0.18.1's `merge_and_unload()`: the scaled projections and their
 product in fp32 (fp64 with `--precision fp64`), added to the weight and rounded once, so
@@ -49,7 +50,6 @@ from bonemerge.methods.base import (
     Reduction,
     RowMaths,
     Target,
-    shared_tensors,
 )
 
 if TYPE_CHECKING:
@@ -80,9 +80,27 @@ class VeraSettings:
 
 @dataclass(frozen=True)
 class VeraParams(BlockSettings):
-    """One layer's VeRA: whether its weight is stored in x out (a Conv1D; decided in `fit`)."""
+    """One layer's VeRA: whether its weight is stored in x out (a Conv1D; decided in `fit`),
+    and, for an adapter saved without its projections, the rank and key to draw them from."""
 
     transposed: bool
+    drawn: tuple[int, int] | None = None  # (r, projection_prng_key)
+
+
+def draw_projections(r: int, key: int, in_max: int, out_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT 0.18.1's `_init_vera_A_vera_B`: vera_A [r, in_max] then vera_B [out_max, r] from one
+    CPU generator seeded with `key`, each uniform in ±√3·√2/√fan_in (`_kaiming_init`), with the
+    same float operations, so the numbers are PEFT's to the bit."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(key)
+
+    def kaiming(shape: tuple[int, int]) -> torch.Tensor:
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+    a = kaiming((r, in_max))
+    return a, kaiming((out_max, r))
 
 
 def _flag(raw: dict, key: str, default: bool, path: Path) -> bool:
@@ -146,12 +164,12 @@ class VeraMethod(Method):
     def check_shared(self, shared: Mapping[str, Source], config: AdapterConfig, where: Path) -> None:
         settings: VeraSettings = config.settings
         if not settings.save_projection:
-            raise AdapterError(
-                f"{where} is a VeRA adapter saved with save_projection: false, so PEFT draws its vera_A "
-                f"and vera_B again from projection_prng_key {settings.prng_key} with torch's generator on "
-                "every load (ignoring any in the file); bonemerge merges only projections it can read: "
-                "re-save the adapter with save_projection=True."
-            )
+            if shared:
+                raise AdapterError(
+                    f"{where} holds vera_A and vera_B but adapter_config.json says save_projection: false, "
+                    "so PEFT would ignore them and draw its own; the config and weights disagree."
+                )
+            return
         missing = [f"base_model.vera_{part}" for part in ("A", "B") if part not in shared]
         if missing:
             raise AdapterError(
@@ -185,7 +203,8 @@ class VeraMethod(Method):
                 f"{keys['lambda_b']} in {where} scales {b[0]} outputs, but vera_B has only "
                 f"{parts['B'].shape[0]} rows; the adapter is damaged."
             )
-        return Block(module, self, parts, keys, VeraParams(settings.fan_in_fan_out))
+        drawn = None if settings.save_projection else (settings.r, settings.prng_key)
+        return Block(module, self, parts, keys, VeraParams(settings.fan_in_fan_out, drawn))
 
     def infer_config(
         self,
@@ -229,21 +248,18 @@ class VeraMethod(Method):
     def reduced_shared(
         self, blocks: Sequence[Block], peft_type: str, reduction: Reduction
     ) -> dict[str, Source]:
-        """The projections as they are, once the kept layers are known to still span the widest
-        output (the longest λ_b) and the widest input (from the base) of the adapter: PEFT sizes
-        the projections it draws on load by them (see the module docstring)."""
-        found = shared_tensors(blocks)
+        """The projections as they are, once the kept layers are known to span the widest
+        output (the longest λ_b) and the widest input (from the base) of the whole adapter:
+        PEFT sizes the projections it draws on load by them (see the module docstring)."""
         if reduction.filtered:
-            a, b = found["A"], found["B"]
-            out_max = max(block.parts["lambda_b"].shape[0] for block in blocks)
-            in_max = max(_inputs(block, reduction.weights[block.module]) for block in blocks)
-            if (in_max, out_max) != (a.shape[1], b.shape[0]):
+            kept = _widths(blocks, reduction.weights)
+            whole = _widths(reduction.whole, reduction.weights)
+            if kept != whole:
                 raise AdapterError(
-                    f"the layers kept span {in_max} inputs and {out_max} outputs, but the adapter's "
-                    f"projections span {a.shape[1]} and {b.shape[0]}: PEFT draws VeRA's projections "
-                    "again on every load, sized by the layers the config targets, so the reduced "
-                    "adapter would compute other updates; keep a layer as wide as the widest (or "
-                    "merge the adapter instead)."
+                    f"the layers kept span {kept[0]} inputs and {kept[1]} outputs, but the whole adapter "
+                    f"spans {whole[0]} and {whole[1]}: PEFT draws VeRA's projections again on every "
+                    "load, sized by the layers the config targets, so the reduced adapter would compute "
+                    "other updates; keep a layer as wide as the widest (or merge the adapter instead)."
                 )
         return super().reduced_shared(blocks, peft_type, reduction)
 
@@ -252,22 +268,38 @@ class VeraMethod(Method):
         self,
         blocks: Sequence[tuple[Block, str]],
         shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, str],
         model: Mapping,
         where: Path,
     ) -> tuple[list[Block], list[str]]:
-        """Each layer's layout, as PEFT decides it: by the layer it wraps (see `layouts`)."""
+        """Each layer's layout, as PEFT decides it: by the layer it wraps (see `layouts`); for
+        an adapter saved without its projections, the projections PEFT draws for these layers."""
         rule = layouts.conv1d_rule(model)
-        fitted = []
+        fitted, widths, stored = [], {}, set()
         for block, module in blocks:
             shape = shapes.get(module + ".weight") or ()
-            out, width = block.parts["lambda_b"].shape[0], block.parts["A"].shape[1]
+            out = block.parts["lambda_b"].shape[0]
+            width = block.parts["A"].shape[1] if "A" in block.parts else math.inf
             fits_linear = len(shape) == 2 and shape[0] == out and shape[1] <= width
             fits_conv1d = len(shape) == 2 and shape[1] == out and shape[0] <= width
             transposed = layouts.stored_transposed(
                 module, rule, fits_linear, fits_conv1d, block.params.transposed
             )
-            fitted.append(replace(block, params=VeraParams(transposed)))
-        return fitted, []
+            if len(shape) == 2:
+                widths[module] = shape[0] if transposed else shape[1]
+                stored.add(dtypes[module + ".weight"])
+            fitted.append(replace(block, params=replace(block.params, transposed=transposed)))
+        drawn = fitted[0].params.drawn if fitted else None
+        if drawn is None or not widths:
+            return fitted, []
+        out_max = max(block.parts["lambda_b"].shape[0] for block in fitted)
+        a, b = draw_projections(*drawn, max(widths.values()), out_max)
+        # PEFT casts them to the layers' dtype, then back to fp32 (`cast_adapter_dtype`)
+        if len(stored) == 1 and (half := next(iter(stored))) in ("BF16", "F16"):
+            from bonemerge.checkpoint import dtypes as dtype_names
+
+            a, b = (t.to(dtype_names.to_torch(half)).float() for t in (a, b))
+        return [_with_projections(block, a, b) for block in fitted], []
 
     def check_target(
         self, block: Block, target: Target, name: str, shape: tuple[int, ...], where: str, inverse: bool
@@ -324,11 +356,29 @@ class VeraMethod(Method):
         return parts(of_matrix("delta", lambda x: left @ (right @ x), (shape[0], math.prod(shape[1:]))))
 
 
-def _inputs(block: Block, weight: tuple[int, ...]) -> int:
-    """The input width of the layer whose stored weight has shape `weight`: the dimension that
-    is not its outputs (λ_b's length), either one of a square weight."""
-    out = block.parts["lambda_b"].shape[0]
-    return weight[1] if weight[0] == out else weight[0]
+def _widths(blocks: Sequence[Block], weights: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+    """The widest input and output among `blocks`, whose base weights have shapes `weights`:
+    a layer's outputs are λ_b's length, its inputs the other dimension of its weight."""
+    inputs, outputs = 0, 0
+    for block in blocks:
+        out, weight = block.parts["lambda_b"].shape[0], weights[block.module]
+        inputs = max(inputs, weight[1] if weight[0] == out else weight[0])
+        outputs = max(outputs, out)
+    return inputs, outputs
+
+
+def _with_projections(block: Block, a: torch.Tensor, b: torch.Tensor) -> Block:
+    """`block` with the drawn projections as its adapter-wide parts."""
+    from bonemerge.checkpoint import MemoryTensor
+
+    keys = {part: key for key, part in _SHARED_PARTS.items()}
+    drawn = {"A": MemoryTensor(keys["A"], a), "B": MemoryTensor(keys["B"], b)}
+    return replace(
+        block,
+        parts={**block.parts, **drawn},
+        keys={**block.keys, **keys},
+        shared=frozenset(drawn),
+    )
 
 
 VERA = VeraMethod()
