@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
-from bonemerge.checkpoint.tensors import read_grid_rows, read_whole
+from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import DENSE, Bands, Derived, Rounding
 from bonemerge.engine import WRITE_BEHIND, Chunk, EngineOptions, rows_cols
 from bonemerge.errors import BonemergeError, MergeError
@@ -443,7 +443,7 @@ class Compute:
         if isinstance(source, Derived):
             return self.derived(source).reshape(rows, cols)[start:stop], None
         if not isinstance(source, TensorRef):
-            return source.tensor.reshape(rows, cols)[start:stop], None
+            return read_rows(self.reader, source, start, stop), None
         read, buf = ahead.next()
         assert (read.step, read.start, read.stop) == (step, start, stop), "read-ahead out of order"
         raw = torch.frombuffer(buf, dtype=dtypes.to_torch(source.dtype), count=(stop - start) * cols)

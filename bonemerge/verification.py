@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from bonemerge import tolerance
-from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef, dtypes
+from bonemerge.checkpoint import Checkpoint, ComputedTensor, RangeReader, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import Bands, Derived, Rounding, Stored, find_stored
 from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
@@ -301,6 +301,8 @@ def _check_with_tolerance(
             continue
         allowance = tolerance.final_allowance(values, carried, step.dtype)
         tally.add_within(values, read_rows(reader, ref, start, stop), step.dtype, allowance)
+    if isinstance(step.source, ComputedTensor):
+        step.source.release()
 
 
 def _exact_input(

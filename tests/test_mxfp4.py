@@ -449,6 +449,45 @@ def test_mxfp4_merges_in_bounded_memory(tmp_path):
     assert peak < LIMIT
 
 
+def test_dtype_dequantizes_in_bounded_memory(tmp_path):
+    """--dtype bf16 of gpt-oss's expert shape ([5760, 2880] a gate_up_proj expert; 10 experts, so
+    332 MB in bf16 and 83 MB packed): written a band of rows at a time from one expert's packed
+    bytes, never the parameter whole, and each expert as transformers dequantizes it, chunks
+    crossing experts and 32-column blocks included."""
+    from safetensors import safe_open
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from tests.test_memory import LIMIT, peak_rss
+
+    experts, rows, cols = 10, 5760, 2880
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    name = PREFIX + "gate_up_proj"
+    blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=generator).to(torch.uint8)
+    scales = torch.randint(118, 124, (experts, rows, cols // 32), generator=generator).to(torch.uint8)
+    attention = "model.layers.0.self_attn.q_proj"
+    tensors = {name + "_blocks": blocks, name + "_scales": scales, attention + ".weight": torch.zeros(8, 8)}
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4"}}))
+    adapter = lo.write_lora(  # the experts are only dequantized
+        tmp_path / "adapter",
+        {attention + ".lora_A.weight": torch.ones(2, 8), attention + ".lora_B.weight": torch.ones(8, 2)},
+        {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]},
+    )
+    out = tmp_path / "out"
+    peak = peak_rss("merge", folder, adapter, "-o", out, "--dtype", "bf16", "-q")
+    print(f"peak RSS dequantizing {experts * rows * cols // 10**6} M MXFP4 values: {peak / 2**20:.0f} MiB")
+    assert peak < LIMIT
+    with safe_open(out / "model.safetensors", "pt") as written:
+        assert written.get_slice(name).get_shape() == [experts, cols, rows]
+        for expert in (0, 3, experts - 1):
+            expected = convert_moe_packed_tensors(
+                blocks[expert : expert + 1], scales[expert : expert + 1], dtype=torch.bfloat16
+            )
+            assert torch.equal(written.get_slice(name)[expert : expert + 1], expected), expert
+
+
 def test_dtype_keeps_each_dequantized_weight_in_its_file(tmp_path, dense, base):
     """A two-file base: the dense `X` is written in the file that held `X_blocks`, not the last."""
     folder = tmp_path / "base"

@@ -24,6 +24,8 @@ from bonemerge.errors import CheckpointError, shown
 if TYPE_CHECKING:
     import torch
 
+    from bonemerge.checkpoint.reader import RangeReader
+
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
@@ -66,17 +68,34 @@ class MemoryTensor:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+RowMaker = Callable[["RangeReader", int, int], "torch.Tensor"]
+
+
 class ComputedTensor:
     """A tensor made on demand (a converted adapter's factors), standing in where a TensorRef
     would: its dtype and shape are promised up front so that headers can be planned, and
-    `compute` runs only when the engine reaches it, so a thousand of them cost no memory."""
+    `compute` runs only when the engine reaches it, so a thousand of them cost no memory.
 
-    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor]):
+    A tensor too large to hold whole (a dequantized expert parameter) also gives `rows`, which
+    makes a row maker on first use: rows [start, stop) of the tensor seen as (rows, columns),
+    made from the input alone. The maker lives until `release()`, so that what it keeps
+    between calls (one expert's packed bytes) goes with it."""
+
+    def __init__(
+        self,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        compute: Callable[[], torch.Tensor],
+        rows: Callable[[], RowMaker] | None = None,
+    ):
         self.name = name
         self.dtype = dtype
         self.shape = tuple(shape)
         self._compute = compute
         self._cached: torch.Tensor | None = None
+        self._rows = rows
+        self._maker: RowMaker | None = None
 
     @property
     def nbytes(self) -> int:
@@ -94,8 +113,19 @@ class ComputedTensor:
             self._cached = value
         return self._cached
 
+    def read_rows(self, reader: RangeReader, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor seen as (rows, columns): from the row maker where
+        there is one, else cut from the whole tensor."""
+        if self._rows is None:
+            rows, cols = dtypes.rows_cols(self.shape)
+            return self.tensor.reshape(rows, cols)[start:stop]
+        if self._maker is None:
+            self._maker = self._rows()
+        return self._maker(reader, start, stop)
+
     def release(self) -> None:
         self._cached = None
+        self._maker = None
 
 
 Source = TensorRef | MemoryTensor | ComputedTensor

@@ -15,7 +15,7 @@ import torch
 
 from bonemerge.checkpoint import dtypes
 from bonemerge.checkpoint import reader as reader_module
-from bonemerge.checkpoint.folder import Source, TensorRef
+from bonemerge.checkpoint.folder import ComputedTensor, Source, TensorRef
 from bonemerge.checkpoint.reader import RangeReader
 
 
@@ -39,6 +39,8 @@ def read_rows(reader: RangeReader, source: Source, start: int, stop: int) -> tor
     """Rows [start, stop) of the tensor seen as (rows, columns). For dtypes torch cannot hold
     (F4, F6_*) the bytes spanning those rows come back as one row of uint8, which is enough
     to compare two such tensors read alike."""
+    if isinstance(source, ComputedTensor):
+        return source.read_rows(reader, start, stop)
     rows, cols = dtypes.rows_cols(source.shape)
     if not isinstance(source, TensorRef):
         return source.tensor.reshape(rows, cols)[start:stop]

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
+    from bonemerge.checkpoint.folder import RowMaker
     from bonemerge.plan import Step
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -96,14 +97,19 @@ class Stored:
 
 
 def dequantized_source(
-    name: str, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], stored: Stored
+    name: str,
+    shape: tuple[int, ...],
+    compute: Callable[[], torch.Tensor],
+    stored: Stored,
+    rows: Callable[[], RowMaker] | None = None,
 ) -> ComputedTensor:
     """A bfloat16 weight a codec writes dense under a name of its own (MXFP4's `X` for
-    `X_blocks`), made when the engine reaches it. `stored` (the codes it is decoded from) and
-    `recipe` say where it comes from: for resume fingerprints and the file it is written in."""
+    `X_blocks`), made when the engine reaches it (by rows, where `rows` is given). `stored` (the
+    codes it is decoded from) and `recipe` say where it comes from: for resume fingerprints and
+    the file it is written in."""
     from bonemerge.checkpoint import ComputedTensor
 
-    source = ComputedTensor(name, "BF16", shape, compute)
+    source = ComputedTensor(name, "BF16", shape, compute, rows)
     source.stored = stored.weight
     source.recipe = [f"{stored.codec.name} dequantized", *stored.describe()]
     return source

@@ -12,8 +12,8 @@ wide (`values_per_code` 2). Merging keeps the stored scales: codes = round((deq(
 2^(s − 127)) to e2m1, ties to even. A 32-value block whose merged values no longer fit (|v|
 beyond 6 plus half the top step, 7, times the scale) gets the smallest power-of-two scale
 that holds its largest value, and is recorded. `--dtype` writes the module's dense parameter
-`X` [E, cols, rows], as transformers' dequantized checkpoints do: made whole in bfloat16 (its
-values are exact there) before it streams, the one place a weight is held whole.
+`X` [E, cols, rows], as transformers' dequantized checkpoints do, in bfloat16 (its values are
+exact there), one band of rows at a time from one expert's packed bytes.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, dequantized_source, round_once
+from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, ceil_div, dequantized_source, round_once
 from bonemerge.errors import CheckpointError, MergeError
 
 if TYPE_CHECKING:
     import torch
 
-    from bonemerge.checkpoint import Checkpoint, TensorRef
+    from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef
     from bonemerge.plan import Step
 
 BLOCKS, SCALES = "_blocks", "_scales"
@@ -109,36 +109,75 @@ class Mxfp4(Codec):
 
     def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
         """The module's dense parameter `X` [E, cols, rows] in place of `X_blocks`, as
-        transformers writes it (each expert transposed), with the step's ops on it. Its values
-        are made whole when the engine reaches it, one expert at a time, in bfloat16: e2m1
-        times a power of two has two significant bits, so they are exact."""
+        transformers writes it (each expert transposed), with the step's ops on it. Its rows
+        are made when the engine reaches them (`DequantizedRows`), in bfloat16: e2m1 times a
+        power of two has two significant bits, so they are exact."""
         from dataclasses import replace
 
         experts, rows, groups, _ = stored.params
         name = stored.name.removesuffix(BLOCKS)
         shape = (experts, groups * BLOCK, rows)
 
-        def decode() -> torch.Tensor:
-            import torch
-
+        def whole() -> torch.Tensor:
             from bonemerge.checkpoint import RangeReader
-            from bonemerge.checkpoint.tensors import load_whole, read_rows
 
-            bands = self.prepare(stored, load_whole, Rounding(), "cpu")
-            packed = replace(stored.weight, shape=self.grid(stored))
-            out = torch.empty(shape, dtype=torch.bfloat16)
-            values = torch.empty(rows, groups * BLOCK, dtype=torch.bfloat16)
             with RangeReader() as reader:
-                for expert in range(experts):
-                    for first in range(0, rows, DECODE_ROWS):  # bands keep the fp64 scratch small
-                        begin, stop = expert * rows + first, expert * rows + min(rows, first + DECODE_ROWS)
-                        band = values[first : first + stop - begin]
-                        bands.decode(read_rows(reader, packed, begin, stop), band, begin)
-                    out[expert].copy_(values.t())
-            return out
+                return DequantizedRows(stored)(reader, 0, experts * groups * BLOCK).view(shape)
 
-        source = dequantized_source(name, shape, decode, stored)
+        source = dequantized_source(name, shape, whole, stored, rows=lambda: DequantizedRows(stored))
         return replace(step, name=name, dtype=dtype, shape=shape, source=source, decode=None, encode=None)
+
+
+class DequantizedRows:
+    """Rows of the dequantized parameter [E·cols, rows] (each expert's stored [rows, cols]
+    transposed), made from the packed bytes of one expert at a time.
+
+    Output rows are input columns, so no order streams both: a band of output rows needs its
+    32-column blocks from every stored row of the expert. The expert's packed bytes (4 bits a
+    value: 8 MiB for a gpt-oss expert) are read once and kept while the engine's chunks walk
+    through it; each band decodes only the blocks it covers, DECODE_ROWS stored rows at a time,
+    so the working set is one expert's bytes plus a band, whatever the number of experts."""
+
+    def __init__(self, stored: Stored) -> None:
+        self.stored = stored
+        self.expert = -1
+        self.blocks: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+
+    def _load(self, reader: RangeReader, expert: int) -> None:
+        import torch
+
+        if expert == self.expert:
+            return
+        _, rows, groups, half = self.stored.params
+        weight, scales = self.stored.weight, self.stored.companions["scales"]
+        size = rows * groups * half
+        raw = reader.read(weight.path, weight.offset + expert * size, size)
+        self.blocks = torch.frombuffer(raw, dtype=torch.uint8).view(rows, groups, half)
+        raw = reader.read(scales.path, scales.offset + expert * rows * groups, rows * groups)
+        self.scales = torch.frombuffer(raw, dtype=torch.uint8).view(rows, groups)
+        self.expert = expert
+
+    def __call__(self, reader: RangeReader, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        _, rows, groups, _ = self.stored.params
+        cols = groups * BLOCK
+        out = torch.empty(stop - start, rows, dtype=torch.bfloat16)
+        for expert in range(start // cols, ceil_div(stop, cols)):
+            first, last = (
+                max(start, expert * cols) - expert * cols,
+                min(stop, (expert + 1) * cols) - expert * cols,
+            )
+            self._load(reader, expert)
+            assert self.blocks is not None and self.scales is not None
+            g0, g1 = first // BLOCK, ceil_div(last, BLOCK)
+            band = out[expert * cols + first - start : expert * cols + last - start]
+            for r0 in range(0, rows, DECODE_ROWS):
+                r1 = min(rows, r0 + DECODE_ROWS)
+                exact = _exact(self.blocks[r0:r1, g0:g1], self.scales[r0:r1, g0:g1])
+                round_once(exact[:, first - g0 * BLOCK : last - g0 * BLOCK], band[:, r0:r1].t())
+        return out
 
 
 def _lut(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -146,6 +185,21 @@ def _lut(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
 
     values = torch.tensor(MAGNITUDES, dtype=dtype, device=device)
     return torch.cat([values, -values])
+
+
+def _exact(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float64 values (exact) of packed `blocks` [rows, groups, 16] on `scales` [rows,
+    groups]: [rows, groups · 32]."""
+    import torch
+
+    rows = blocks.shape[0]
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(rows, -1, BLOCK).long()
+    exact = _lut(torch.float64, blocks.device)[codes]
+    exponent = scales.to(torch.int32) - BIAS
+    exact *= torch.ldexp(
+        torch.ones(exponent.shape, dtype=torch.float64, device=scales.device), exponent
+    ).unsqueeze(-1)
+    return exact.view(rows, -1)
 
 
 def _nearest(magnitude: torch.Tensor) -> torch.Tensor:
@@ -193,13 +247,9 @@ class Mxfp4Bands(Bands):
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         """e2m1 × 2^(s − 127), exact in float64 and rounded once into `out`."""
-        import torch
-
         rows = stored.shape[0]
-        codes = torch.stack([stored & 0x0F, stored >> 4], dim=-1).view(rows, -1, BLOCK).long()
-        exact = _lut(torch.float64, stored.device)[codes]
-        exact *= self._factors(row0, rows, torch.float64, self.scale if encoded else self.stored_scale)
-        round_once(exact.view(rows, -1), out)
+        scale = self.scale if encoded else self.stored_scale
+        round_once(_exact(stored.view(rows, -1, BLOCK // 2), scale[row0 : row0 + rows]), out)
 
     def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
         import torch
