@@ -537,3 +537,61 @@ def test_transformers_loads_the_merged_mxfp4_model(tmp_path, dense, base):
         name = PREFIX + leaf
         written = dequant64(got[name + "_blocks"], got[name + "_scales"]).transpose(1, 2)
         assert torch.equal(state[name].double(), written), leaf
+
+
+def test_training_checkpoint_with_an_mxfp4_base(tmp_path, dense, base):
+    """A full PeftModel state dict whose frozen experts are MXFP4 (`experts.base_layer.base_layer.
+    gate_up_proj_blocks`, `_scales`, as transformers' quantizer names them under PEFT's wrappers),
+    with attention and expert LoRA: unload gives the MXFP4 base back byte for byte (or
+    dequantized as transformers does, with --dtype); merge writes what merging the same adapter
+    into the base writes, kept MXFP4 or dequantized."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    config = LoraConfig(
+        r=2,
+        lora_alpha=3,
+        target_modules=["q_proj"],
+        target_parameters=["experts." + p for p in EXPERTS],
+        init_lora_weights=False,
+    )
+    model = lo.lora_model(factory(dense), config, seed=3)
+    model.save_pretrained(tmp_path / "adapter")
+    given = load_file(base / "model.safetensors")
+    state = {}
+    for key, value in model.state_dict().items():
+        plain = key.removeprefix(lo.PEFT_PREFIX).replace(".base_layer", "")
+        if plain.endswith(EXPERTS) and ".lora_" not in key:
+            state[key + "_blocks"], state[key + "_scales"] = (
+                given[plain + "_blocks"],
+                given[plain + "_scales"],
+            )
+        else:
+            state[key] = value.detach().contiguous()
+    assert any(k.endswith(".experts.base_layer.base_layer.gate_up_proj_blocks") for k in state)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    save_file(state, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", checkpoint)
+    model.peft_config["default"].save_pretrained(checkpoint)
+
+    for options in ([], ["--dtype", "bf16"]):
+        for command in ("unload", "merge"):
+            result = run(command, checkpoint, "-o", tmp_path / command, "--overwrite", *options)
+            assert result.exit_code == 0, result.output
+        merged = _merge(base, tmp_path / "adapter", tmp_path / "expected", "--overwrite", *options)
+        assert merged["quantized"] if not options else merged["quantized"] is None
+        expected = load_file(tmp_path / "expected" / "model.safetensors")
+        got = load_file(tmp_path / "merge" / "model.safetensors")
+        assert set(got) == set(expected) and all(torch.equal(got[n], v) for n, v in expected.items())
+        unloaded = load_file(tmp_path / "unload" / "model.safetensors")
+        written = json.loads((tmp_path / "unload" / "config.json").read_text())
+        if not options:
+            assert set(unloaded) == set(given) and all(torch.equal(unloaded[n], v) for n, v in given.items())
+            assert written["quantization_config"]["quant_method"] == "mxfp4"
+            continue
+        assert "quantization_config" not in written
+        for leaf in EXPERTS:
+            blocks, scales = given[PREFIX + leaf + "_blocks"], given[PREFIX + leaf + "_scales"]
+            assert torch.equal(
+                unloaded[PREFIX + leaf], convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+            )
