@@ -500,12 +500,18 @@ def _lossy_note(stats, dtype: str, resumed: bool) -> str | None:
         return None
     share = stats.may_differ / stats.unmerged_elements
     written = " of the shards this run wrote (not those reused)" if resumed else ""
+    # quantized codes (kept FP8, MXFP4) are only as fine as their format, whatever the merge wrote
+    remedy = (
+        "the base's own files are the only exact copy of its codes"
+        if stats.encoded
+        else f"a merge written with --dtype float32 unmerges back to {dtype} almost exactly"
+    )
     return (
         f"this unmerge is lossy: about {format_count(stats.may_differ)} of the "
         f"{format_count(stats.unmerged_elements)} elements taken out of{written} ({share:.1%}) may "
         "not come back exactly, because the merge rounded them to a coarser step than the base "
-        "stored them with (one unit in the last place of the merged value) and the original bits are "
-        f"gone; a merge written with --dtype float32 unmerges back to {dtype} almost exactly"
+        "stored them with (one unit in the last place, or code step, of the merged value) and the "
+        f"original bits are gone; {remedy}"
     )
 
 

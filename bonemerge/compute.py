@@ -326,8 +326,7 @@ class Compute:
         """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread).
         Returns, for an unmerge, how many of its elements may differ from the original base."""
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
-        # an unmerge into integer codes (MXFP4) has no float bits to compare
-        inverting = bool(prepared) and all(inverse for _, inverse in prepared) and typed.is_floating_point()
+        inverting = bool(prepared) and all(inverse for _, inverse in prepared)
         differ = 0
         # A finite sum of squares of the fp32 result bounds every element far below the bf16
         # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
@@ -351,7 +350,11 @@ class Compute:
                 if check and not finite and not all_finite(target):
                     _non_finite(step, start + begin, start + end)
                 if inverting:
-                    differ += may_differ(rows[begin:end], target, self._scratch(target))
+                    # a codec of integer codes (MXFP4) counts them; float bits tell the rest
+                    codes = coded.encoder.may_differ(rows[begin:end], target, row0)
+                    differ += (
+                        may_differ(rows[begin:end], target, self._scratch(target)) if codes is None else codes
+                    )
         finally:
             if buf is not None:
                 ahead.release(buf)

@@ -361,11 +361,14 @@ def test_inspect_shows_mxfp4(base):
     assert "2 weights in MXFP4" in run("inspect", base).output
 
 
-def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base):
-    """Unmerging re-rounds the codes: refused without --allow-lossy; with it, the run reports
-    the share of the removal the codes kept (ρ), and most codes come back (measured)."""
+def test_unmerge_needs_allow_lossy_and_says_how_many_codes_may_differ(tmp_path, dense, base):
+    """Unmerging re-rounds the codes: refused without --allow-lossy; with it, the run reports the
+    share of the removal the codes kept (ρ) and counts the values (two a byte) that may not
+    come back, which covers every one that did not and is itself a small share."""
+    from bonemerge.units import format_count
+
     adapter, _ = _adapter(dense, tmp_path / "lora", shrink=4)
-    _merge(base, adapter, tmp_path / "merged")
+    assert not _merge(base, adapter, tmp_path / "merged")["quantized"]["rescaled_blocks"]
     fails(
         tmp_path,
         "unmerge",
@@ -377,17 +380,43 @@ def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, dense, base
     )
     result = run("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--allow-lossy", "--json")
     assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
     # how lossy: the share of the removed update the codes kept, per parameter
-    removed = json.loads(result.stdout)["quantized"]["survival"]
+    removed = report["quantized"]["survival"]
     assert set(removed) == {PREFIX + p for p in EXPERTS} and all(0 < rho < 1.5 for rho in removed.values())
     given, got = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     same = total = 0
     for leaf in EXPERTS:
-        name = PREFIX + leaf + "_blocks"
-        same += int((unpack(got[name]) == unpack(given[name])).sum())
-        total += unpack(given[name]).numel()
-    print(f"unmerge restored {same} of {total} MXFP4 codes")
+        name = PREFIX + leaf
+        assert torch.equal(got[name + "_scales"], given[name + "_scales"])
+        # values, so that a zero restored with the other sign counts as restored
+        same += int((LUT[unpack(got[name + "_blocks"])] == LUT[unpack(given[name + "_blocks"])]).sum())
+        total += unpack(given[name + "_blocks"]).numel()
+    lossy = report["lossy"]
+    print(f"unmerge restored {same} of {total} MXFP4 values; {lossy['elements_that_may_differ']} flagged")
     assert same / total > 0.9
+    assert lossy["elements_unmerged"] == total
+    assert total - same <= lossy["elements_that_may_differ"] < 0.2 * total
+    note = next(n for n in report["notes"] if n.startswith("this unmerge is lossy"))
+    assert f"about {format_count(lossy['elements_that_may_differ'])} of the {format_count(total)}" in note
+    assert "only exact copy of its codes" in note
+
+
+def test_unmerge_counts_a_block_it_rescales_as_differing():
+    """A block whose restored values overflow its stored scale gets a new one: all 32 of its
+    values may differ, whatever their codes."""
+    from bonemerge.codecs import Rounding, Stored
+    from bonemerge.codecs.mxfp4 import MXFP4, Mxfp4Bands
+
+    shape = (1, 2, 2, 16)  # one expert, two rows of two blocks
+    stored = Stored(MXFP4, "x_blocks", None, {}, {}, shape)
+    bands = Mxfp4Bands(stored, torch.full((2, 2), 127, dtype=torch.uint8), Rounding())
+    values = torch.ones(2, 64, dtype=torch.float64)
+    values[1, 40] = 9.0  # beyond 7: its block (row 1, block 1) needs the scale 2^1
+    codes = torch.empty(2, 32, dtype=torch.uint8)
+    bands.encode(values, codes, 0)
+    assert bands.scale[1, 1] == 128 and bands.may_differ(codes, codes, 0) == 32
+    assert bands.may_differ(pack(torch.full((2, 64), 2)).view(2, 32), codes, 0) == 32  # a 1 from a 1: sure
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp64"])

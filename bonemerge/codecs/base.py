@@ -176,6 +176,12 @@ class Bands:
         left them: how far another correct re-encoding may lie (verify's tolerance)."""
         raise NotImplementedError
 
+    def may_differ(self, merged: torch.Tensor, restored: torch.Tensor, row0: int) -> int | None:
+        """For an unmerge, how many values of stored rows `row0...` (`merged`, encoded into
+        `restored`) may not be the original's; None where the stored dtype is a float one whose
+        bits tell it (`compute.may_differ`)."""
+        return None
+
 
 class Codec:
     """One storage format. Subclasses override what their format needs."""

@@ -187,6 +187,44 @@ def _lut(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     return torch.cat([values, -values])
 
 
+# The e2m1 steps around each magnitude code, toward zero and away from it. A merged 6 stands
+# for values up to 7 (rounding clamps there); nothing lies beyond a restored 6 on its scale.
+_TOWARD = (0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0)
+_AWAY = (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0)
+_UNSURE_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _unsure(device: torch.device | str) -> torch.Tensor:
+    """For each (merged byte, restored byte), how many of its two codes an unmerge may not
+    have restored, as a table of 65536 counts.
+
+    The merge rounded the exact merged value x to the merged code m, so x lies within half
+    m's step below it and half its step above it; the unmerge computes r' = m − ΔW = w + (m − x)
+    from the original w and rounds it to r. A code other than r lies within reach of w only
+    where one of m's steps is coarser than r's step on the same side: otherwise w = r (exact
+    ties aside). This holds on the block's stored scale, the merge's own unless it gave the
+    block a new one. Signed zeros count alike: their values are equal."""
+    import torch
+
+    key = str(device)
+    if key not in _UNSURE_TABLES:
+        codes = torch.arange(16)
+        magnitude, negative = codes % 8, codes >= 8
+        toward, away = torch.tensor(_TOWARD)[magnitude], torch.tensor(_AWAY)[magnitude]
+        beyond = torch.where(magnitude == 7, torch.inf, away)  # a restored 6 has no code above
+        merged_below, merged_above = torch.where(negative, away, toward), torch.where(negative, toward, away)
+        restored_below = torch.where(negative, beyond, toward)
+        restored_above = torch.where(negative, toward, beyond)
+        unsure = (merged_below[:, None] > restored_below[None, :]) | (
+            merged_above[:, None] > restored_above[None, :]
+        )  # [merged code, restored code]
+        pairs = torch.arange(256)
+        low, high = pairs & 0x0F, pairs >> 4
+        table = unsure[low[:, None], low[None, :]].int() + unsure[high[:, None], high[None, :]].int()
+        _UNSURE_TABLES[key] = table.to(torch.uint8).reshape(-1).to(device)
+    return _UNSURE_TABLES[key]
+
+
 def _exact(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The float64 values (exact) of packed `blocks` [rows, groups, 16] on `scales` [rows,
     groups]: [rows, groups · 32]."""
@@ -310,6 +348,17 @@ class Mxfp4Bands(Bands):
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {"scales": self.scale.cpu().view(self.shape[:-1])}
+
+    def may_differ(self, merged: torch.Tensor, restored: torch.Tensor, row0: int) -> int:
+        """How many values an unmerge may not have brought back (`_UNSURE`), and every value of
+        a block that got a new scale here."""
+        import torch
+
+        rows = merged.shape[0]
+        pairs = merged.view(rows, -1, BLOCK // 2).to(torch.int32) * 256 + restored.view(rows, -1, BLOCK // 2)
+        unsure = _unsure(merged.device)[pairs].sum(dim=-1, dtype=torch.int32)
+        rescaled = self.scale[row0 : row0 + rows] != self.stored_scale[row0 : row0 + rows]
+        return int(torch.where(rescaled, BLOCK, unsure).sum())
 
     def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
         """The code step above the code just below each value, times its (encoded) scale."""
