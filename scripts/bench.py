@@ -12,7 +12,9 @@ experts16` is the mixture-of-experts row: a Qwen3-MoE with 64 experts stored one
 expert, and LoRA r=16 on its fused expert parameters (target_parameters) and q/v. `--size fp8
 --variants lora16 --no-peft` is the block-FP8 row: DeepSeek-V3's dense layers (MLA attention,
 the 576-row `kv_a_proj_with_mqa` with its half block) as F8_E4M3 codes beside float32
-`weight_scale_inv`, and LoRA r=16 on all eight projections.
+`weight_scale_inv`, and LoRA r=16 on all eight projections. `--size mxfp4 --variants
+experts16,experts16:bf16 --no-peft` is the MXFP4 row: gpt-oss-20b's layers with their experts
+as MXFP4 blocks and scales, the expert LoRA merged kept MXFP4 and with `--dtype bf16`.
 Everything is generated once into `--cache`. Each round runs every contender once, in turn
 (A/B alternation), after reading the base once to warm the page cache; the table reports
 medians. Wall time and peak RSS are whole process figures (interpreter start and imports
@@ -54,6 +56,13 @@ FP8_SIZES = {
     # the FP8 weights are most of the bytes (87 %) and the bf16 copies few
     "fp8": (7168, 18432, 11, 128, 1536, 512, 32000),
 }
+MXFP4_SIZES = {
+    # name: (hidden, expert intermediate, layers, heads, kv_heads, vocab, experts)
+    # gpt-oss-20b's layer shapes (32 experts, 2880 wide), 4 of its 24 layers, experts as MXFP4
+    # `_blocks` and `_scales` as the released files store them; the vocabulary cut from 201,088
+    # to 32,000 so that, as in the real model, the expert blocks are most of the bytes
+    "mxfp4": (2880, 2880, 4, 64, 8, 32000, 32),
+}
 FP8_TARGETS = [
     *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
     *("gate_proj", "up_proj", "down_proj"),
@@ -69,7 +78,8 @@ ADAPTERS = {
     "dora16": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_dora": True},
     # PEFT's default targets for Llama: most of the checkpoint is copied untouched.
     "lora16qv": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-    # MoE sizes only: LoRA on the fused expert parameters (PEFT target_parameters) and attention
+    # MoE and MXFP4 sizes only: LoRA on the fused expert parameters (PEFT target_parameters)
+    # and attention; `experts16:bf16` merges the same adapter with --dtype bf16
     "experts16": {
         "peft_type": "LORA",
         "r": 16,
@@ -142,6 +152,42 @@ def fp8_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
+def mxfp4_tensors(size: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of a GptOssForCausalLM as its released files store it: each
+    expert parameter as `_blocks` [E, out, in/32, 16] beside `_scales` [E, out, in/32], biases
+    and everything else bf16."""
+    hidden, inter, layers, heads, kv, vocab, experts = MXFP4_SIZES[size]
+    head = 64
+    found = [("model.embed_tokens.weight", "BF16", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, (out, inp) in {
+            "q_proj": (heads * head, hidden),
+            "k_proj": (kv * head, hidden),
+            "v_proj": (kv * head, hidden),
+            "o_proj": (hidden, heads * head),
+        }.items():
+            found += [
+                (p + f"self_attn.{name}.weight", "BF16", (out, inp)),
+                (p + f"self_attn.{name}.bias", "BF16", (out,)),
+            ]
+        found += [
+            (p + "self_attn.sinks", "BF16", (heads,)),
+            (p + "mlp.router.weight", "BF16", (experts, hidden)),
+            (p + "mlp.router.bias", "BF16", (experts,)),
+            (p + "input_layernorm.weight", "BF16", (hidden,)),
+            (p + "post_attention_layernorm.weight", "BF16", (hidden,)),
+        ]
+        for name, out, inp in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+            stem = p + f"mlp.experts.{name}"
+            found += [
+                (stem + "_bias", "BF16", (experts, out)),
+                (stem + "_blocks", "U8", (experts, out, inp // 32, 16)),
+                (stem + "_scales", "U8", (experts, out, inp // 32)),
+            ]
+    return [*found, ("model.norm.weight", "BF16", (hidden,)), ("lm_head.weight", "BF16", (vocab, hidden))]
+
+
 def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes in the order transformers writes a LlamaForCausalLM (or a Qwen3-MoE,
     or a DeepSeek-V3)."""
@@ -169,6 +215,34 @@ def tensor_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def config(size: str) -> dict:
+    if size in MXFP4_SIZES:
+        hidden, inter, layers, heads, kv, vocab, experts = MXFP4_SIZES[size]
+        return {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": 64,
+            "num_local_experts": experts,
+            "num_experts_per_tok": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+            "sliding_window": 128,
+            "vocab_size": vocab,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+            },
+        }
     if size in FP8_SIZES:
         hidden, inter, layers, heads, q_rank, kv_rank, vocab = FP8_SIZES[size]
         return {
@@ -241,8 +315,8 @@ def make_base(cache: Path, size: str) -> Path:
 
     if size in FP8_SIZES:
         return make_fp8_base(cache, size)
-    if size in FP8_SIZES:
-        return make_fp8_base(cache, size)
+    if size in MXFP4_SIZES:
+        return make_mxfp4_base(cache, size)
     folder = cache / f"base-{size}"
     if (folder / "done").is_file():
         return folder
@@ -277,8 +351,8 @@ def make_base(cache: Path, size: str) -> Path:
 
 # safetensors lays out a file's data by dtype (widest first), then by name: the scales of a
 # real checkpoint's weights come before the weights, as they do here
-DTYPE_ORDER = {"F32": 0, "BF16": 1, "F8_E4M3": 2}
-WIDTH = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+DTYPE_ORDER = {"F32": 0, "BF16": 1, "F8_E4M3": 2, "U8": 3}
+WIDTH = {"F32": 4, "BF16": 2, "F8_E4M3": 1, "U8": 1}
 
 
 def _fp8_tensors(size: str) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -353,6 +427,63 @@ def make_fp8_base(cache: Path, size: str) -> Path:
         nbytes = _nbytes(tensor[1], tensor[2])
         # a weight and its scales share a file, as in real checkpoints
         if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith("_scale_inv"):
+            groups.append([])
+            filled = 0
+        groups[-1].append(tensor)
+        filled += nbytes
+    weight_map, total = {}, 0
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        total += _write_safetensors(folder / file, group, data)
+        weight_map |= {name: file for name, _, _ in group}
+        print(f"  wrote {folder / file}", file=sys.stderr)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
+    (folder / "done").write_text("")
+    return folder
+
+
+def make_mxfp4_base(cache: Path, size: str) -> Path:
+    """The MXFP4 checkpoint (see MXFP4_SIZES): blocks cut from a pool of e2m1 codes of
+    normal values quantized as the released files are (a block's largest about 3-6 times its
+    scale), scales 2^-8 to 2^-6 (values of std ≈ 0.02), in ~2 GB shards with an index."""
+    import numpy as np
+
+    folder = cache / f"base-{size}"
+    if (folder / "done").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _, values = _fp8_pools(0)
+    rng = np.random.default_rng(1)
+    # e2m1 codes of N(0, 2) (|x| < 7 mostly; beyond, the largest code), two a byte
+    normal = rng.standard_normal(1 << 26, dtype=np.float32) * 2
+    middles = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+    codes = np.searchsorted(middles, np.abs(normal)).astype(np.uint8) | (
+        np.signbit(normal).astype(np.uint8) << 3
+    )
+    packed = (codes[0::2] | (codes[1::2] << 4)).tobytes()
+    del normal, codes
+
+    def data(name: str, dtype: str, shape: tuple[int, ...], nbytes: int):
+        if name.endswith("_scales"):
+            yield rng.integers(119, 122, size=shape, dtype=np.uint8).tobytes()
+            return
+        pool = memoryview(packed if dtype == "U8" else values)
+        start = int(rng.integers(0, len(pool) // 2)) & ~1
+        while nbytes:
+            piece = pool[start : start + nbytes]
+            yield piece
+            nbytes -= len(piece)
+            start = 0
+
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for tensor in mxfp4_tensors(size):
+        nbytes = _nbytes(tensor[1], tensor[2])
+        # blocks and their scales share a file, as in the released checkpoints
+        if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith("_scales"):
             groups.append([])
             filled = 0
         groups[-1].append(tensor)
@@ -508,9 +639,10 @@ def main() -> None:
     parser.add_argument(
         "--size",
         action="append",
-        choices=sorted(SIZES | MOE_SIZES | FP8_SIZES),
+        choices=sorted(SIZES | MOE_SIZES | FP8_SIZES | MXFP4_SIZES),
         help="model size (repeatable; default 1b); moe: a Qwen3-MoE, 64 experts (--variants experts16); "
-        "fp8: DeepSeek-V3's dense layers in block FP8 (--variants lora16 --no-peft)",
+        "fp8: DeepSeek-V3's dense layers in block FP8 (--variants lora16 --no-peft); mxfp4: gpt-oss-20b's "
+        "layers, experts in MXFP4 (--variants experts16,experts16:bf16 --no-peft)",
     )
     parser.add_argument(
         "--cache", type=Path, default=Path("bench-cache"), help="where checkpoints are generated"
@@ -519,7 +651,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="bone,bat,mini,lora16,lora128,dora16,lora16qv",
-        help=f"comma-separated, of: {', '.join(ADAPTERS)}",
+        help=f"comma-separated, of: {', '.join(ADAPTERS)}; KIND:DTYPE merges KIND with --dtype DTYPE",
     )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's own route")
     parser.add_argument("--extra", default="", help="extra options passed to every bonemerge merge")
@@ -529,13 +661,15 @@ def main() -> None:
         help="also run each merge with the bonemerge source tree in this folder (a git worktree of "
         "an earlier commit, say), alternating with this one",
     )
-    parser.add_argument("--prepare", choices=sorted(SIZES | MOE_SIZES | FP8_SIZES), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prepare", choices=sorted(SIZES | MOE_SIZES | FP8_SIZES | MXFP4_SIZES), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.prepare:
         # Generation runs in its own process: a child forked from a large parent inherits
         # the parent's resident size as its starting peak, which would inflate every figure.
         base = make_base(args.cache.resolve(), args.prepare)
-        for kind in [v for v in args.variants.split(",") if v]:
+        for kind in {v.partition(":")[0] for v in args.variants.split(",") if v}:
             make_adapter(args.cache.resolve(), args.prepare, kind, base)
         return
     sizes = args.size or ["1b"]
@@ -553,11 +687,13 @@ def main() -> None:
             check=True,
         )
         base = cache / f"base-{size}"
-        adapters = {kind: cache / f"adapter-{size}-{kind}" for kind in variants}
+        adapters = {kind: cache / f"adapter-{size}-{kind.partition(':')[0]}" for kind in variants}
         total = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         contenders = {"cp -r && sync": ["bash", "-c", f"cp -r '{base}' \"$1\" && sync", "cp", OUT]}
         for kind in variants:
+            dtype = kind.partition(":")[2]
             merge = [bonemerge, "merge", str(base), str(adapters[kind]), "-o", OUT, "-q", *args.extra.split()]
+            merge += ["--dtype", dtype] if dtype else []
             contenders[f"bonemerge {kind}"] = merge
             if args.baseline:
                 main = "from bonemerge.cli import main; main()"
