@@ -247,6 +247,31 @@ def test_decoding_matches_transformers_bit_for_bit(dtype):
     assert torch.equal(mine.view(3, 40, 128).double(), dequant64(blocks, scales))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_decoding_rounds_once_at_the_ends_of_the_scales(dtype):
+    """Scales 0-2 (subnormal values) and 252-255 (overflow, and E8M0's NaN 255) decode as the
+    exact float64 value rounded once, into every float dtype."""
+    from bonemerge.codecs import Rounding, Stored
+    from bonemerge.codecs.base import round_once
+    from bonemerge.codecs.mxfp4 import MXFP4, Mxfp4Bands
+
+    ends = torch.tensor([0, 1, 2, 100, 127, 150, 252, 253, 254, 255], dtype=torch.uint8)
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, len(ends), 16, 16).contiguous()
+    scales = ends.view(1, -1, 1).expand(1, len(ends), 16).contiguous()
+    stored = Stored(MXFP4, "x_blocks", None, {}, {}, tuple(blocks.shape))
+    bands = Mxfp4Bands(stored, scales.view(len(ends), 16), Rounding())
+    mine = torch.empty(len(ends), 16 * 32, dtype=dtype)
+    for row in range(len(ends)):  # each scale alone: a 255 elsewhere in a band widens it
+        bands.decode(blocks.view(len(ends), -1)[row : row + 1], mine[row : row + 1], row)
+    exact = LUT[unpack(blocks)].view(len(ends), 16, 32) * torch.pow(2.0, scales.double() - 127).view(
+        -1, 16, 1
+    )
+    expected = torch.empty_like(mine)
+    round_once(exact.view(len(ends), -1), expected)
+    assert torch.equal(mine, expected)
+    assert mine[-3:-1].isinf().any() == (dtype != torch.float64) and not mine.isnan().any()
+
+
 def test_dtype_writes_the_layout_transformers_dequantizes_to(tmp_path, dense, base):
     """--dtype bf16: `gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H] dense, as transformers
     dequantizes them: the untouched one bit for bit as `convert_moe_packed_tensors`, the merged

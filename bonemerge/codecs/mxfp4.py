@@ -175,8 +175,8 @@ class DequantizedRows:
             band = out[expert * cols + first - start : expert * cols + last - start]
             for r0 in range(0, rows, DECODE_ROWS):
                 r1 = min(rows, r0 + DECODE_ROWS)
-                exact = _exact(self.blocks[r0:r1, g0:g1], self.scales[r0:r1, g0:g1])
-                round_once(exact[:, first - g0 * BLOCK : last - g0 * BLOCK], band[:, r0:r1].t())
+                values = _values(self.blocks[r0:r1, g0:g1], self.scales[r0:r1, g0:g1], wide=False)
+                _into(values[:, first - g0 * BLOCK : last - g0 * BLOCK], band[:, r0:r1].t())
         return out
 
 
@@ -225,19 +225,47 @@ def _unsure(device: torch.device | str) -> torch.Tensor:
     return _UNSURE_TABLES[key]
 
 
-def _exact(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float64 values (exact) of packed `blocks` [rows, groups, 16] on `scales` [rows,
-    groups]: [rows, groups · 32]."""
+_PAIRS: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _pairs(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The two values of each of the 256 bytes (low nibble first), [256, 2]: one look-up a
+    byte, not a split into nibbles and two."""
+    import torch
+
+    key = (dtype, str(device))
+    if key not in _PAIRS:
+        codes = torch.arange(256)
+        _PAIRS[key] = _lut(dtype, device)[torch.stack([codes & 0x0F, codes >> 4], dim=-1)]
+    return _PAIRS[key]
+
+
+def _values(blocks: torch.Tensor, scales: torch.Tensor, wide: bool) -> torch.Tensor:
+    """The values of packed `blocks` [rows, groups, 16] on `scales` [rows, groups]: [rows,
+    groups · 32], exact. e2m1 × 2^(s − 127) has two significant bits, so float32 holds it
+    exactly for every scale but E8M0's NaN (255), or overflows where any narrower float would
+    too; float64 where `wide` is asked for (a float64 output) or a scale is 255."""
     import torch
 
     rows = blocks.shape[0]
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(rows, -1, BLOCK).long()
-    exact = _lut(torch.float64, blocks.device)[codes]
+    dtype = torch.float64 if wide or bool((scales == 255).any()) else torch.float32
+    index = blocks.reshape(-1).to(torch.int32)
+    values = torch.index_select(_pairs(dtype, blocks.device), 0, index).view(rows, -1, BLOCK)
     exponent = scales.to(torch.int32) - BIAS
-    exact *= torch.ldexp(
-        torch.ones(exponent.shape, dtype=torch.float64, device=scales.device), exponent
-    ).unsqueeze(-1)
-    return exact.view(rows, -1)
+    values *= torch.ldexp(torch.ones(exponent.shape, dtype=dtype, device=scales.device), exponent).unsqueeze(
+        -1
+    )
+    return values.view(rows, -1)
+
+
+def _into(values: torch.Tensor, out: torch.Tensor) -> None:
+    """Exact `values` into `out`, rounded once: a cast from float32 rounds once."""
+    import torch
+
+    if values.dtype == torch.float64:
+        round_once(values, out)
+    else:
+        out.copy_(values)
 
 
 def _nearest(magnitude: torch.Tensor) -> torch.Tensor:
@@ -284,10 +312,15 @@ class Mxfp4Bands(Bands):
         )
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
-        """e2m1 × 2^(s − 127), exact in float64 and rounded once into `out`."""
+        """e2m1 × 2^(s − 127), exact (`_values`) and rounded once into `out`."""
+        import torch
+
         rows = stored.shape[0]
         scale = self.scale if encoded else self.stored_scale
-        round_once(_exact(stored.view(rows, -1, BLOCK // 2), scale[row0 : row0 + rows]), out)
+        values = _values(
+            stored.view(rows, -1, BLOCK // 2), scale[row0 : row0 + rows], out.dtype == torch.float64
+        )
+        _into(values, out)
 
     def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
         import torch
