@@ -205,6 +205,8 @@ class Compute:
         self.rounding = Rounding(options.rounding, options.seed)
         #: the encoder of every step encoded so far, by name: what encoding did, and its scales
         self.encoded: dict[str, Bands] = {}
+        #: companions (weight, role) as encoding left them, while they are being written
+        self._derived: dict[tuple[str, str], torch.Tensor] = {}
         self._local = threading.local()
         self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
         self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
@@ -295,6 +297,7 @@ class Compute:
             while pending:
                 yield self._finished(step, pending.popleft())
             if step.encode is not None:
+                coded.encoder.finish()
                 self.encoded[step.name] = coded.encoder
         finally:
             for item in pending:
@@ -302,6 +305,8 @@ class Compute:
                 self._out.give(item.buffer)
             if isinstance(step.source, ComputedTensor):
                 step.source.release()
+            if isinstance(step.source, Derived):
+                self._derived.pop((step.source.weight.name, step.source.role), None)
 
     def _finished(self, step: Step, item: _Computing) -> Chunk:
         try:
@@ -418,6 +423,9 @@ class Compute:
         """A companion (scales) of an encoded weight, as encoding left it. A weight planned
         after its companion (or in a shard reused by --resume) is encoded once more here,
         without writing it, in the same sub-chunks, so that its scales come out the same."""
+        key = (source.weight.name, source.role)  # made once, then read chunk by chunk
+        if key in self._derived:
+            return self._derived[key]
         encoder = self.encoded.get(source.weight.name)
         if encoder is None:
             step = source.weight
@@ -436,7 +444,8 @@ class Compute:
                     )
                     coded.encoder.encode(work, codes, start + begin)
             encoder = self.encoded[step.name] = coded.encoder
-        return encoder.derived()[source.role]
+        found = self._derived[key] = encoder.derived()[source.role]
+        return found
 
     def _rows(
         self, step: Step, start: int, stop: int, ahead: _ReadAhead

@@ -153,7 +153,8 @@ class Bands:
     with the scales as stored, or with `encoded` as encoding left them;
     `encode(values, out, row0)` writes their codes into `out` (the stored dtype),
     rounding as asked and giving a block a new scale only when its values do not fit.
-    `derived()` is every companion tensor after encoding, `encoded` what encoding did.
+    `derived()` is every companion tensor after encoding (`finish()` first, where the weight
+    was encoded whole), `encoded` what encoding did.
     """
 
     #: values per stored element (2 for MXFP4's two codes a byte)
@@ -170,6 +171,10 @@ class Bands:
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def finish(self) -> None:
+        """Encoding is done: keep only what `derived()` and `encoded` still need. Companions
+        are written at the end of their file, so what every encoder keeps until then adds up."""
 
     def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
         """One code step at each of `values` (rows `row0...`), with the scales as encoding

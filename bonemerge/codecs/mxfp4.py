@@ -105,7 +105,8 @@ class Mxfp4(Codec):
     ) -> Bands:
         assert stored is not None
         scales = load(stored.companions["scales"]).to(device)
-        return Mxfp4Bands(stored, scales.reshape(self.grid(stored)[0], -1), rounding)
+        reload = lambda: load(stored.companions["scales"])  # noqa: E731
+        return Mxfp4Bands(stored, scales.reshape(self.grid(stored)[0], -1), rounding, reload)
 
     def dequantized(self, step: Step, stored: Stored, dtype: str) -> Step:
         """The module's dense parameter `X` [E, cols, rows] in place of `X_blocks`, as
@@ -293,14 +294,23 @@ def _below(magnitude: torch.Tensor) -> torch.Tensor:
 class Mxfp4Bands(Bands):
     values_per_code = 2
 
-    def __init__(self, stored: Stored, scales: torch.Tensor, rounding: Rounding) -> None:
+    def __init__(
+        self,
+        stored: Stored,
+        scales: torch.Tensor,
+        rounding: Rounding,
+        reload: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.name = stored.name
-        self.stored_scale = scales
-        self.scale = scales.clone()
+        self.stored_scale: torch.Tensor | None = scales
+        self.scale: torch.Tensor | None = scales.clone()
         self.shape = stored.params
         self.rounding = rounding
         self._lock = threading.Lock()
+        # after `finish`: the stored scales read again (`reload`), and the ones encoding changed
+        self._reload = reload
+        self._changed: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     def _factors(self, row0: int, rows: int, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
         """2^(s − 127) for rows [row0, row0 + rows), one per 32-value block: (rows, cols/32, 1)."""
@@ -379,8 +389,25 @@ class Mxfp4Bands(Bands):
         """(expert, row, block) of a stored block."""
         return (*divmod(row, self.shape[1]), group)
 
+    def finish(self) -> None:
+        """Keep only the scales encoding changed (a 32nd of the values is too much to keep for
+        every weight of a file until its scales are written); `derived` reads the rest again."""
+        import torch
+
+        if self._reload is None or self.scale is None or self.stored_scale is None:
+            return
+        where = torch.nonzero(self.scale != self.stored_scale, as_tuple=True)
+        self._changed = (tuple(w.cpu() for w in where), self.scale[where].cpu())
+        self.scale = self.stored_scale = None
+
     def derived(self) -> dict[str, torch.Tensor]:
-        return {"scales": self.scale.cpu().view(self.shape[:-1])}
+        scale = self.scale
+        if scale is None:
+            assert self._reload is not None and self._changed is not None
+            scale = self._reload().cpu().reshape(self.shape[0] * self.shape[1], -1).clone()
+            where, values = self._changed
+            scale[where] = values
+        return {"scales": scale.cpu().view(self.shape[:-1])}
 
     def may_differ(self, merged: torch.Tensor, restored: torch.Tensor, row0: int) -> int:
         """How many values an unmerge may not have brought back (`_UNSURE`), and every value of
