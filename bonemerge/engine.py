@@ -405,7 +405,8 @@ def write_plan(
             writer.submit(lambda c=chunk: files.write(c.step.name, c.data, c.release), chunk.release)
             stats.bytes_written += chunk.data.numel() * chunk.data.element_size()
             if step.ops and all(op.inverse for op in step.ops):
-                stats.unmerged_elements += chunk.data.numel() * step.values_per_code
+                # values, where the output is codes (MXFP4's two a byte)
+                stats.unmerged_elements += chunk.data.numel() * (step.values_per_code if step.encode else 1)
                 stats.may_differ += chunk.may_differ
             if chunk.start == 0:
                 stats.merged += bool(step.ops)
