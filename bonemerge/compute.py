@@ -341,9 +341,10 @@ class Compute:
                     work, before = self._compute(rows[begin:end], prepared, compute, row0, coded)
                     if not check and self.options.safe_merge and not all_finite(work):
                         _non_finite(step, row0, start + end)
-                    coded.encoder.encode(work, target, row0)
-                    if before is not None:
-                        self._survival(coded, before, work, target, row0)
+                    if before is None:
+                        coded.encoder.encode(work, target, row0)
+                    else:
+                        coded.tally(*coded.encoder.encode_measured(work, before, target, row0))
                     flat = work.view(-1)
                     finite = squares and bool(torch.isfinite(torch.dot(flat, flat)))
                 else:
@@ -362,20 +363,6 @@ class Compute:
             return self.load(op.block.parts[part])
 
         return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
-
-    def _survival(
-        self, coded: _Coded, before: torch.Tensor, work: torch.Tensor, codes: torch.Tensor, row0: int
-    ) -> None:
-        """Add this sub-chunk's ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖², from deq(W) (`before`), the
-        merged values (`work`) and their codes. Dot products in the compute dtype (BLAS, blocked
-        sums: relative error ~1e-5 in fp32, far below the 3 decimals ρ is shown with) cost a sixth
-        of float64 sums of products, which were two thirds of an FP8 merge's CPU."""
-        delta = (work - before).reshape(-1)
-        kept = torch.empty_like(work)
-        coded.encoder.decode(codes, kept, row0, encoded=True)
-        kept -= before
-        kept = kept.reshape(-1)
-        coded.tally(float(torch.dot(kept, delta)), float(torch.dot(delta, delta)))
 
     def _first_pass(
         self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, decoder: Bands

@@ -510,3 +510,55 @@ def test_decoding_by_table_gives_the_bits_of_torchs_cast(dtype):
     assert torch.equal(whole.view(bits), expected.view(bits))
     assert torch.equal(strided.contiguous().view(bits), expected.view(bits))
     assert int(torch.isnan(whole).sum()) == 4
+
+
+def test_wide_weights_decode_and_encode_tile_by_tile():
+    """In fp32, decoding and rounding to nearest run on cache-sized tiles (column ranges of a
+    band for wide weights), decoding through float16 bits: on a weight wider than a tile with a
+    partial last band and column block, every code (NaN included) must decode to torch's cast
+    times its scale, a scale too large for the float16 route must decode the same way, merged
+    values must round to the RNE codes of their fp32 quotients (an overflowing block in a later
+    column tile getting float32(amax / 448)), and the survival sums must match float64 ones."""
+    from bonemerge.codecs.base import Rounding, Stored
+    from bonemerge.codecs.fp8_block import Fp8Bands
+
+    rows, cols = 200, 2500
+    generator = torch.Generator().manual_seed(3)
+
+    class Weight:
+        shape = (rows, cols)
+
+    def bands(scale: torch.Tensor) -> Fp8Bands:
+        return Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+
+    codes = torch.randint(0, 256, (rows, cols), generator=generator, dtype=torch.int32).to(torch.uint8)
+    codes[0, :256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes.view(torch.float8_e4m3fn)
+    scale = (torch.rand(2, 20, generator=generator) + 0.5) * 2e-4
+    huge = scale.clone()
+    huge[1, 19] = 3e35
+    for scales in (scale, huge):
+        decoded = torch.empty(rows, cols)
+        bands(scales).decode(codes, decoded, 0)
+        expected = codes.float() * fm.block_view(scales, (rows, cols)).float()
+        assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+    assert int(torch.isnan(decoded).sum()) == int(torch.isnan(codes.float()).sum()) > 0
+
+    finite = torch.where(torch.isnan(codes.float()), torch.zeros(()), codes.float()).to(torch.float8_e4m3fn)
+    before = torch.empty(rows, cols)
+    coder = bands(scale)
+    coder.decode(finite, before, 0)
+    values = before + torch.randn(rows, cols, generator=generator) * 2e-5
+    values[130, 2100] = float(scale[1, 16]) * 600  # overflows block (1, 16), in the third column tile
+    out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    kept, update = coder.encode_measured(values, before, out, 0)
+    assert coder.encoded.rescaled == [(1, 16)]
+    new = scale.clone()
+    new[1, 16] = float(values[128:, 2048:2176].abs().max().double() / fm.MAX)
+    assert torch.equal(coder.scale, new)
+    quotients = values / fm.block_view(new, (rows, cols)).float()
+    assert torch.equal(out.view(torch.uint8), fm.rne(quotients.double()))
+    merged = fm.dequantize(out, new)
+    delta = values.double() - before.double()
+    assert kept == pytest.approx(float(((merged - before.double()) * delta).sum()), rel=1e-5)
+    assert update == pytest.approx(float((delta * delta).sum()), rel=1e-5)
