@@ -181,6 +181,22 @@ class Bands:
         kept = kept.reshape(-1)
         return float(torch.dot(kept, delta)), float(torch.dot(delta, delta))
 
+    def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
+        """(first row, end row, first column, end column) of cache-sized tiles of `rows` rows
+        (from a band boundary) that `decode_tile` and `encode_tile` take, each holding whole
+        scale blocks; None where the codec has no such path (then rows go whole)."""
+        return None
+
+    def decode_tile(self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
+        """`decode` of a tile from `tiles`, from row `row` and column `col`, into fp32."""
+        raise NotImplementedError
+
+    def encode_tile(
+        self, values: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row: int, col: int
+    ) -> tuple[float, float]:
+        """`encode_measured` of an fp32 tile from `tiles`."""
+        raise NotImplementedError
+
     def derived(self) -> dict[str, torch.Tensor]:
         return {}
 

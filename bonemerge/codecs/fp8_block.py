@@ -251,9 +251,12 @@ class Fp8Bands(Bands):
         found = scale.index_select(0, across).index_select(1, down)
         return (rows, cols), found * times if times != 1.0 else found
 
-    def _decode_tile(self, codes: torch.Tensor, out: torch.Tensor, row: int, col: int, encoded: bool) -> None:
+    def _decode_tile(
+        self, codes: torch.Tensor, out: torch.Tensor, row: int, col: int, encoded: bool, nan: bool = True
+    ) -> None:
         """fp32 values of a tile of codes (int8) from row `row` and column `col`: through
-        float16 (see `HALF_SHIFT`), or through the table where a scale is too large for that."""
+        float16 (see `HALF_SHIFT`), or through the table where a scale is too large for that;
+        `nan`: whether the codes may hold NaN (not when just encoded from finite values)."""
         import torch
 
         rows, cols = codes.shape
@@ -271,6 +274,8 @@ class Fp8Bands(Bands):
         out.copy_(bits.view(torch.float16))
         shape, factors = self._tile_scales(scale, row, rows, col, cols, HALF_BIAS)
         out.view(shape).mul_(factors)
+        if not nan:
+            return
         # NaN codes (0x7F, 0xFF) are the only ones whose low seven bits are all set
         flags = _scratch("flags", torch.int8, (rows, cols))
         if int(torch.bitwise_or(codes, -SIGN, out=flags).max()) == -1:
@@ -342,36 +347,51 @@ class Fp8Bands(Bands):
     def _encode_nearest(
         self, values: torch.Tensor, out: torch.Tensor, row0: int, before: torch.Tensor | None
     ) -> tuple[float, float]:
-        """fp32 values to codes, rounding to nearest, tile by tile: the quotient by the stored
-        scale, new scales for blocks that overflow, clamping and torch's cast (which rounds to
-        nearest even). With `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖² from the
-        tile's codes decoded again while it is in cache."""
-        import torch
-
+        """fp32 values to codes, rounding to nearest, tile by tile (`encode_tile`)."""
         kept = update = 0.0
         for r0, r1, c0, c1 in self._tiles(values.shape[0]):
-            rows, cols, row = r1 - r0, c1 - c0, row0 + r0
-            tile = values[r0:r1, c0:c1]
-            shape, factors = self._tile_scales(self.stored_scale, row, rows, c0, cols)
-            scaled = _scratch("scaled", torch.float32, (rows, cols))
-            torch.div(tile.view(shape), factors, out=scaled.view(shape))
-            smallest, largest = torch.aminmax(scaled)
-            if float(smallest) < -OVERFLOW or float(largest) > OVERFLOW:
-                self._rescale(tile, scaled, scaled.abs() > OVERFLOW, row, c0)
-            scaled.clamp_(-MAX, MAX)
-            codes = out[r0:r1, c0:c1]
-            codes.copy_(scaled)
-            if before is None:
-                continue
-            was = before[r0:r1, c0:c1]
-            now = scaled  # its quotients are no longer needed: it takes deq(W′)
-            self._decode_tile(codes.view(torch.int8), now, row, c0, encoded=True)
-            now.sub_(was)
-            delta = _scratch("delta", torch.float32, (rows, cols))
-            torch.sub(tile, was, out=delta)
-            kept += float(torch.dot(now.view(-1), delta.view(-1)))
-            update += float(torch.dot(delta.view(-1), delta.view(-1)))
+            was = before[r0:r1, c0:c1] if before is not None else None
+            k, u = self.encode_tile(values[r0:r1, c0:c1], was, out[r0:r1, c0:c1], row0 + r0, c0)
+            kept, update = kept + k, update + u
         return kept, update
+
+    def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
+        return self._tiles(rows) if self.rounding.mode == "nearest" else None
+
+    def decode_tile(self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
+        import torch
+
+        self._decode_tile(stored.view(torch.int8), out, row, col, encoded=False)
+
+    def encode_tile(
+        self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
+    ) -> tuple[float, float]:
+        """fp32 values of a tile of whole blocks to codes, rounding to nearest: the quotient by
+        the stored scale, new scales for blocks that overflow, clamping and torch's cast (which
+        rounds to nearest even). With `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²,
+        from the tile's codes decoded again while it is in cache."""
+        import torch
+
+        rows, cols = values.shape
+        shape, factors = self._tile_scales(self.stored_scale, row, rows, col, cols)
+        scaled = _scratch("scaled", torch.float32, (rows, cols))
+        torch.div(values.view(shape), factors, out=scaled.view(shape))
+        smallest, largest = torch.aminmax(scaled)
+        low, high = float(smallest), float(largest)
+        if low < -OVERFLOW or high > OVERFLOW:
+            self._rescale(values, scaled, scaled.abs() > OVERFLOW, row, col)
+        scaled.clamp_(-MAX, MAX)
+        out.copy_(scaled)
+        if before is None:
+            return 0.0, 0.0
+        now = scaled  # its quotients are no longer needed: it takes deq(W′)
+        finite = math.isfinite(low) and math.isfinite(high)
+        self._decode_tile(out.view(torch.int8), now, row, col, encoded=True, nan=not finite)
+        now.sub_(before)
+        delta = _scratch("delta", torch.float32, (rows, cols))
+        torch.sub(values, before, out=delta)
+        flat = delta.view(-1)
+        return float(torch.dot(now.view(-1), flat)), float(torch.dot(flat, flat))
 
     def _uniform(self, row0: int, like: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) numbers drawn band by band from generators seeded by the band."""
