@@ -223,15 +223,16 @@ class Fp8Bands(Bands):
         else one band's rows cut in column ranges of whole blocks."""
         b0, b1 = self.block
         cols = self.cols
+        step = max(1, TILE_ELEMENTS // (cols * b0)) * b0
+        # a partial last band joins the tile before it: a product of one or two rows goes
+        # through BLAS's matrix-vector path, whose sums may be ordered unlike the rows' GEMM
+        starts = list(range(0, rows - rows % b0 if rows > b0 else 1, step)) or [0]
+        bands = [(r, min(rows, r + step)) for r in starts]
+        bands[-1] = (bands[-1][0], rows)
         if cols * b0 <= TILE_ELEMENTS:
-            step = max(1, TILE_ELEMENTS // (cols * b0)) * b0
-            return [(r, min(rows, r + step), 0, cols) for r in range(0, rows, step)]
+            return [(r0, r1, 0, cols) for r0, r1 in bands]
         width = max(1, TILE_ELEMENTS // (b0 * b1)) * b1
-        return [
-            (r, min(rows, r + b0), c, min(cols, c + width))
-            for r in range(0, rows, b0)
-            for c in range(0, cols, width)
-        ]
+        return [(r0, r1, c, min(cols, c + width)) for r0, r1 in bands for c in range(0, cols, width)]
 
     def _tile_scales(
         self, scale: torch.Tensor, row: int, rows: int, col: int, cols: int, times: float = 1.0
