@@ -510,3 +510,135 @@ def test_decoding_by_table_gives_the_bits_of_torchs_cast(dtype):
     assert torch.equal(whole.view(bits), expected.view(bits))
     assert torch.equal(strided.contiguous().view(bits), expected.view(bits))
     assert int(torch.isnan(whole).sum()) == 4
+
+
+def test_wide_weights_decode_and_encode_tile_by_tile():
+    """In fp32, decoding and rounding to nearest run on cache-sized tiles (column ranges of a
+    band for wide weights), decoding through float16 bits: on a weight wider than a tile with a
+    partial last band and column block, every code (NaN included) must decode to torch's cast
+    times its scale, a scale too large for the float16 route must decode the same way, merged
+    values must round to the RNE codes of their fp32 quotients (an overflowing block in a later
+    column tile getting float32(amax / 448)), and the survival sums must match float64 ones."""
+    from bonemerge.codecs.base import Rounding, Stored
+    from bonemerge.codecs.fp8_block import Fp8Bands
+
+    rows, cols = 200, 2500
+    generator = torch.Generator().manual_seed(3)
+
+    class Weight:
+        shape = (rows, cols)
+
+    def bands(scale: torch.Tensor) -> Fp8Bands:
+        return Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+
+    codes = torch.randint(0, 256, (rows, cols), generator=generator, dtype=torch.int32).to(torch.uint8)
+    codes[0, :256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes.view(torch.float8_e4m3fn)
+    scale = (torch.rand(2, 20, generator=generator) + 0.5) * 2e-4
+    huge = scale.clone()
+    huge[1, 19] = 3e35
+    for scales in (scale, huge):
+        decoded = torch.empty(rows, cols)
+        bands(scales).decode(codes, decoded, 0)
+        expected = codes.float() * fm.block_view(scales, (rows, cols)).float()
+        assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+    assert int(torch.isnan(decoded).sum()) == int(torch.isnan(codes.float()).sum()) > 0
+
+    finite = torch.where(torch.isnan(codes.float()), torch.zeros(()), codes.float()).to(torch.float8_e4m3fn)
+    before = torch.empty(rows, cols)
+    coder = bands(scale)
+    coder.decode(finite, before, 0)
+    values = before + torch.randn(rows, cols, generator=generator) * 2e-5
+    values[130, 2100] = float(scale[1, 16]) * 600  # overflows block (1, 16), in the third column tile
+    out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    kept, update = coder.encode_measured(values, before, out, 0)
+    assert coder.encoded.rescaled == [(1, 16)]
+    new = scale.clone()
+    new[1, 16] = float(values[128:, 2048:2176].abs().max().double() / fm.MAX)
+    assert torch.equal(coder.scale, new)
+    quotients = values / fm.block_view(new, (rows, cols)).float()
+    assert torch.equal(out.view(torch.uint8), fm.rne(quotients.double()))
+    merged = fm.dequantize(out, new)
+    delta = values.double() - before.double()
+    assert kept == pytest.approx(float(((merged - before.double()) * delta).sum()), rel=1e-4)
+    assert update == pytest.approx(float((delta * delta).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape,rank,scale", [((128, 18432), 16, 2.0), ((200, 2500), 8, 0.3), ((576, 7168), 64, 4.0)]
+)
+def test_lora_merged_by_column_tiles_gives_the_bits_of_whole_rows(shape, rank, scale):
+    """Block-FP8 LoRA merges add `s · B[rows] @ A[:, cols]` tile by tile; each tile must get
+    exactly the bits the whole rows' `s · B[rows] @ A` gives (PEFT's own product), in merge
+    and unmerge, whatever the tile widths, partial last tile included."""
+    from bonemerge.methods.lora import DeltaRows
+
+    generator = torch.Generator().manual_seed(5)
+    rows, cols = shape
+    left = torch.randn(rows, rank, generator=generator) * 0.01
+    right = torch.randn(rank, cols, generator=generator) * 0.01
+    maths = DeltaRows(left, right, scale, torch.float32)
+    assert maths.column_tiles
+    base = torch.randn(rows, cols, generator=generator) * 0.02
+    for inverse in (False, True):
+        whole = base.clone()
+        (maths.unmerge if inverse else maths.merge)(whole, 0)
+        for width in (1024, 896, 128):
+            tiled = base.clone()
+            for col in range(0, cols, width):
+                tile = tiled[:, col : col + width].contiguous()
+                (maths.unmerge_columns if inverse else maths.merge_columns)(tile, 0, col)
+                tiled[:, col : col + width] = tile
+            assert torch.equal(tiled.view(torch.int32), whole.view(torch.int32))
+
+
+@pytest.mark.parametrize("rows,cols", [(257, 512), (130, 2500), (641, 512), (1024, 1536)])
+def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
+    """The engine merges LoRA into block FP8 one cache-sized tile at a time (decode, add
+    `s · B @ A`, encode); on heights whose last band is partial (a row or two beyond whole
+    bands included) and widths cut in several tiles, the codes and scales must be those of
+    decoding, merging and encoding the rows whole."""
+    from bonemerge.codecs.base import Rounding, Stored
+    from bonemerge.codecs.fp8_block import Fp8Bands
+    from bonemerge.methods.lora import DeltaRows
+
+    generator = torch.Generator().manual_seed(11)
+
+    class Weight:
+        shape = (rows, cols)
+
+    codes = (torch.randn(rows, cols, generator=generator) * 120).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = (torch.rand(-(-rows // 128), -(-cols // 128), generator=generator) + 0.5) * 2e-4
+    maths = DeltaRows(
+        torch.randn(rows, 16, generator=generator) * 0.01,
+        torch.randn(16, cols, generator=generator) * 0.01,
+        2.0,
+        torch.float32,
+    )
+    whole = Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+    tiled = Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+    expected, got = torch.empty_like(codes), torch.empty_like(codes)
+    sums, tile_sums = [0.0, 0.0], [0.0, 0.0]
+    band = 640 if rows > 640 else rows
+    for row0 in range(0, rows, band):
+        chunk = slice(row0, min(rows, row0 + band))
+        work = torch.empty(chunk.stop - row0, cols)
+        whole.decode(codes[chunk], work, row0)
+        before = work.clone()
+        maths.merge(work, row0)
+        sums = [
+            a + b
+            for a, b in zip(sums, whole.encode_measured(work, before, expected[chunk], row0), strict=True)
+        ]
+        for r0, r1, c0, c1 in tiled.tiles(chunk.stop - row0):
+            was = torch.empty(r1 - r0, c1 - c0)
+            tiled.decode_tile(codes[chunk][r0:r1, c0:c1], was, row0 + r0, c0)
+            now = was.clone()
+            maths.merge_columns(now, row0 + r0, c0)
+            kept = tiled.encode_tile(now, was, got[chunk][r0:r1, c0:c1], row0 + r0, c0)
+            tile_sums = [a + b for a, b in zip(tile_sums, kept, strict=True)]
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(tiled.scale, whole.scale) and sorted(tiled.encoded.rescaled) == sorted(
+        whole.encoded.rescaled
+    )
+    assert tile_sums == pytest.approx(sums, rel=1e-6)

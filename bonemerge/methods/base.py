@@ -163,6 +163,10 @@ class RowMaths(abc.ABC):
     """
 
     needs_pass = False
+    #: whether `merge_columns`/`unmerge_columns` apply the block to a tile of whole rows' columns,
+    #: giving the bits `merge` gives those elements (the engine then keeps a quantized weight's
+    #: tiles in cache from decoding to encoding)
+    column_tiles = False
 
     def observe(self, work: torch.Tensor, row0: int) -> None:
         """The first pass over the rows, for maths that sets `needs_pass`."""
@@ -179,6 +183,13 @@ class RowMaths(abc.ABC):
     @abc.abstractmethod
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
         """Undo `merge` on the rows `work`, in place."""
+
+    def merge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
+        """`merge` on columns `col0...` of rows `row0...` (only where `column_tiles`)."""
+        raise NotImplementedError
+
+    def unmerge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
+        raise NotImplementedError
 
 
 class ErrorBound(abc.ABC):

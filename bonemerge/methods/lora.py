@@ -417,6 +417,35 @@ class DeltaRows(RowMaths):
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
         self._apply(work, row0, -1)
 
+    @property
+    def column_tiles(self) -> bool:
+        # Each element of `left[rows] @ right[:, cols]` is the same r-term sum as in the whole
+        # product (BLAS splits neither k nor the sum by the output's width), so a tile's
+        # product has the bits of the whole one; subclasses that do more than add it do not tile.
+        return not self.columns and type(self) is DeltaRows
+
+    def _apply_columns(self, work: torch.Tensor, row0: int, col0: int, sign: int) -> None:
+        import torch
+
+        rows, cols = work.shape
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.numel() < rows * cols:
+            buffer = self._scratch.buffer = torch.empty(
+                rows * cols, dtype=self.right.dtype, device=self.right.device
+            )
+        product = buffer[: rows * cols].view(rows, cols)
+        torch.mm(self.left[row0 : row0 + rows], self.right[:, col0 : col0 + cols], out=product)
+        if self._exact_scale:
+            work.add_(product, alpha=sign * self.scale)
+        else:
+            work.add_(product.mul_(self.scale), alpha=sign)
+
+    def merge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
+        self._apply_columns(work, row0, col0, 1)
+
+    def unmerge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
+        self._apply_columns(work, row0, col0, -1)
+
 
 class TwiceRows(DeltaRows):
     """An nn.MultiheadAttention's out_proj: PEFT 0.18.1 adds its update twice (in the
