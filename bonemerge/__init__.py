@@ -20,12 +20,12 @@ __doc__ = (__doc__ or "").format(methods=method_names())
 
 if TYPE_CHECKING:
     from bonemerge.api import Report, inspect, merge, push, strip, unload, unmerge, verify, verify_checksums
-    from bonemerge.hub import Push
+    from bonemerge.output.push import Push
 
 _LAZY = dict.fromkeys(
     ["merge", "unmerge", "unload", "strip", "inspect", "verify", "verify_checksums", "push", "Report"],
     "bonemerge.api",
-) | {"Push": "bonemerge.hub"}
+) | {"Push": "bonemerge.output.push"}
 
 __all__ = [
     "AdapterError",

@@ -83,7 +83,7 @@ def untouched_share(base: Path, adapter: Path, shard: str) -> float:
     """Bytes of the output that are copies of base tensors, over all tensor bytes."""
     from bonemerge.adapters import load_adapter
     from bonemerge.checkpoint import layout, open_checkpoint
-    from bonemerge.plan import build_plan
+    from bonemerge.plan.build import build_plan
 
     plan = build_plan(
         open_checkpoint(base), [load_adapter(adapter)], max_shard_bytes=layout.parse_size(shard)

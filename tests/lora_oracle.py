@@ -284,7 +284,7 @@ def assert_sketched(base: Path, merged: Path, view: Callable[[torch.Tensor], tor
     """The sketch a merge recorded for its (only) adapter describes the update it made: each
     recorded tensor's sketch matches the sketch of `merged - base` (fp32 files), seen as rows
     by `view` (default: first dimension x the rest). Returns the names sketched."""
-    from bonemerge.sketch import from_json, of_matrix, of_vector
+    from bonemerge.output.sketch import from_json, of_matrix, of_vector
 
     view = view or (lambda t: t.reshape(t.shape[0], -1))
     record = json.loads((merged / "bonemerge.json").read_text())["history"][-1]["adapters"][0]

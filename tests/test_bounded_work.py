@@ -240,9 +240,9 @@ def test_bat_conversion_warns_when_lora_outgrows_the_weights(tmp_path):
 @pytest.fixture
 def shown_progress(monkeypatch):
     """Progress as on a terminal (the CLI shows it only when stderr is one)."""
-    import bonemerge.cli
+    import bonemerge.cli.commands
 
-    monkeypatch.setattr(bonemerge.cli, "_progress", lambda quiet: not quiet)
+    monkeypatch.setattr(bonemerge.cli.commands, "progress_shown", lambda quiet: not quiet)
 
 
 def test_bat_strip_shows_progress(tmp_path, shown_progress):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from bonemerge import merge, strip, unmerge
 from bonemerge.adapters import load_adapter
-from bonemerge.history import fingerprint, merged_now, read_history
+from bonemerge.output.history import fingerprint, merged_now, read_history
 from tests import toy
 from tests.cliutil import fails, run
 

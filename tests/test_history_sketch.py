@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from bonemerge import merge, strip, unmerge
 from bonemerge.adapters import load_adapter
 from bonemerge.errors import AdapterError
-from bonemerge.history import fingerprint, merged_now, read_history
-from bonemerge.sketch import PROBES, TOLERANCE, columns
+from bonemerge.output.history import fingerprint, merged_now, read_history
+from bonemerge.output.sketch import PROBES, TOLERANCE, columns
 from tests import toy
 from tests.cliutil import fails, run
 from tests.lora_oracle import toy_lora_tensors, write_lora

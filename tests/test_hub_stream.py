@@ -367,7 +367,7 @@ def test_read_runs_keep_copies_and_computed_tensors_apart():
     from types import SimpleNamespace
 
     from bonemerge.checkpoint import TensorRef
-    from bonemerge.engine import _read_runs
+    from bonemerge.run.engine import _read_runs
 
     def step(offset: int, copy: bool, path: str = "a") -> SimpleNamespace:
         source = TensorRef(f"t{offset}", Path(path), offset, "F32", (10,), 10)

@@ -287,7 +287,7 @@ def test_training_checkpoint_merge_unload_and_strip(tmp_path, gpt2, method):
 def test_every_method_list_names_the_registry():
     """README's table, the package docstring and the CLI help name every registered method."""
     import bonemerge
-    from bonemerge.cli import _MAIN_HELP
+    from bonemerge.cli.commands import _MAIN_HELP
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     table = readme.split("## Supported adapters", 1)[1].split("\n\n", 2)[1]

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonemerge import compute as compute_engine
 from bonemerge import merge
 from bonemerge.checkpoint import TensorRef, dtypes
 from bonemerge.errors import MergeError
 from bonemerge.methods import Block, BlockOp, Target
 from bonemerge.methods import bone as maths
-from bonemerge.plan import Step
+from bonemerge.plan.build import Step
+from bonemerge.run import compute as compute_engine
 from tests import toy
 
 CASES = [

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bonemerge
-from bonemerge import hub, inspect, merge
+from bonemerge import inspect, merge
 from bonemerge.methods import REGISTRY
+from bonemerge.resolve import hub
 from tests import toy
 from tests.cliutil import fails, run
 
@@ -42,7 +43,7 @@ def bf16_round_trip(tmp_path: Path, variant: str, scale: float = 1.0) -> tuple[P
 
 @pytest.mark.parametrize(("variant", "scale"), [("default", 1.0), ("bat", 1.0), ("bat", 10.0)])
 def test_a_lossy_unmerge_says_how_far(tmp_path, variant, scale):
-    from bonemerge.compute import _ulp_exponents
+    from bonemerge.run.compute import _ulp_exponents
 
     base, again, report = bf16_round_trip(tmp_path, variant, scale)
     original, restored = load_file(base / "model.safetensors"), load_file(again / "model.safetensors")
@@ -127,7 +128,7 @@ def test_a_one_slash_typo_beside_a_local_folder_is_one_consistent_sentence(tmp_p
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     def offline(repo, revision=None, progress=False):
-        raise hub._explain(OfflineModeIsEnabled("offline"), repo, revision)
+        raise hub.hub_error(OfflineModeIsEnabled("offline"), repo, revision)
 
     monkeypatch.setattr(hub, "download", offline)
     monkeypatch.chdir(tmp_path)
@@ -195,7 +196,7 @@ def test_a_rerun_without_resume_says_what_it_discards(tmp_path, adapter, monkeyp
         raise KeyboardInterrupt  # after every shard is durable, as a kill -9 before the rename
 
     with monkeypatch.context() as patch:
-        patch.setattr(bonemerge.output.Staging, "publish", killed)
+        patch.setattr(bonemerge.output.staging.Staging, "publish", killed)
         with pytest.raises(KeyboardInterrupt):
             merge(base, [adapter], out, resume=True)
     done = run("merge", base, adapter, "-o", out, "--json")
@@ -207,7 +208,7 @@ def test_a_rerun_without_resume_says_what_it_discards(tmp_path, adapter, monkeyp
 
 
 def test_inspect_returns_a_report_like_every_command(tmp_path, adapter):
-    from bonemerge.describe import InspectReport
+    from bonemerge.report.inspect import InspectReport
 
     report = inspect(adapter)
     assert isinstance(report, InspectReport) and report.ok

@@ -498,7 +498,7 @@ def test_strip_layers_and_include_on_expert_adapters(tmp_path, models):
 
 
 def test_inspect_lists_experts_as_ranges(tmp_path, models):
-    from bonemerge.inspect_text import render_inspection
+    from bonemerge.report.inspect_text import render_inspection
 
     base = models("qwen3", "bfloat16", "saved")
     adapter = _expert_adapter_of(base, tmp_path / "adapter")
@@ -522,9 +522,9 @@ def test_fused_experts_stream_in_row_bands_of_any_size(band):
     """A fused [E, d1, d2] tensor streams as E·d1 rows of d2; bands that start and end inside
     experts give the bits of the whole tensor at once, and the float64 maths is PEFT's einsum."""
     from bonemerge.checkpoint.dtypes import rows_cols
-    from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
     from bonemerge.methods.lora_params import ParamTarget, expert_rows
-    from bonemerge.plan import Step
+    from bonemerge.plan.build import Step
+    from bonemerge.run.compute import CHUNK_ELEMENTS, chunk_rows
 
     experts, d1, d2, r = 5, 12, 9, 3
     generator = torch.Generator().manual_seed(2)

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 import bonemerge
 from bonemerge import merge, strip
+from bonemerge.checks.dtype_names import parse_dtype
 from bonemerge.cli import main
-from bonemerge.dtype_names import parse_dtype
 from bonemerge.errors import BonemergeError
 from tests import oracle, toy
 from tests.cliutil import fails, run

@@ -13,7 +13,7 @@ import pytest
 
 from bonemerge import merge
 from bonemerge.api import verify_checksums
-from bonemerge.hub import push_failure
+from bonemerge.output.push import push_failure
 from tests import toy
 from tests.conftest import tree_digest
 from tests.hub_server import HubServer

@@ -26,7 +26,7 @@ class Watch:
 
 
 sys.meta_path.insert(0, Watch())
-cli._TorchLoading = lambda: None  # no background import: the run imports torch where it needs it
+cli.runtime.TorchLoading = lambda: None  # no background import: the run imports torch where it needs it
 sys.argv = ["bonemerge", *sys.argv[1:]]
 try:
     cli.main()

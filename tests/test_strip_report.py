@@ -9,7 +9,7 @@ import pytest
 
 from bonemerge import strip
 from bonemerge.adapters import load_adapter
-from bonemerge.history import fingerprint
+from bonemerge.output.history import fingerprint
 from tests.cliutil import run
 from tests.test_new_user import training_checkpoint
 

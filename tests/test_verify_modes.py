@@ -21,7 +21,7 @@ from bonemerge import merge, verify
 from bonemerge.checkpoint import open_checkpoint
 from bonemerge.cli import main
 from bonemerge.methods.bone import reference_merge
-from bonemerge.tolerance import ulp
+from bonemerge.verification.tolerance import ulp
 from tests import oracle, toy
 from tests.conftest import llama_factory
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bonemerge import merge, verify
-from bonemerge.verification import CHECKABLE, ChecksumReport, Difference
+from bonemerge.verification.compare import CHECKABLE, ChecksumReport, Difference
 from tests import toy
 from tests.cliutil import run
 from tests.lora_oracle import write_lora

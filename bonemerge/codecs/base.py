@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
     from bonemerge.checkpoint.folder import RowMaker
-    from bonemerge.plan import Step
+    from bonemerge.plan.build import Step
 
 ROUNDINGS = ("nearest", "stochastic")
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Checkpoint, RangeReader, TensorRef
-    from bonemerge.plan import Step
+    from bonemerge.plan.build import Step
 
 BLOCKS, SCALES = "_blocks", "_scales"
 BLOCK = 32

@@ -19,7 +19,7 @@ from bonemerge.codecs import Derived, Stored, find_stored
 from bonemerge.errors import AdapterError
 
 if TYPE_CHECKING:
-    from bonemerge.plan import Step
+    from bonemerge.plan.build import Step
 
 # A config update that removes the key (see `companions.updated_config`).
 REMOVE = None

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Source
-    from bonemerge.sketch import Sketch
+    from bonemerge.output.sketch import Sketch
 
 PREFIX = "base_model.model."
 # Module names (last segment) of the output and input embeddings across architectures: the
@@ -194,7 +194,7 @@ class RowMaths(abc.ABC):
 
 class ErrorBound(abc.ABC):
     """How far another implementation's merge of one op may lie from the exact value, element
-    by element (see `bonemerge.tolerance`). `bound` takes the exact input rows (float64), the
+    by element (see `bonemerge.verification.tolerance`). `bound` takes the exact input rows (float64), the
     error bound they carry, and whether the op's tensors were rounded to the weight's dtype
     first (PEFT loads later adapters that way). A bound that needs a whole-tensor statistic
     sets `needs_pass` and sees every row through `observe` first."""
@@ -223,7 +223,7 @@ class MagnitudeBound(ErrorBound):
         rounds_delta: bool,
         dtype: str,
     ) -> None:
-        from bonemerge import tolerance
+        from bonemerge.verification import tolerance
 
         self._magnitudes = prepare(lambda part: load(part).double().abs())
         self._prepare = prepare
@@ -236,7 +236,7 @@ class MagnitudeBound(ErrorBound):
     def bound(self, rows: torch.Tensor, row0: int, carried: torch.Tensor, rounded: bool) -> torch.Tensor:
         import torch
 
-        from bonemerge import tolerance
+        from bonemerge.verification import tolerance
 
         magnitude = rows.abs()
         total = magnitude.clone()
@@ -383,7 +383,7 @@ class Method(abc.ABC):
         """Each part's key in an adapter file PEFT writes for `peft_type` (no adapter name)."""
 
     def record_name(self, module: str, part: str) -> str:
-        """How an adapter fingerprint names a block tensor (`bonemerge.history`)."""
+        """How an adapter fingerprint names a block tensor (`bonemerge.output.history`)."""
         return f"{module}:{part}"
 
     def check_shared(self, shared: Mapping[str, Source], config: AdapterConfig, where: Path) -> None:
@@ -499,7 +499,7 @@ class Method(abc.ABC):
         self, op: BlockOp, load: Callable[[str], torch.Tensor], shape: tuple[int, ...], dtype: str
     ) -> ErrorBound:
         """The per-element error bound of merging `op` into a `dtype` weight of `shape`
-        (`bonemerge.tolerance`): by default the merge maths applied to magnitudes, with γ over
+        (`bonemerge.verification.tolerance`): by default the merge maths applied to magnitudes, with γ over
         `product_terms` (see `MagnitudeBound`). Each method's docstring states its bound."""
         import torch
 
@@ -512,7 +512,7 @@ class Method(abc.ABC):
         self, op: BlockOp, load: Callable[[str], np.ndarray], shape: tuple[int, ...]
     ) -> tuple[Sketch, ...] | None:
         """A few numbers identifying the update `op` makes to a tensor of `shape`, whatever
-        files hold it (see `bonemerge.sketch`): one sketch per tensor that defines the update.
+        files hold it (see `bonemerge.output.sketch`): one sketch per tensor that defines the update.
         `load` gives a part as a float32 (float64) numpy array, since the history guards run
         while torch is still loading. None (the default) leaves the history to the byte
         fingerprint alone."""

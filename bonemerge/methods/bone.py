@@ -15,7 +15,7 @@ the LoRA method (`low_rank_tensors`, `low_rank_config`).
 `reference_merge` states the same maths on a whole tensor in the plainest form, as the
 independent check used by the demo and the tests.
 
-Error bounds (`bonemerge.tolerance`): default / mini, `W + B`, one addition, error
+Error bounds (`bonemerge.verification.tolerance`): default / mini, `W + B`, one addition, error
 ≤ γ₁·(|W| + |B|); Bat, `W + W·B_a + B_a`, an inner product over r terms plus two additions,
 error ≤ γ_(r+2)·(|W| + Σₖ|W_ik||B_kj| + |B_ij|), plus half an ulp in the output dtype of the
 delta's magnitude, because PEFT rounds the delta to the weight's dtype before adding it; an
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Source
-    from bonemerge.sketch import Sketch
+    from bonemerge.output.sketch import Sketch
 
 # Largest condition number of I + B accepted when inverting a Bat block: beyond this, fp32
 # inputs carry too few digits for the unmerged weight to mean anything.
@@ -432,7 +432,7 @@ class BoneMethod(Method):
         Bat adapter in another dtype or as MiSS matches; its approximate LoRA does not)."""
         import numpy as np
 
-        from bonemerge.sketch import of_matrix, parts
+        from bonemerge.output.sketch import of_matrix, parts
 
         settings: BoneSettings = op.block.params
         block = load("block")

@@ -13,7 +13,7 @@ equal PEFT's bit for bit. Unmerging divides by the vector (PEFT divides by `l + 
 is not the inverse of its merge); a zero in the vector wiped out what it scaled, so such an
 adapter cannot be taken out and unmerge refuses it.
 
-Error bound (`bonemerge.tolerance`): one product per element, error ≤ γ₁·|W|·|l|, and an
+Error bound (`bonemerge.verification.tolerance`): one product per element, error ≤ γ₁·|W|·|l|, and an
 input error ε is carried as ε·|l|.
 """
 

@@ -20,7 +20,7 @@ Other methods whose update is low-rank (Bone/MiSS, `strip --to lora`) are writte
 adapters through `low_rank_tensors` and `low_rank_config`, so PEFT's LoRA keys and config
 fields live here alone.
 
-Error bounds (`bonemerge.tolerance`): `W + s·B@A`, an inner product over r terms plus an
+Error bounds (`bonemerge.verification.tolerance`): `W + s·B@A`, an inner product over r terms plus an
 addition, error ≤ γ_(r+2)·(|W| + |s|·|B|@|A|) (the classic γₙ = n·u/(1 − n·u) bound), plus half
 an ulp of the delta for Embedding, nn.Conv1d, MultiheadAttention and parameter merges, which
 PEFT rounds before adding; DoRA, `m/‖v‖ ⊙ v` with `v = W + ΔW`: the error of v scaled by the
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Source
-    from bonemerge.sketch import Sketch
+    from bonemerge.output.sketch import Sketch
 
 _FILE_PARTS = {
     "lora_A.weight": "A",
@@ -537,7 +537,7 @@ class DoraBound(ErrorBound):
     ) -> None:
         import torch
 
-        from bonemerge import tolerance
+        from bonemerge.verification import tolerance
 
         self._exact, self._inner, self._magnitude = exact, inner, magnitude
         self._columns = params.transposed
@@ -1079,7 +1079,7 @@ class LoraMethod(Method):
         """ΔW·X as `s · left (right X)`, never building ΔW. DoRA's merge also depends on W (its
         norm), so a DoRA update is identified by the tensors that define it, ΔW and the
         magnitude m, in a space of its own: it matches only DoRA with the same ΔW and m."""
-        from bonemerge.sketch import of_matrix, of_vector, parts
+        from bonemerge.output.sketch import of_matrix, of_vector, parts
 
         if isinstance(op.target, ParamTarget):
             a = load("A")

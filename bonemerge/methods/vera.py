@@ -23,7 +23,7 @@ Precision follows PEFT 0.18.1's `merge_and_unload()`: the scaled projections and
 product in fp32 (fp64 with `--precision fp64`), added to the weight and rounded once, so
 merges equal PEFT's bit for bit.
 
-Error bound (`bonemerge.tolerance`): as LoRA's with r + 2 terms (the scalings of A and B
+Error bound (`bonemerge.verification.tolerance`): as LoRA's with r + 2 terms (the scalings of A and B
 round once each), γ_(r+4)·(|W| + |λ_b ⊙ B|@|λ_d ⊙ A|).
 """
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Source
-    from bonemerge.sketch import Sketch
+    from bonemerge.output.sketch import Sketch
 
 # file keys: per layer under `base_model.model.<module>.`, the projections under `base_model.`
 _LAYER_PARTS = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
@@ -345,7 +345,7 @@ class VeraMethod(Method):
     ) -> tuple[Sketch, ...] | None:
         """ΔW·X as `left (right X)`, never building ΔW: the same numbers as any LoRA with the
         same update."""
-        from bonemerge.sketch import of_matrix, parts
+        from bonemerge.output.sketch import of_matrix, parts
 
         transposed = op.block.params.transposed
         out_features, in_features = (shape[1], shape[0]) if transposed else shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bonemerge import history
+from bonemerge.output import history
 from tests import toy
 from tests.cliutil import run
 
@@ -55,7 +55,7 @@ def test_strip_refuses_an_adapter_rewritten_after_its_fingerprint(tmp_path, inpu
 
 def test_an_adapter_rewritten_while_the_merge_runs_is_refused(tmp_path, inputs, monkeypatch):
     """Later still: after the first shard is written, before the output is published."""
-    from bonemerge.output import Staging
+    from bonemerge.output.staging import Staging
 
     base, adapter = inputs
     real = Staging.record

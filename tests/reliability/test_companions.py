@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bonemerge import api
-from bonemerge.companions import plan_companions
+from bonemerge.checkpoint import open_checkpoint
+from bonemerge.output.companions import plan_companions
 from tests import toy
 from tests.cliutil import fails, run
 from tests.hub_cache import cache_repo
@@ -115,7 +115,7 @@ def test_free_space_check_counts_companions(tmp_path, base, adapter, monkeypatch
 def test_companion_bytes_are_planned(tmp_path, base, adapter):
     (base / "notes.txt").write_bytes(b"n" * 1000)
     _mkdir(base / "2_Dense").joinpath("config.json").write_bytes(b"{}")
-    checkpoint = api.open_checkpoint(base)
+    checkpoint = open_checkpoint(base)
     planned = plan_companions(checkpoint, [], ["model.safetensors", "README.md", "bonemerge.json"])
     assert planned.bytes == 1002 and planned.config is not None and planned.notes == ()
 

@@ -16,8 +16,8 @@ import torch
 
 from bonemerge import merge
 from bonemerge.checkpoint import writer as writer_module
-from bonemerge.engine import Engine
 from bonemerge.errors import BonemergeError, OutputError
+from bonemerge.run.engine import Engine
 from tests import toy
 from tests.conftest import tree_digest
 from tests.reliability.test_faults import no_leftovers

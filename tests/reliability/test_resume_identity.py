@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bonemerge import api, companions
+from bonemerge import api
 from bonemerge.checkpoint.reader import InputWatch
 from bonemerge.errors import BonemergeError, CheckpointError
+from bonemerge.output import companions
 from tests import toy
 
 

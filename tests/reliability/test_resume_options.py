@@ -10,9 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bonemerge import api
-from bonemerge.engine import EngineOptions
-from bonemerge.plan import build_plan
+from bonemerge.adapters import load_adapter
+from bonemerge.checkpoint import open_checkpoint
+from bonemerge.checks.dtype_names import parse_dtype
+from bonemerge.output import model as writing
+from bonemerge.plan.build import build_plan
+from bonemerge.run.work import EngineOptions
 from tests import toy
 from tests.cliutil import run
 
@@ -38,7 +41,7 @@ def test_resume_does_not_reuse_an_unchecked_shard(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(api, "write_manifest", killed)
+        patch.setattr(writing, "write_manifest", killed)
         first = run("merge", base, adapter, "-o", out, "--no-safe-merge", "--resume", "-q")
     assert first.exit_code == 130, first.output
     written = [load_file(p) for p in staging.glob("*.safetensors")]
@@ -53,7 +56,7 @@ def test_resume_does_not_reuse_an_unchecked_shard(tmp_path, monkeypatch):
 def test_every_engine_option_but_the_display_is_in_the_fingerprint(tmp_path):
     """Checked over the dataclass's fields, so an option added later is covered too."""
     base, adapter = overflowing(tmp_path)
-    checkpoint, bone = api.open_checkpoint(base), api.load_adapter(adapter)
+    checkpoint, bone = open_checkpoint(base), load_adapter(adapter)
     plan = build_plan(checkpoint, [bone], operation="merge", dtype=None, max_shard_bytes=None)
     other = {"device": "cuda", "precision": "fp64", "safe_merge": False, "rounding": "stochastic", "seed": 1}
     fields = {f.name for f in dataclasses.fields(EngineOptions)} - EngineOptions.DISPLAY
@@ -68,12 +71,12 @@ def test_every_engine_option_but_the_display_is_in_the_fingerprint(tmp_path):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"dtype": api.parse_dtype("fp32")}, {"max_shard_bytes": 10_000}],
+    [{"dtype": parse_dtype("fp32")}, {"max_shard_bytes": 10_000}],
     ids=["dtype", "max-shard-size"],
 )
 def test_layout_and_dtype_are_in_the_fingerprint(tmp_path, settings):
     base, adapter = overflowing(tmp_path)
-    checkpoint, bone = api.open_checkpoint(base), api.load_adapter(adapter)
+    checkpoint, bone = open_checkpoint(base), load_adapter(adapter)
     plain = {"dtype": None, "max_shard_bytes": None}
     fingerprints = [
         build_plan(checkpoint, [bone], operation="merge", **(plain | chosen)).fingerprint()

@@ -61,7 +61,7 @@ SLOW_CLEANUP = """
 import os, signal, sys, time
 sys.argv = ["bonemerge", *sys.argv[1:]]
 import bonemerge.cli
-from bonemerge import output
+from bonemerge.output import staging as output
 
 real_remove, real_release = output.remove_tree, output._Lock.release
 hit = set()

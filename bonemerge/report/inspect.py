@@ -16,14 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bonemerge.adapter_reduction import layer_of
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.codecs import describe_storage
 from bonemerge.errors import BonemergeError
-from bonemerge.manifest import MANIFEST, read_manifest
 from bonemerge.methods import shared_tensors
+from bonemerge.output.manifest import MANIFEST, read_manifest
+from bonemerge.plan.reduction import layer_of
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -125,7 +125,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict:
 
 
 def _against_base(adapters: list[Adapter], base_path: Path) -> dict:
-    from bonemerge.plan import build_plan
+    from bonemerge.plan.build import build_plan
 
     base = open_checkpoint(base_path)
     try:
@@ -146,7 +146,7 @@ def _against_base(adapters: list[Adapter], base_path: Path) -> dict:
 
 def _made_by_bonemerge(folder: Path) -> dict:
     """The folder's bonemerge.json and, from its history, the adapters merged now."""
-    from bonemerge.history import merged_now, read_history
+    from bonemerge.output.history import merged_now, read_history
 
     if not (folder / MANIFEST).is_file():
         return {}

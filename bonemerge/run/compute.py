@@ -6,7 +6,7 @@ disk and the CPU work at once. The maths runs on sub-chunks of about `COMPUTE_EL
 elements: small enough that conversion, block maths, rounding and the NaN/Inf check stay in
 the CPU's caches instead of making four passes over main memory, large enough that torch's
 fixed cost per call (a few microseconds, a dozen calls per sub-chunk, each taking the GIL)
-stays small. On the 1.1B bench, 1M elements took 8-10% less CPU than 256K for Bone and Bat.
+stays small.
 Every buffer comes from a fixed pool, so memory does not grow with the model.
 
 This is the only part of a run that needs torch; `engine` imports it when the first tensor to
@@ -27,15 +27,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
+from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import DENSE, Bands, Derived, Rounding
-from bonemerge.engine import WRITE_BEHIND, Chunk, EngineOptions, rows_cols
 from bonemerge.errors import BonemergeError, MergeError
 from bonemerge.methods import BlockOp, RowMaths
-from bonemerge.pipeline import Pool
+from bonemerge.run.threads import Pool
+from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions
 
 if TYPE_CHECKING:
-    from bonemerge.plan import Step
+    from bonemerge.plan.build import Step
 
 CHUNK_ELEMENTS = 2 << 20
 COMPUTE_ELEMENTS = 1 << 20

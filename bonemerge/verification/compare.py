@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from bonemerge import tolerance
 from bonemerge.checkpoint import Checkpoint, ComputedTensor, RangeReader, TensorRef, dtypes
 from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import Bands, Derived, Rounding, Stored, find_stored
-from bonemerge.compute import CHUNK_ELEMENTS, chunk_rows
-from bonemerge.engine import Engine, EngineOptions
-from bonemerge.plan import Plan, Step
+from bonemerge.plan.build import Plan, Step
+from bonemerge.run.compute import CHUNK_ELEMENTS, chunk_rows
+from bonemerge.run.engine import Engine
+from bonemerge.run.work import EngineOptions
+from bonemerge.verification import tolerance
 
 MODES = ("exact", "tolerance")
 # The largest allowance, as a fraction of the value, at which an element still counts as
@@ -436,7 +437,8 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
 
 @dataclass
 class ChecksumReport:
-    """`verify --checksums`: every file the manifest lists, compared by size and SHA-256."""
+    """`verify --checksums`: every file the manifest lists, compared by size and the digest it
+    records (BLAKE3; SHA-256 in manifests of earlier versions)."""
 
     folder: str
     matching: list[str] = field(default_factory=list)

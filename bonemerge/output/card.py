@@ -23,7 +23,7 @@ class AppliedAdapter:
 
 def hub_id(value: str | None) -> str | None:
     """`value` when it is a valid Hub repo id (`org/name`) rather than a local path."""
-    from bonemerge.hub import id_problem
+    from bonemerge.resolve.hub import id_problem
 
     if value and not value.startswith((".", "/")) and id_problem(value) is None:
         return value

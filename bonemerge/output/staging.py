@@ -7,7 +7,7 @@ instant the path holds either the old complete result or the new one. A lock bes
 output keeps a second run away, and the staging folder records enough (the plan's
 fingerprint, each finished shard's digest) for `--resume` to continue a killed run safely.
 Whatever a run creates (staging folder, lock, missing parent folders) goes again if it fails
-or a signal ends it (`bonemerge.interrupts`); the renames that publish are never cut in two.
+or a signal ends it (`bonemerge.run.interrupts`); the renames that publish are never cut in two.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from bonemerge import interrupts
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.checkpoint.digest import ALGORITHM, file_digest, recorded
 from bonemerge.errors import OutputError, shown
-from bonemerge.manifest import is_bonemerge_output
+from bonemerge.output.manifest import is_bonemerge_output
+from bonemerge.run import interrupts
 from bonemerge.units import format_size
 
 _RENAME_NOREPLACE = 1

@@ -27,10 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from bonemerge import interrupts
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import BonemergeError, OutputError
-from bonemerge.hub import HubError, Push, PushResult, push_failure
+from bonemerge.output.push import Push, PushResult, push_failure
+from bonemerge.resolve.hub import HubError
+from bonemerge.run import interrupts
 
 ON_DISK = 2  # shards on disk at once: one uploading, one being written
 _RECORDS = "uploaded.jsonl"
@@ -372,13 +373,13 @@ def streamed_output(
 ) -> StreamedOutput:
     """Where a `--stream` run of `plan` writes, once its disk is known to take the ON_DISK
     largest shards and the `small` files; its checks also ask whether a Hub base moved."""
-    from bonemerge import hub_read
     from bonemerge.checkpoint.writer import METADATA, encode_header
-    from bonemerge.output import check_free_space
+    from bonemerge.output.staging import check_free_space
+    from bonemerge.resolve import remote
 
     def check() -> None:
         check_inputs()
-        hub_read.check_unchanged()
+        remote.check_unchanged()
 
     sink = StreamedOutput(push, fingerprint, resume, check)
     largest = max((len(encode_header(s.entries, METADATA)) + s.data_bytes for s in plan.shards), default=0)

@@ -19,7 +19,7 @@ from bonemerge.checkpoint import Checkpoint, Source, dtypes
 from bonemerge.checkpoint.layout import ShardPlan, write_order
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.methods import Converted, RankRequest, Reduction, Target, kind_name
-from bonemerge.plan import Plan, Step, fit_blocks
+from bonemerge.plan.build import Plan, Step, fit_blocks
 from bonemerge.units import format_size
 
 WEIGHTS = "adapter_model.safetensors"
@@ -172,7 +172,7 @@ def build_strip_plan(
     says so; conversions that need its values read them one tensor at a time (Bat's take a
     while: `progress` shows a bar)."""
     from bonemerge.checkpoint.tensors import load_whole
-    from bonemerge.progress import counted
+    from bonemerge.run.progress import counted
 
     kept = kept_modules(adapter, options)
     peft_type = _peft_type(adapter, options.to)

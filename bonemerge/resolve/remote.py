@@ -33,13 +33,13 @@ from pathlib import Path
 
 from bonemerge.checkpoint.reader import mount, unmount
 from bonemerge.errors import BonemergeError
-from bonemerge.hub import (
+from bonemerge.resolve.hub import (
     METADATA,
     SINGLE_WEIGHTS,
     HubError,
-    _explain,
-    _snapshot,
-    _transport_errors,
+    download_snapshot,
+    hub_error,
+    transport_errors,
     weight_patterns,
 )
 
@@ -169,7 +169,7 @@ class RemoteFile:
                 if cursor is None:
                     cursor = _Cursor(self.url, at, self._end(at, len(view) - done))
                 cursor.fill(view[done : done + min(len(view) - done, cursor.left)])
-            except (_Cut, *_transport_errors()) as exc:
+            except (_Cut, *transport_errors()) as exc:
                 if cursor is None:
                     raise self._failure(exc) from None
                 progress = cursor.position - at
@@ -241,7 +241,7 @@ class RemoteModel:
         try:
             now = HfApi().model_info(self.repo, revision=self.revision).sha
         except Exception as exc:  # the network, or the repo gone: said in one sentence
-            raise _explain(exc, self.repo, self.revision) from None
+            raise hub_error(exc, self.repo, self.revision) from None
         if now != self.sha:
             raise HubError(
                 f"{self.repo}@{self.revision or 'main'} changed on {_endpoint()} while bonemerge read it "
@@ -289,10 +289,10 @@ def open_remote(repo: str, revision: str | None, progress: bool = False) -> Path
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
-        raise _explain(exc, repo, revision) from None
+        raise hub_error(exc, repo, revision) from None
     sha = str(info.sha)
     siblings = {s.rfilename: s for s in info.siblings or []}
-    folder = _snapshot(repo, sha, METADATA, progress)
+    folder = download_snapshot(repo, sha, METADATA, progress)
     wanted = weight_patterns(folder)
     remote = [
         name for name in wanted if "/" not in name and name in siblings and name not in SINGLE_WEIGHTS[1:]
@@ -300,7 +300,7 @@ def open_remote(repo: str, revision: str | None, progress: bool = False) -> Path
     small = [name for name in wanted if name not in remote]
     if (folder / "adapter_config.json").is_file():
         small += ["adapter_model.safetensors", "adapter_model.bin"]
-    folder = _snapshot(repo, sha, METADATA + small, progress)
+    folder = download_snapshot(repo, sha, METADATA + small, progress)
     files: dict[Path, RemoteFile] = {}
     for name in remote:
         sibling = siblings[name]

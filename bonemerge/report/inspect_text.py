@@ -4,8 +4,8 @@ a few items. `--json` prints the description itself; this is only its text form.
 
 from __future__ import annotations
 
-from bonemerge.describe import group_names
-from bonemerge.history import short
+from bonemerge.output.history import short
+from bonemerge.report.inspect import group_names
 from bonemerge.units import format_count, format_size
 
 _WIDTH = 16

@@ -26,7 +26,7 @@ from bonemerge.checkpoint import Checkpoint
 from bonemerge.checkpoint.confine import open_regular, refusal, root_of
 from bonemerge.checkpoint.folder import OTHER_WEIGHT_SUFFIXES
 from bonemerge.errors import CheckpointError
-from bonemerge.manifest import MANIFEST
+from bonemerge.output.manifest import MANIFEST
 
 TOKENIZER_FILES = frozenset(
     {

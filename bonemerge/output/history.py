@@ -18,7 +18,7 @@ the maths.
 
 The fingerprint identifies a file, not an update: `lora_alpha` 8 vs 8.0, factors rescaled
 (A·2, B/2) or a Bone block converted to LoRA make new bytes for the same ΔW. So merges and
-unmerges also record each adapter's **sketch** (`bonemerge.sketch`: a few numbers per tensor it
+unmerges also record each adapter's **sketch** (`bonemerge.output.sketch`: a few numbers per tensor it
 changes, which any representation of the same update reproduces), and the guards take two
 records for the same adapter when their fingerprints are equal or their sketches match. A
 record without a sketch (histories written before sketches, commands without a base) is
@@ -39,17 +39,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonemerge import sketch
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, TensorRef, read_json
 from bonemerge.errors import AdapterError, CheckpointError, shown
-from bonemerge.manifest import MANIFEST
 from bonemerge.methods import shared_tensors
+from bonemerge.output import sketch
+from bonemerge.output.manifest import MANIFEST
 
 if TYPE_CHECKING:
     from bonemerge.methods import BlockOp
-    from bonemerge.plan import Plan
-    from bonemerge.sketch import Sketch
+    from bonemerge.output.sketch import Sketch
+    from bonemerge.plan.build import Plan
 
 # Bumped whenever merge maths could change an output bit; verify owes bit identity only to
 # merges made with the same maths version (and precision, device and torch version).

@@ -15,85 +15,31 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from bonemerge.checkpoint import RangeReader, ShardWriter, TensorRef
 from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.reader import expect_reads
 from bonemerge.checkpoint.writer import METADATA
-from bonemerge.pipeline import Pool, Worker
+from bonemerge.run.threads import Pool, Worker
 
 if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint.layout import ShardPlan
     from bonemerge.codecs import Encoded
-    from bonemerge.compute import Compute
-    from bonemerge.plan import Plan, Step
+    from bonemerge.plan.build import Plan, Step
+    from bonemerge.run.compute import Compute
+from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions, EngineStats
 
-WRITE_BEHIND = 6
 COPY_LEAD = 1 << 30
+
+
 MEMORY_PIECE = 8 << 20  # an untouched tensor's piece when it passes through memory
+
+
 MEMORY_PIECES = 4
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to compute: `precision` auto = fp64 for fp32/fp64 outputs, fp32 for 16-bit ones;
-    `rounding` (nearest, or stochastic seeded by `seed`) for weights encoded in a quantized format.
-
-    Every field but those in `DISPLAY` changes the bytes written or the checks they passed, so
-    `decides_output` (all of them, new fields included) goes into the plan's fingerprint that
-    `--resume` compares: shards a `--no-safe-merge` run wrote are never reused by a checked one.
-    """
-
-    DISPLAY: ClassVar[frozenset[str]] = frozenset({"progress"})
-
-    device: str = "cpu"
-    precision: str = "auto"
-    safe_merge: bool = True
-    progress: bool = True
-    rounding: str = "nearest"
-    seed: int = 0
-
-    def decides_output(self) -> dict[str, object]:
-        """The settings that decide what is written, or what it was checked for."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.DISPLAY}
-
-
-@dataclass
-class EngineStats:
-    """What `write_plan` did; `unmerged_elements` counts the elements of tensors that blocks were
-    taken out of, and `may_differ` those among them that cannot be guaranteed to come back
-    exactly (see `compute.may_differ`)."""
-
-    merged: int = 0
-    copied: int = 0
-    converted: int = 0
-    bytes_written: int = 0
-    unmerged_elements: int = 0
-    may_differ: int = 0
-    #: what encoding did to each weight written in a quantized format, by name
-    encoded: dict[str, Encoded] = field(default_factory=dict)
-
-
-@dataclass
-class Chunk:
-    """Rows [start, stop) of one output tensor, ready in the output dtype.
-
-    `data` is None when the step is a plain copy: its bytes are `step.source` as they are, for
-    the consumer to move file-to-file. Otherwise `data` lives in a pooled buffer that the
-    consumer must hand back with `release()` once it has used it (possibly on another thread).
-    """
-
-    step: Step
-    start: int
-    stop: int
-    data: torch.Tensor | None
-    release: Callable[[], None] = field(default=lambda: None)
-    may_differ: int = 0
 
 
 class Engine:
@@ -116,7 +62,7 @@ class Engine:
 
     def _computing(self) -> Compute:
         if self._compute is None:
-            from bonemerge.compute import Compute
+            from bonemerge.run.compute import Compute
 
             self._compute = Compute(
                 [s for s in self.steps if not s.is_copy and s.nbytes], self.options, self.reader
@@ -162,6 +108,8 @@ class _Progress:
 
 
 ShardDone = Callable[[str, int, str], None]
+
+
 ShardOpening = Callable[[str], None]
 
 

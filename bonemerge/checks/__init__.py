@@ -1,0 +1,1 @@
+"""Checks made before any output exists: options, devices, adapter values."""

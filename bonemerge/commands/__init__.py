@@ -1,0 +1,1 @@
+"""One module per command family: each runs its command end to end."""

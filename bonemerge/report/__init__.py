@@ -1,0 +1,1 @@
+"""What commands say: summaries, `--json`, `inspect`'s reports."""

@@ -1,0 +1,1 @@
+"""Turning what the user named (paths, Hub ids) into opened inputs."""

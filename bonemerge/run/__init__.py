@@ -1,0 +1,1 @@
+"""Running a plan: the engine, its compute side, threads, progress and signal handling."""

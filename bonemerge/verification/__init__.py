@@ -1,0 +1,1 @@
+"""Checking a merged model: recomputation, tolerances, checksums."""
