@@ -12,10 +12,10 @@ from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, TensorRef, dtypes, layout
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.output.push import Push
+from bonemerge.resolve.inputs import PathLike
 
 if TYPE_CHECKING:
     pass
-from bonemerge.resolve.inputs import PathLike
 
 PRECISIONS = ("auto", "fp32", "fp64")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bonemerge.resolve.hub import locate
+from bonemerge.resolve.inputs import PathLike
 
 if TYPE_CHECKING:
     from bonemerge.report.inspect import InspectReport
-from bonemerge.resolve.inputs import PathLike
 
 
 def inspect(path: PathLike, base: PathLike | None = None) -> InspectReport:

@@ -13,14 +13,6 @@ from typing import TYPE_CHECKING
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import Checkpoint
 from bonemerge.checks.dtype_names import parse_dtype
-from bonemerge.errors import BonemergeError
-from bonemerge.output import history
-from bonemerge.output.push import Push
-from bonemerge.output.staging import check_output
-from bonemerge.resolve.hub import locate
-
-if TYPE_CHECKING:
-    from bonemerge.plan.build import Plan
 from bonemerge.checks.preflight import (
     check_blocks_finite,
     check_invertible,
@@ -29,6 +21,8 @@ from bonemerge.checks.preflight import (
     oversized_notes,
     shard_size_bytes,
 )
+from bonemerge.errors import BonemergeError
+from bonemerge.output import history
 from bonemerge.output.model import (
     Target,
     card_adapters,
@@ -37,7 +31,10 @@ from bonemerge.output.model import (
     history_records,
     write_model,
 )
+from bonemerge.output.push import Push
+from bonemerge.output.staging import check_output
 from bonemerge.report.summary import Report
+from bonemerge.resolve.hub import locate
 from bonemerge.resolve.inputs import (
     PathLike,
     folder_of,
@@ -48,6 +45,9 @@ from bonemerge.resolve.inputs import (
     open_model,
     open_training,
 )
+
+if TYPE_CHECKING:
+    from bonemerge.plan.build import Plan
 
 
 @dataclass(frozen=True)

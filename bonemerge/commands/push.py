@@ -9,10 +9,10 @@ from bonemerge.adapters import load_adapter
 from bonemerge.checkpoint import open_checkpoint
 from bonemerge.errors import BonemergeError
 from bonemerge.output.push import Push
+from bonemerge.resolve.inputs import PathLike, is_adapter_folder
 
 if TYPE_CHECKING:
     pass
-from bonemerge.resolve.inputs import PathLike, is_adapter_folder
 
 
 def push(folder: PathLike, target: Push) -> str:

@@ -11,18 +11,15 @@ from typing import TYPE_CHECKING
 from bonemerge import __version__
 from bonemerge.adapters import load_adapter
 from bonemerge.checks.dtype_names import parse_dtype
+from bonemerge.checks.preflight import engine_options
 from bonemerge.errors import BonemergeError, shown
 from bonemerge.output import history
 from bonemerge.output.manifest import MANIFEST, write_manifest
+from bonemerge.output.model import history_entry, history_records, now, publish
 from bonemerge.output.push import Push
 from bonemerge.output.staging import Staging, check_free_space, check_output
-from bonemerge.resolve.hub import locate
-
-if TYPE_CHECKING:
-    pass
-from bonemerge.checks.preflight import engine_options
-from bonemerge.output.model import history_entry, history_records, now, publish
 from bonemerge.report.summary import Report
+from bonemerge.resolve.hub import locate
 from bonemerge.resolve.inputs import (
     PathLike,
     conversion_base,
@@ -31,6 +28,9 @@ from bonemerge.resolve.inputs import (
     is_adapter_folder,
     open_training,
 )
+
+if TYPE_CHECKING:
+    pass
 
 
 def strip(

@@ -9,15 +9,12 @@ from typing import TYPE_CHECKING
 
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import Checkpoint
+from bonemerge.checks.preflight import engine_options
 from bonemerge.errors import BonemergeError
 from bonemerge.output import history
 from bonemerge.output.manifest import MANIFEST
-from bonemerge.resolve.hub import locate
-
-if TYPE_CHECKING:
-    pass
-from bonemerge.checks.preflight import engine_options
 from bonemerge.output.model import dtype_name
+from bonemerge.resolve.hub import locate
 from bonemerge.resolve.inputs import (
     PathLike,
     folder_of,
@@ -27,6 +24,9 @@ from bonemerge.resolve.inputs import (
     open_merged,
     open_model,
 )
+
+if TYPE_CHECKING:
+    pass
 
 
 def verify(

@@ -20,11 +20,11 @@ from bonemerge.output import history
 from bonemerge.output.manifest import MANIFEST, write_manifest
 from bonemerge.output.push import Push
 from bonemerge.output.staging import Staging, check_free_space, resumable_shards
+from bonemerge.report.summary import Report
+from bonemerge.resolve.inputs import PathLike, input_path
 
 if TYPE_CHECKING:
     from bonemerge.plan.build import Plan
-from bonemerge.report.summary import Report
-from bonemerge.resolve.inputs import PathLike, input_path
 
 
 def history_records(

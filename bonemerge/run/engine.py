@@ -23,6 +23,7 @@ from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.reader import expect_reads
 from bonemerge.checkpoint.writer import METADATA
 from bonemerge.run.threads import Pool, Worker
+from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions, EngineStats
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from bonemerge.codecs import Encoded
     from bonemerge.plan.build import Plan, Step
     from bonemerge.run.compute import Compute
-from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions, EngineStats
 
 COPY_LEAD = 1 << 30
 
