@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import RangeReader, Source, TensorRef, dtypes, layout
 from bonemerge.errors import AdapterError, BonemergeError, shown
 from bonemerge.output.push import Push
 from bonemerge.resolve.inputs import PathLike
-
-if TYPE_CHECKING:
-    pass
 
 PRECISIONS = ("auto", "fp32", "fp64")
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bonemerge.adapters import load_adapter
 from bonemerge.checkpoint import open_checkpoint
 from bonemerge.errors import BonemergeError
 from bonemerge.output.push import Push
 from bonemerge.resolve.inputs import PathLike, is_adapter_folder
-
-if TYPE_CHECKING:
-    pass
 
 
 def push(folder: PathLike, target: Push) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonemerge import __version__
@@ -14,10 +13,9 @@ from bonemerge.checks.dtype_names import parse_dtype
 from bonemerge.checks.preflight import engine_options
 from bonemerge.errors import BonemergeError, shown
 from bonemerge.output import history
-from bonemerge.output.manifest import MANIFEST, write_manifest
-from bonemerge.output.model import history_entry, history_records, now, publish
+from bonemerge.output.model import Target, history_entry, history_records, now, write_output
 from bonemerge.output.push import Push
-from bonemerge.output.staging import Staging, check_free_space, check_output
+from bonemerge.output.staging import Staging, check_output
 from bonemerge.report.summary import Report
 from bonemerge.resolve.hub import locate
 from bonemerge.resolve.inputs import (
@@ -30,7 +28,7 @@ from bonemerge.resolve.inputs import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from bonemerge.run.work import EngineStats
 
 
 def strip(
@@ -55,10 +53,8 @@ def strip(
     """Write a reduced or converted adapter (adapter_config.json + adapter_model.safetensors)
     that PEFT loads. Converting to LoRA needs the base model (`base`, else the one the adapter's
     config names); an approximate conversion (Bat) needs `rank` (K, or "auto" with `max_error`)."""
-    from bonemerge.checkpoint.reader import InputWatch
     from bonemerge.output.card import render_card
     from bonemerge.plan.reduction import StripOptions, build_strip_plan, needs_base, parse_layers
-    from bonemerge.run.engine import write_plan
 
     began = time.perf_counter()
     location = locate(source, None, "SOURCE")
@@ -92,14 +88,11 @@ def strip(
         push.check()
     extracted = training is not None
     plan, config, summary = build_strip_plan(adapter, strip_options, base_checkpoint, extracted, progress)
-    check_free_space(target, plan.file_bytes)
     lineage = history.read_history(path if path.is_dir() else None)
     records = history_records([source], [adapter])
-    watch = InputWatch(inputs := plan.input_files(), inputs)  # as opened, before the fingerprint
-    watch.check()
     name = location.hub_id or path.name
-    with Staging(target) as staging:
-        stats = write_plan(plan, staging.path, engine_options("cpu", "auto", True, progress))
+
+    def fill(staging: Staging, stats: EngineStats) -> dict:
         (staging.path / "adapter_config.json").write_text(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
@@ -119,9 +112,16 @@ def strip(
         entry = history_entry("strip", records, command)
         result = load_adapter(staging.path)
         entry["result"] = history.record(result, history.fingerprint(result))
-        files = write_adapter_manifest(staging.path, lineage, entry, config)
-        watch.check()
-        pushed = publish(staging, overwrite, push, load_adapter)
+        return adapter_manifest(lineage, entry, config)
+
+    written = write_output(
+        plan,
+        Target(target, overwrite, False, engine_options("cpu", "auto", True, progress), command, began, push),
+        fill=fill,
+        check=load_adapter,
+        notes=[],
+    )
+    stats, files, pushed = written.stats, written.files, written.pushed
     return Report(
         operation="strip",
         output=str(target),
@@ -163,13 +163,11 @@ def parse_rank(rank: int | str | None, max_error: float | None):
     return RankRequest(rank=value)
 
 
-def write_adapter_manifest(
-    folder: Path, lineage: Sequence[dict] | None, entry: dict, config: dict
-) -> list[str]:
-    """bonemerge.json for an adapter bonemerge wrote: every file's size and digest (so that
-    `verify --checksums` works on it) and its history. Returns every file name."""
+def adapter_manifest(lineage: Sequence[dict] | None, entry: dict, config: dict) -> dict:
+    """bonemerge.json's fields for an adapter bonemerge wrote: what made it and its history
+    (`write_output` adds every file's size and digest, so that `verify --checksums` works)."""
     created = now()
-    fields = {
+    return {
         "bonemerge": __version__,
         "operation": entry["operation"],
         "adapter": config["peft_type"],
@@ -177,4 +175,3 @@ def write_adapter_manifest(
         "created": created,
         "history": [*(lineage or []), entry | {"created": created}],
     }
-    return sorted([*write_manifest(folder, fields, {}), MANIFEST])

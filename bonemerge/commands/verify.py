@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from bonemerge.adapters import Adapter
 from bonemerge.checkpoint import Checkpoint
@@ -24,9 +23,6 @@ from bonemerge.resolve.inputs import (
     open_merged,
     open_model,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def verify(

@@ -25,6 +25,7 @@ from bonemerge.resolve.inputs import PathLike, input_path
 
 if TYPE_CHECKING:
     from bonemerge.plan.build import Plan
+    from bonemerge.run.work import EngineStats
 
 
 def history_records(
@@ -92,53 +93,47 @@ def publish(
     return push_folder(staging.output, push).url
 
 
-def write_model(
-    operation: str,
-    plan,
+@dataclass(frozen=True)
+class Written:
+    """What `write_output` did: the engine's counts, every file of the output, where it went."""
+
+    stats: EngineStats
+    files: list[str]
+    pushed: str | None
+
+
+def write_output(
+    plan: Plan,
     target: Target,
     *,
-    source: Checkpoint,
-    adapters: Sequence[Adapter],
-    card: Callable[[list[str]], str],
-    tokenizer_from_adapters: bool,
-    lineage: Sequence[dict] | None,
-    entry: dict,
-    notes: Sequence[str],
-) -> Report:
-    """Stream `plan` into the staging folder with index, companions, card (made from the notes,
-    once the run has added its own) and a manifest of every file's digest and the history
-    (`lineage`, the input's, plus this run's `entry`), checking that no input changes
-    meanwhile; then publish."""
+    fill: Callable[[Staging, EngineStats], dict],
+    check: Callable[[Path], object],
+    notes: list[str],
+    fingerprint: str = "",
+    extra_bytes: int = 0,
+) -> Written:
+    """The one write path of every command that writes (merge, unmerge, unload, strip): free
+    space checked, every input watched from here to the end, the plan streamed into a staging
+    folder (with `--stream`, to the Hub a shard at a time), `fill(staging, stats)` adding the
+    other files and returning the manifest's fields, the manifest written with every file's
+    digest, and the output published whole, re-read by `check` before a push. `fingerprint`
+    (the plan's, with everything that decides its bytes) lets `--resume` reuse finished shards;
+    `notes` gains what the run did with those of an interrupted run."""
     from bonemerge.checkpoint.reader import InputWatch
-    from bonemerge.codecs import Rounding
-    from bonemerge.codecs.report import summarize
-    from bonemerge.output import companions
     from bonemerge.run.engine import write_plan
 
-    roots = [a.root for a in adapters] if tokenizer_from_adapters else []
-    own = [s.filename for s in plan.shards] + [plan.index_name] * plan.write_index + ["README.md", MANIFEST]
-    extras = companions.plan_companions(source, roots, own)
     if not target.stream:
-        check_free_space(target.path, plan.file_bytes + extras.bytes)
-    options = target.options
-    fingerprint = plan.fingerprint(
-        version=__version__,
-        maths=history.MATHS_VERSION,
-        torch=history.torch_version(),
-        **options.decides_output(),
-    )
+        check_free_space(target.path, plan.file_bytes + extra_bytes)
     # Every input as it was when opened, before its header was read: a file rewritten since
     # (an adapter after its fingerprint was taken, a shard after planning) fails the run.
     watch = InputWatch(inputs := plan.input_files(), inputs)
     watch.check()
-    given_notes = list(notes)
-    notes = given_notes + list(extras.notes)
     if target.stream:
         from bonemerge.output.hub_stream import streamed_output
 
-        sink = streamed_output(target.push, fingerprint, target.resume, watch.check, plan, extras.bytes)
+        sink = streamed_output(target.push, fingerprint, target.resume, watch.check, plan, extra_bytes)
     else:
-        if not target.resume and (left := resumable_shards(target.path, fingerprint)):
+        if fingerprint and not target.resume and (left := resumable_shards(target.path, fingerprint)):
             discarded = (
                 f"{len(left)} finished shard(s) of an interrupted run of the same command were found beside "
                 f"{target.path} and are written again; --resume would have reused them"
@@ -165,52 +160,104 @@ def write_model(
         stats = write_plan(
             plan,
             staging.path,
-            options,
+            target.options,
             skip=staging.finished,
             shard_done=shard_done,
             bounded=staging.bounded if target.stream else None,
         )
+        manifest = fill(staging, stats)
+        files = write_manifest(staging.path, manifest, staging.finished)
+        watch.check()
+        if target.stream:
+            pushed = staging.commit().url
+        else:
+            pushed = publish(staging, target.overwrite, target.push, check)
+    return Written(stats, sorted([*files, MANIFEST]), pushed)
+
+
+def write_model(
+    operation: str,
+    plan,
+    target: Target,
+    *,
+    source: Checkpoint,
+    adapters: Sequence[Adapter],
+    card: Callable[[list[str]], str],
+    tokenizer_from_adapters: bool,
+    lineage: Sequence[dict] | None,
+    entry: dict,
+    notes: Sequence[str],
+) -> Report:
+    """A model through `write_output`: its shards, index, companions, card (made from the notes,
+    once the run has added its own) and a manifest with the history (`lineage`, the input's,
+    plus this run's `entry`)."""
+    from bonemerge.codecs import Rounding
+    from bonemerge.codecs.report import summarize
+    from bonemerge.output import companions
+
+    roots = [a.root for a in adapters] if tokenizer_from_adapters else []
+    own = [s.filename for s in plan.shards] + [plan.index_name] * plan.write_index + ["README.md", MANIFEST]
+    extras = companions.plan_companions(source, roots, own)
+    options = target.options
+    fingerprint = plan.fingerprint(
+        version=__version__,
+        maths=history.MATHS_VERSION,
+        torch=history.torch_version(),
+        **options.decides_output(),
+    )
+    given_notes = list(notes)
+    notes = given_notes + list(extras.notes)
+    inputs = [str(input_path(source)), *(str(a.root) for a in adapters)]
+    quantized = None
+
+    def fill(staging: Staging, stats: EngineStats) -> dict:
+        nonlocal quantized
         lossy = lossy_note(stats, dtype_name(plan), bool(staging.reused)) if operation == "unmerge" else None
         coded_notes, quantized = summarize(
             stats.encoded, Rounding(options.rounding, options.seed), operation == "merge"
         )
         card_notes = [*given_notes, *([lossy] if lossy else []), *coded_notes]
-        notes += [lossy] if lossy else []
-        notes += coded_notes
+        notes.extend([lossy] if lossy else [])
+        notes.extend(coded_notes)
         if plan.write_index:
             index = json.dumps(layout.index_json(plan.shards), indent=2)
             (staging.path / plan.index_name).write_text(index + "\n", encoding="utf-8")
         companions.write_companions(extras, plan.config_updates, staging.path)
         (staging.path / "README.md").write_text(card(card_notes), encoding="utf-8")
         created = now()
-        manifest = {
+        return {
             "bonemerge": __version__,
             "operation": operation,
-            "inputs": [str(input_path(source)), *(str(a.root) for a in adapters)],
+            "inputs": inputs,
             "adapters": [a.label for a in adapters],
             "dtype": dtypes.TORCH_NAME.get(plan.main_dtype, plan.main_dtype),
             "command": target.command,
             "created": created,
             "history": [*(lineage or []), entry | {"created": created}],
         }
-        files = write_manifest(staging.path, manifest, staging.finished)
-        watch.check()
-        if target.stream:
-            pushed = staging.commit().url
-        else:
-            pushed = publish(staging, target.overwrite, target.push, open_checkpoint)
+
+    written = write_output(
+        plan,
+        target,
+        fill=fill,
+        check=open_checkpoint,
+        notes=notes,
+        fingerprint=fingerprint,
+        extra_bytes=extras.bytes,
+    )
+    stats = written.stats
     return Report(
         operation=operation,
         output=target.push.repo_id if target.stream else str(target.path),
-        inputs=manifest["inputs"],
+        inputs=inputs,
         tensors_merged=stats.merged,
         tensors_copied=stats.copied,
         tensors_converted=stats.converted,
         bytes_written=stats.bytes_written,
         seconds=round(time.perf_counter() - target.began, 3),
-        files=sorted([*files, MANIFEST]),
+        files=written.files,
         notes=notes,
-        pushed_to=pushed,
+        pushed_to=written.pushed,
         lossy=(
             {"elements_unmerged": stats.unmerged_elements, "elements_that_may_differ": stats.may_differ}
             if operation == "unmerge"

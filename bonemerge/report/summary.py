@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 # What each command did to the tensors it changed with adapter blocks: the summary's words
 # and `--json`'s key (`tensors_merged` stays in unmerge's JSON too, for existing readers).

@@ -8,17 +8,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bonemerge.adapters import Adapter, load_adapter
 from bonemerge.adapters.training import TrainingCheckpoint, is_training_checkpoint, read_training_checkpoint
 from bonemerge.checkpoint import Checkpoint, open_checkpoint
 from bonemerge.errors import AdapterError, BonemergeError
 from bonemerge.resolve.hub import Location, locate
-
-if TYPE_CHECKING:
-    pass
-
 
 PathLike = str | os.PathLike[str]
 
