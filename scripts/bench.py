@@ -396,6 +396,33 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]
     return offset
 
 
+def _write_quantized(
+    folder: Path, size: str, tensors: list[tuple[str, str, tuple[int, ...]]], data, scales: str
+) -> Path:
+    """Write `tensors` in shards of about FP8_SHARD_BYTES with an index and config; a tensor
+    named `...scales` stays in the file of the weight before it, as in the released checkpoints."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for tensor in tensors:
+        nbytes = _nbytes(tensor[1], tensor[2])
+        if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith(scales):
+            groups.append([])
+            filled = 0
+        groups[-1].append(tensor)
+        filled += nbytes
+    weight_map, total = {}, 0
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        total += _write_safetensors(folder / file, group, data)
+        weight_map |= {name: file for name, _, _ in group}
+        print(f"  wrote {folder / file}", file=sys.stderr)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
+    (folder / "done").write_text("")
+    return folder
+
+
 def make_fp8_base(cache: Path, size: str) -> Path:
     """The block-FP8 checkpoint (see FP8_SIZES): codes cut from a pool of normal codes, scales
     drawn per block around 2e-4 (values of std ≈ 0.02), in ~2 GB shards with an index."""
@@ -421,27 +448,7 @@ def make_fp8_base(cache: Path, size: str) -> Path:
             nbytes -= len(piece)
             start = 0
 
-    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    filled = 0
-    for tensor in _fp8_tensors(size):
-        nbytes = _nbytes(tensor[1], tensor[2])
-        # a weight and its scales share a file, as in real checkpoints
-        if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith("_scale_inv"):
-            groups.append([])
-            filled = 0
-        groups[-1].append(tensor)
-        filled += nbytes
-    weight_map, total = {}, 0
-    for number, group in enumerate(groups, start=1):
-        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        total += _write_safetensors(folder / file, group, data)
-        weight_map |= {name: file for name, _, _ in group}
-        print(f"  wrote {folder / file}", file=sys.stderr)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
-    (folder / "done").write_text("")
-    return folder
+    return _write_quantized(folder, size, _fp8_tensors(size), data, "_scale_inv")
 
 
 def make_mxfp4_base(cache: Path, size: str) -> Path:
@@ -478,27 +485,7 @@ def make_mxfp4_base(cache: Path, size: str) -> Path:
             nbytes -= len(piece)
             start = 0
 
-    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    filled = 0
-    for tensor in mxfp4_tensors(size):
-        nbytes = _nbytes(tensor[1], tensor[2])
-        # blocks and their scales share a file, as in the released checkpoints
-        if groups[-1] and filled + nbytes > FP8_SHARD_BYTES and not tensor[0].endswith("_scales"):
-            groups.append([])
-            filled = 0
-        groups[-1].append(tensor)
-        filled += nbytes
-    weight_map, total = {}, 0
-    for number, group in enumerate(groups, start=1):
-        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        total += _write_safetensors(folder / file, group, data)
-        weight_map |= {name: file for name, _, _ in group}
-        print(f"  wrote {folder / file}", file=sys.stderr)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(config(size), indent=2))
-    (folder / "done").write_text("")
-    return folder
+    return _write_quantized(folder, size, mxfp4_tensors(size), data, "_scales")
 
 
 def _fp8_pools(seed: int) -> tuple[bytes, bytes]:
