@@ -316,7 +316,17 @@ def test_unmerge_of_block_fp8_needs_allow_lossy(tmp_path, base, make32):
 @pytest.mark.parametrize(
     ("config", "tensors", "named"),
     [
-        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, {}, "compressed-tensors"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "config_groups": {
+                    "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}
+                },
+            },
+            {},
+            "compressed-tensors 4-bit int",
+        ),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, {}, "bitsandbytes"),
         (None, {"model.layers.0.mlp.up_proj.weight.absmax": torch.zeros(4)}, "bitsandbytes"),
         (None, {"model.layers.0.mlp.up_proj.qweight": torch.zeros(4, dtype=torch.int32)}, "GPTQ/AWQ"),

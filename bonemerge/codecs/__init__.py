@@ -12,12 +12,13 @@ import math
 from bonemerge.checkpoint import Checkpoint
 from bonemerge.codecs.base import ROUNDINGS, Bands, Codec, Derived, Encoded, Rounding, Stored
 from bonemerge.codecs.bnb4 import BNB_4BIT
+from bonemerge.codecs.compressed_fp8 import COMPRESSED_FP8
 from bonemerge.codecs.dense import DENSE
 from bonemerge.codecs.fp8_block import FP8_BLOCK
 from bonemerge.codecs.mxfp4 import MXFP4
 from bonemerge.codecs.refused import refuse_unsupported
 
-REGISTRY: tuple[Codec, ...] = (DENSE, FP8_BLOCK, MXFP4, BNB_4BIT)
+REGISTRY: tuple[Codec, ...] = (DENSE, FP8_BLOCK, COMPRESSED_FP8, MXFP4, BNB_4BIT)
 
 
 def find_stored(checkpoint: Checkpoint) -> dict[str, Stored]:

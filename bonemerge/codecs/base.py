@@ -160,9 +160,19 @@ class Bands:
 
     #: values per stored element (2 for MXFP4's two codes a byte)
     values_per_code = 1
+    #: whether encoding must see every merged value first (`observe`, then `observed`): a scale
+    #: that the whole weight shares is chosen before its first row is encoded
+    needs_pass = False
 
     def __init__(self) -> None:
         self.encoded = Encoded()
+
+    def observe(self, values: torch.Tensor, row0: int) -> None:
+        """The first pass over the merged values of rows `row0...`, for codecs that set `needs_pass`."""
+        raise TypeError(f"{type(self).__name__} sets needs_pass without observing the rows")
+
+    def observed(self) -> None:
+        """Called once the first pass has seen every row."""
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         raise NotImplementedError

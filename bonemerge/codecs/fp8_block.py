@@ -177,9 +177,12 @@ def _neighbours(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Bands(Bands):
-    def __init__(self, stored: Stored, scale: torch.Tensor, rounding: Rounding) -> None:
+    def __init__(
+        self, stored: Stored, scale: torch.Tensor, rounding: Rounding, block: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
-        self.block = stored.params
+        #: rows and columns sharing one scale (`block`, else the weight's `weight_block_size`)
+        self.block = block or stored.params
         self.name = stored.name
         self.cols = stored.weight.shape[1]
         self.stored_scale = scale
@@ -420,13 +423,17 @@ class Fp8Bands(Bands):
         for i, j in found.tolist():
             rows = slice(i * b0 - row0, (i + 1) * b0 - row0)
             cols = slice(j * b1 - col0, (j + 1) * b1 - col0)
-            amax = values[rows, cols].abs().max().double()
-            new = (amax / MAX).float()
+            new = self.new_scale(values[rows, cols].abs().max().double())
             scaled[rows, cols] = values[rows, cols] / new.to(values.dtype)
             with self._lock:
                 self.scale[i, j] = new
                 self.encoded.rescaled.append((i, j))
                 self._half_encoded = self._half_encoded and bool(new.abs() < HALF_SCALE_LIMIT)
+
+    def new_scale(self, amax: torch.Tensor) -> torch.Tensor:
+        """The float32 scale of a block that overflowed, from its largest magnitude (float64):
+        amax / 448 rounded to float32, which puts amax within rounding of the top code."""
+        return (amax / MAX).float()
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {"scale_inv": self.scale.cpu()}

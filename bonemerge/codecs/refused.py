@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 from bonemerge.checkpoint import Checkpoint
+from bonemerge.codecs.compressed_fp8 import QUANT_METHOD, refusal
 from bonemerge.errors import CheckpointError
 
 _DEQUANTIZE = (
@@ -20,7 +21,6 @@ _DEQUANTIZE = (
 )
 # quant_method (transformers' name) -> how messages name the format
 _METHODS = {
-    "compressed-tensors": "compressed-tensors (llm-compressor)",
     "bitsandbytes": "bitsandbytes",
     "gptq": "GPTQ",
     "awq": "AWQ",
@@ -52,9 +52,9 @@ _TENSORS = (
     (re.compile(r"\.weight_scale_2$"), "NVFP4"),
 )
 _STORED = (
-    "bonemerge reads dense, block-FP8 (quant_method fp8, weight_scale_inv), MXFP4 (gpt-oss "
-    "experts, _blocks and _scales) and bitsandbytes 4-bit (NF4/FP4, read into a dense output) "
-    "weights only"
+    "bonemerge reads dense, block-FP8 (quant_method fp8, weight_scale_inv), compressed-tensors "
+    "FP8 (float-quantized, weight_scale), MXFP4 (gpt-oss experts, _blocks and _scales) and "
+    "bitsandbytes 4-bit (NF4/FP4, read into a dense output) weights only"
 )
 
 
@@ -67,6 +67,13 @@ def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
     four_bit = {name.split(".quant_state.")[0] for name in checkpoint.tensors if _BNB_4BIT.search(name)}
     if isinstance(method, str) and method.lower() == "bitsandbytes" and four_bit:
         method = None
+    compressed = isinstance(method, str) and method.lower() == QUANT_METHOD
+    reason = refusal(quantization) if compressed else None
+    if reason is not None:
+        raise CheckpointError(
+            f"{where} is quantized with {reason} (config.json quantization_config); {_STORED}, and "
+            f"will not merge these as if they were dense: {_DEQUANTIZE}."
+        )
     if isinstance(method, str) and method.lower() in _METHODS:
         raise CheckpointError(
             f"{where} is quantized with {_METHODS[method.lower()]} (config.json quantization_config."
@@ -79,7 +86,9 @@ def refuse_unsupported(checkpoint: Checkpoint, config: Mapping) -> None:
             if match and not (pattern is _BNB_PARTS and match.group("weight") in four_bit):
                 _refuse_tensor(where, name, what)
         weight = checkpoint.tensors.get(name.removesuffix("_scale"), ref)
-        if name.endswith(".weight_scale") and weight.dtype in ("F8_E4M3", "U8"):
+        # compressed-tensors FP8 is read by a codec (`compressed_fp8.py`) when the config says so
+        fp8 = compressed and weight.dtype == "F8_E4M3"
+        if name.endswith(".weight_scale") and weight.dtype in ("F8_E4M3", "U8") and not fp8:
             _refuse_tensor(where, name, "per-channel or per-tensor FP8/FP4 (compressed-tensors or ModelOpt)")
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -278,7 +278,7 @@ class Compute:
         compute = compute_dtype(step, self.options.precision)
         prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
         coded = self._coded(step)
-        self._first_pass(step, prepared, compute, coded.decoder)
+        self._first_pass(step, prepared, compute, coded)
         out_dtype = dtypes.to_torch(step.dtype)
         _, cols = step.written_grid
         pending: deque[_Computing] = deque()
@@ -421,20 +421,35 @@ class Compute:
         return op.block.method.prepare(op, load, step.shape, compute, self.device, self.options.precision)
 
     def _first_pass(
-        self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, decoder: Bands
+        self, step: Step, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, coded: _Coded
     ) -> None:
         """Stream the tensor once for every op whose maths needs a whole-tensor statistic
-        (DoRA's column norms), applying the ops before it, so that it sees what it will merge into."""
+        (DoRA's column norms), applying the ops before it, so that it sees what it will merge
+        into; and once more, every op applied, for an encoder that must see the merged values
+        before it encodes any (a scale shared by the whole weight)."""
         for index, (block, _) in enumerate(prepared):
-            if not block.needs_pass:
-                continue
-            for start, stop in _chunks(step):
-                rows = read_grid_rows(self.reader, step.source, step.grid, start, stop)
-                work = self._decoded(rows, compute, start, decoder)
-                for earlier, inverse in prepared[:index]:
-                    (earlier.unmerge if inverse else earlier.merge)(work, start)
-                block.observe(work, start)
-            block.finish()
+            if block.needs_pass:
+                self._observe(step, prepared[:index], compute, coded.decoder, block.observe)
+                block.finish()
+        if coded.measured and coded.encoder.needs_pass:
+            self._observe(step, prepared, compute, coded.decoder, coded.encoder.observe)
+            coded.encoder.observed()
+
+    def _observe(
+        self,
+        step: Step,
+        prepared: list[tuple[RowMaths, bool]],
+        compute: torch.dtype,
+        decoder: Bands,
+        observe: Callable[[torch.Tensor, int], None],
+    ) -> None:
+        """Hand `observe` every chunk of the tensor's values with the ops `prepared` applied."""
+        for start, stop in _chunks(step):
+            rows = read_grid_rows(self.reader, step.source, step.grid, start, stop)
+            work = self._decoded(rows, compute, start, decoder)
+            for maths, inverse in prepared:
+                (maths.unmerge if inverse else maths.merge)(work, start)
+            observe(work, start)
 
     def _decoded(self, rows: torch.Tensor, compute: torch.dtype, start: int, decoder: Bands) -> torch.Tensor:
         """Rows read whole (not through the read-ahead) as values in the compute dtype."""
@@ -467,7 +482,7 @@ class Compute:
             compute = compute_dtype(step, self.options.precision)
             prepared = [(self._prepare(op, step, compute), op.inverse) for op in step.ops]
             coded = self._coded(step)
-            self._first_pass(step, prepared, compute, coded.decoder)
+            self._first_pass(step, prepared, compute, coded)
             for start, stop in _chunks(step):
                 rows = read_grid_rows(self.reader, step.source, step.grid, start, stop)
                 for begin, end in _spans(0, stop - start, _fit(step, COMPUTE_ELEMENTS)):
