@@ -81,8 +81,8 @@ def _weight_scale(weight: torch.Tensor, scheme: QuantizationScheme) -> torch.Ten
 def _decompressed(folder: Path, config: QuantizationConfig) -> dict[str, torch.Tensor]:
     """Each quantized weight of the saved checkpoint as the library decompresses it: the
     compressor its config names (`float-quantized`), with the weight's config group's scheme
-    (what transformers' loader calls per weight; in transformers 5.24 its loader matches every
-    weight of this several-group model to one group and fails on the block weights)."""
+    (what transformers' loader calls per weight; transformers 5.24's loader decompresses every dense
+    weight with one group's scheme, `get_dense_scheme`, and fails on this model's block weights)."""
     from compressed_tensors.compressors import BaseCompressor
 
     state = load_file(folder / "model.safetensors")
