@@ -312,10 +312,14 @@ def test_unmerge_needs_allow_lossy_and_restores_most_codes(tmp_path, bases):
     assert total - same <= report["lossy"]["elements_that_may_differ"] < 0.1 * total
 
 
-def test_verify_checks_the_merge(tmp_path, bases):
-    base = bases[("block", "BF16")]
-    adapter = _lora(_values(base, "block"), tmp_path / "lora")
-    _merge(base, [adapter], tmp_path / "out")
+@pytest.mark.parametrize(("strategy", "dtype", "shrink"), [("block", "BF16", 0.1), ("tensor", "F32", 6.0)])
+def test_verify_checks_the_merge(tmp_path, bases, strategy, dtype, shrink):
+    """verify recomputes the merge (a rescaled per-tensor weight's first pass included): bit
+    for bit, and within a code step with --precision fp64; a code moved three steps is found."""
+    base = bases[(strategy, dtype)]
+    adapter = _lora(_values(base, strategy), tmp_path / "lora", shrink=shrink)
+    report = _merge(base, [adapter], tmp_path / "out")
+    assert bool(report["quantized"]["rescaled_blocks"]) == (strategy == "tensor")
 
     def verify(*options: str) -> dict:
         result = run("verify", tmp_path / "out", adapter, "--base", base, "--json", *options)

@@ -52,6 +52,8 @@ INPUT_SCALE = "input_scale"
 FORMATS = ("float-quantized", "naive-quantized")
 STRATEGIES = ("tensor", "channel", "block")
 SCALE_DTYPES = ("F32", "BF16", "F16")
+# the same as `quantization_config` names them (`scale_dtype: "torch.bfloat16"`)
+SCALE_TORCH_NAMES = ("float32", "bfloat16", "float16")
 # A per-tensor weight is rescaled when its first pass finds max |v / s| above 464 less this
 # share: the second pass computes the same values in other row groupings, which may round a
 # last bit otherwise, and must never find an overflow the first pass did not.
@@ -97,11 +99,7 @@ def refusal(quantization: Mapping) -> str | None:
         if weights.get("strategy") not in STRATEGIES:
             return f"compressed-tensors FP8 with strategy {weights.get('strategy')!r} (config group {name})"
         scale_dtype = weights.get("scale_dtype")
-        if scale_dtype is not None and str(scale_dtype).rsplit(".", 1)[-1] not in (
-            "float32",
-            "bfloat16",
-            "float16",
-        ):
+        if scale_dtype is not None and str(scale_dtype).rsplit(".", 1)[-1] not in SCALE_TORCH_NAMES:
             return f"compressed-tensors FP8 with {scale_dtype} scales (config group {name})"
         if weights.get("strategy") == "block" and _block_structure(weights) is None:
             return (
