@@ -212,6 +212,33 @@ def test_survival_figure_is_what_the_codes_kept(tmp_path, bases):
     assert min(survival.values()) < 0.5
 
 
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_stochastic_rounding_is_seeded_and_unbiased(tmp_path, bases, strategy):
+    """Each code is one of the two around the exact value; the same seed gives the same bytes;
+    the update survives on average (ρ near 1) where rounding to nearest loses most of it."""
+    base = bases[(strategy, "F32")]
+    values = _values(base, strategy)
+    adapter = _lora(values, tmp_path / "lora", shrink=0.02)
+    nearest = _merge(base, [adapter], tmp_path / "nearest")["quantized"]["survival"]
+    first = _merge(base, [adapter], tmp_path / "a", "--rounding", "stochastic", "--seed", "5")
+    _merge(base, [adapter], tmp_path / "b", "--rounding", "stochastic", "--seed", "5")
+    a, b = oracle.read_folder(tmp_path / "a"), oracle.read_folder(tmp_path / "b")
+    assert all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    given = oracle.read_folder(base)
+    reference = oracle.peft_merged(cm.factory(values), [adapter])
+    exact = reference[name] / cm.expand(given[name + "_scale"], strategy, (576, 128))
+    magnitude = exact.abs().clamp(max=cm.MAX)
+    high = torch.searchsorted(fm.VALUES, magnitude)
+    low = torch.where(fm.VALUES[high] == magnitude, high, high - 1)
+    bits = a[name].view(torch.uint8).long()
+    assert bool(((bits & 0x7F) >= low).all() and ((bits & 0x7F) <= high).all())
+    assert 0.2 < float(((bits & 0x7F) == high).double().mean()) < 0.8
+    survival = first["quantized"]["survival"]
+    assert max(nearest.values()) < 0.6
+    assert 0.85 < sum(survival.values()) / len(survival) < 1.15, survival
+
+
 @pytest.mark.parametrize("strategy", ["tensor", "block"])
 def test_dtype_dequantizes_and_drops_the_format(tmp_path, bases, strategy):
     """--dtype bf16 --precision fp64: every weight bf16, an untouched one its exact value
