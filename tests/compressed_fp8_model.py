@@ -92,11 +92,17 @@ def groups(strategy: str, shape: tuple[int, int]):
             yield (i, j), slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1)
 
 
-def ceil_bf16(value: float) -> float:
-    """The smallest bfloat16 at or above a positive `value` (8 significant bits)."""
+def ceil_bits(value: float, bits: int) -> float:
+    """The smallest float of `bits` significant bits at or above a positive `value` (no
+    exponent limits: bf16's range is float32's)."""
     _, exponent = math.frexp(value)
-    step = 2.0 ** (exponent - 8)
+    step = 2.0 ** (exponent - bits)
     return math.ceil(value / step) * step
+
+
+def ceil_bf16(value: float) -> float:
+    """The smallest bfloat16 at or above a positive `value`."""
+    return ceil_bits(value, 8)
 
 
 def new_scale(amax: float, dtype: str) -> float:

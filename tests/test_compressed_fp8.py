@@ -566,9 +566,10 @@ def test_broken_or_unconfigured_checkpoints_are_refused(tmp_path, tensors, confi
     fails(tmp_path, "merge", folder, adapter, "-o", tmp_path / "out", expect=named)
 
 
-def test_new_bf16_scales_are_the_smallest_that_fit():
-    """A 16-bit new scale is the smallest of its dtype at or above amax / 448 (so amax / scale
-    never exceeds 448), and float32 scales are amax / 448 to nearest, as block FP8's."""
+def test_new_16_bit_scales_are_the_smallest_that_fit():
+    """A 16-bit new scale (bf16: 8 significant bits; fp16: 11, here in its normal range) is the
+    smallest of its dtype at or above amax / 448, so amax / scale never exceeds 448; float32
+    scales are amax / 448 to nearest, as block FP8's."""
     from bonemerge.codecs.compressed_fp8 import fitting_scale
 
     generator = torch.Generator().manual_seed(0)
@@ -578,5 +579,8 @@ def test_new_bf16_scales_are_the_smallest_that_fit():
     ).tolist():
         bf16 = float(fitting_scale(torch.tensor(amax, dtype=torch.float64), "BF16"))
         assert bf16 == cm.ceil_bf16(amax / 448) and amax / bf16 <= 448
+        if amax / 448 > 2.0**-14:
+            fp16 = float(fitting_scale(torch.tensor(amax, dtype=torch.float64), "F16"))
+            assert fp16 == cm.ceil_bits(amax / 448, 11) and amax / fp16 <= 448
         f32 = float(fitting_scale(torch.tensor(amax, dtype=torch.float64), "F32"))
         assert f32 == float(torch.tensor(amax / 448, dtype=torch.float32))
