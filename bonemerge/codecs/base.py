@@ -171,8 +171,10 @@ class Bands:
         """The first pass over the merged values of rows `row0...`, for codecs that set `needs_pass`."""
         raise TypeError(f"{type(self).__name__} sets needs_pass without observing the rows")
 
-    def observed(self) -> None:
-        """Called once the first pass has seen every row."""
+    def observed(self) -> Bands:
+        """Called once the first pass has seen every row: the bands to encode with, these or
+        others (on a new scale) while these still decode the stored rows."""
+        return self
 
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         raise NotImplementedError

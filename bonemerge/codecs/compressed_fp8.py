@@ -257,15 +257,20 @@ class CompressedBands(Fp8Bands):
 class TensorBands(CompressedBands):
     """A weight with one scale (`scale` holds it once per row, as a channel weight's would). A
     first pass finds the largest merged magnitude; where it overflows the stored scale, the
-    weight is encoded by bands on the new scale (`_encoder`) while its stored rows are still
-    decoded on the old one."""
+    weight is encoded by other bands, on the new scale, while these still decode its stored
+    rows on the old one."""
 
     needs_pass = True
 
-    def __init__(self, stored: Stored, scale: torch.Tensor, rounding: Rounding, extra: dict) -> None:
+    def __init__(
+        self, stored: Stored, scale: torch.Tensor, rounding: Rounding, extra: dict, rescaled: bool = False
+    ) -> None:
         super().__init__(stored, scale, rounding, extra)
         self._amax: torch.Tensor | None = None
-        self._encoder: CompressedBands | None = None
+        #: whether these bands encode on a new scale (the tensor's one rescaled block)
+        self._rescaled = rescaled
+        if rescaled:
+            self.encoded.rescaled.append((0, 0))
 
     def observe(self, values: torch.Tensor, row0: int) -> None:
         import torch
@@ -273,61 +278,28 @@ class TensorBands(CompressedBands):
         amax = values.abs().max() if values.numel() else values.new_zeros(())
         self._amax = amax if self._amax is None else torch.maximum(self._amax, amax)
 
-    def observed(self) -> None:
+    def observed(self) -> Bands:
         if self._amax is None:
-            return
+            return self
         stored = self.stored_scale[0, 0].to(self._amax.dtype)
         if not float(self._amax / stored) > OVERFLOW * (1 - PASS_MARGIN):
-            return
+            return self
         new = self.new_scale(self._amax.double())
         rows = self.stored_scale.shape[0]
-        self._encoder = CompressedBands(
-            self.stored, new.reshape(1, 1).expand(rows, 1).clone(), self.rounding, self.extra
+        return TensorBands(
+            self.stored, new.reshape(1, 1).expand(rows, 1).clone(), self.rounding, self.extra, True
         )
-        self.encoded.rescaled.append((0, 0))
-
-    def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
-        if encoded and self._encoder is not None:
-            self._encoder.decode(stored, out, row0, encoded=True)
-        else:
-            super().decode(stored, out, row0, encoded)
-
-    def encode(self, values: torch.Tensor, out: torch.Tensor, row0: int) -> None:
-        if self._encoder is not None:
-            self._encoder.encode(values, out, row0)
-        else:
-            super().encode(values, out, row0)
-
-    def encode_measured(
-        self, values: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row0: int
-    ) -> tuple[float, float]:
-        if self._encoder is not None:
-            return self._encoder.encode_measured(values, before, out, row0)
-        return super().encode_measured(values, before, out, row0)
-
-    def encode_tile(
-        self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
-    ) -> tuple[float, float]:
-        if self._encoder is not None:
-            return self._encoder.encode_tile(values, before, out, row, col)
-        return super().encode_tile(values, before, out, row, col)
-
-    def step_size(self, values: torch.Tensor, row0: int) -> torch.Tensor:
-        if self._encoder is not None:
-            return self._encoder.step_size(values, row0)
-        return super().step_size(values, row0)
 
     def _written_scale(self) -> torch.Tensor:
         """The one scale the weight was encoded on, as a [1] tensor; a row that got a scale of
-        its own in the second pass would break the format, which the first pass rules out."""
-        encoder = self._encoder if self._encoder is not None else self
-        rows = encoder.encoded.rescaled
+        its own while encoding would break the format, which the first pass rules out."""
+        rows = self.encoded.rescaled[1:] if self._rescaled else self.encoded.rescaled
         if rows:
             raise MergeError(
                 f"encoding {self.name} found rows {rows[:3]} beyond its one scale after its first pass "
                 "said the tensor fits; this is a bug in bonemerge, please report it."
             )
-        return encoder.scale[:1, 0]
+        return self.scale[:1, 0]
 
 
 COMPRESSED_FP8 = CompressedFp8()

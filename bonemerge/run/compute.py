@@ -433,7 +433,7 @@ class Compute:
                 block.finish()
         if coded.measured and coded.encoder.needs_pass:
             self._observe(step, prepared, compute, coded.decoder, coded.encoder.observe)
-            coded.encoder.observed()
+            coded.encoder = coded.encoder.observed()
 
     def _observe(
         self,
