@@ -522,11 +522,41 @@ def test_decoding_by_table_gives_the_bits_of_torchs_cast(dtype):
     assert int(torch.isnan(whole).sum()) == 4
 
 
-def test_wide_weights_decode_and_encode_tile_by_tile():
-    """In fp32, decoding and rounding to nearest run on cache-sized tiles (column ranges of a
-    band for wide weights), decoding through float16 bits: on a weight wider than a tile with a
-    partial last band and column block, every code (NaN included) must decode to torch's cast
-    times its scale, a scale too large for the float16 route must decode the same way, merged
+def test_compiled_rounding_is_torchs_cast():
+    """The compiled encoder (`e4m3_kernels`) ports torch's fp32 → float8_e4m3fn conversion: on
+    every value halfway between two codes and one fp32 step either side of it (where rounding
+    to nearest even decides), on every code exactly, at ±0, and on two million random fp32 bit
+    patterns within ±448 (subnormals included), its codes must be the cast's."""
+    import numpy as np
+
+    from bonemerge.codecs import e4m3_kernels
+    from bonemerge.codecs.fp8_block import _code_values
+
+    table = _code_values(torch.float32, torch.device("cpu"))
+    finite = table[: 0x7F].double()
+    middles = ((finite[1:] + finite[:-1]) / 2).float()
+    bits = middles.view(torch.int32)
+    near = torch.cat([bits - 1, bits, bits + 1]).view(torch.float32)
+    generator = torch.Generator().manual_seed(2)
+    top = int(torch.tensor(448.0).view(torch.int32))
+    patterns = torch.randint(0, top + 1, (2_000_000,), generator=generator, dtype=torch.int32)
+    values = torch.cat([finite.float(), near, patterns.view(torch.float32), torch.zeros(1)])
+    values = torch.cat([values, -values])
+    got = np.empty((1, values.numel()), dtype=np.uint8)
+    rescaled = np.empty((1, 2), dtype=np.int64)
+    one = np.ones((1, 1), dtype=np.float32)
+    empty = np.empty((0, 0), dtype=np.float32)
+    *_, count = e4m3_kernels.encode(
+        values.numpy()[None], empty, one, one.copy(), 0, 0, 1, values.numel(), table.numpy(), got, rescaled
+    )
+    assert count == 0
+    assert np.array_equal(got[0], values.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+
+
+def test_wide_weights_decode_and_encode_block_by_block():
+    """In fp32, decoding and rounding to nearest run as compiled loops, a block at a time: on a
+    weight wider than a tile with a partial last band and column block, every code (NaN
+    included) must decode to torch's cast times its scale, a huge scale included, merged
     values must round to the RNE codes of their fp32 quotients (an overflowing block in a later
     column tile getting float32(amax / 448)), and the survival sums must match float64 ones."""
     from bonemerge.codecs.base import Rounding, Stored
@@ -578,7 +608,8 @@ def test_wide_weights_decode_and_encode_tile_by_tile():
     "shape,rank,scale", [((128, 18432), 16, 2.0), ((200, 2500), 8, 0.3), ((576, 7168), 64, 4.0)]
 )
 def test_lora_merged_by_column_tiles_gives_the_bits_of_whole_rows(shape, rank, scale):
-    """Block-FP8 LoRA merges add `s · B[rows] @ A[:, cols]` tile by tile; each tile must get
+    """Block-FP8 LoRA merges add `s · B[rows] @ A[:, cols]` tile by tile (`columns_update`,
+    added with one rounding); each tile must get
     exactly the bits the whole rows' `s · B[rows] @ A` gives (PEFT's own product), in merge
     and unmerge, whatever the tile widths, partial last tile included."""
     from bonemerge.methods.lora import DeltaRows
@@ -597,17 +628,19 @@ def test_lora_merged_by_column_tiles_gives_the_bits_of_whole_rows(shape, rank, s
             tiled = base.clone()
             for col in range(0, cols, width):
                 tile = tiled[:, col : col + width].contiguous()
-                (maths.unmerge_columns if inverse else maths.merge_columns)(tile, 0, col)
-                tiled[:, col : col + width] = tile
+                product, alpha = maths.columns_update(0, rows, col, tile.shape[1], -1 if inverse else 1)
+                tiled[:, col : col + width] = tile.add_(product, alpha=alpha)
             assert torch.equal(tiled.view(torch.int32), whole.view(torch.int32))
 
 
 @pytest.mark.parametrize("rows,cols", [(257, 512), (130, 2500), (641, 512), (1024, 1536)])
 def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
-    """The engine merges LoRA into block FP8 one cache-sized tile at a time (decode, add
-    `s · B @ A`, encode); on heights whose last band is partial (a row or two beyond whole
-    bands included) and widths cut in several tiles, the codes and scales must be those of
-    decoding, merging and encoding the rows whole."""
+    """The engine merges LoRA into block FP8 one cache-sized tile at a time, fused in one
+    compiled pass (`merge_tile`: decode, add `s · B @ A`, encode) for one adapter, in three
+    steps (`decode_tile`, the addition, `encode_tile`) for several; on heights whose last band
+    is partial (a row or two beyond whole bands included) and widths cut in several tiles,
+    with blocks that overflow, the codes and scales of both must be those of decoding, merging
+    (torch's addition) and encoding the rows whole."""
     from bonemerge.codecs.base import Rounding, Stored
     from bonemerge.codecs.fp8_block import Fp8Bands
     from bonemerge.methods.lora import DeltaRows
@@ -625,10 +658,14 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         2.0,
         torch.float32,
     )
-    whole = Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
-    tiled = Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
-    expected, got = torch.empty_like(codes), torch.empty_like(codes)
-    sums, tile_sums = [0.0, 0.0], [0.0, 0.0]
+    scale[rows // 256, -1] = 1e-7  # the update pushes this block beyond 448 codes
+
+    def bands() -> Fp8Bands:
+        return Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+
+    whole, tiled, fused = bands(), bands(), bands()
+    expected, got, got_fused = torch.empty_like(codes), torch.empty_like(codes), torch.empty_like(codes)
+    sums, tile_sums, fused_sums = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
     band = 640 if rows > 640 else rows
     for row0 in range(0, rows, band):
         chunk = slice(row0, min(rows, row0 + band))
@@ -643,12 +680,18 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         for r0, r1, c0, c1 in tiled.tiles(chunk.stop - row0):
             was = torch.empty(r1 - r0, c1 - c0)
             tiled.decode_tile(codes[chunk][r0:r1, c0:c1], was, row0 + r0, c0)
-            now = was.clone()
-            maths.merge_columns(now, row0 + r0, c0)
+            product, alpha = maths.columns_update(row0 + r0, r1 - r0, c0, c1 - c0, 1)
+            now = was.clone().add_(product, alpha=alpha)
             kept = tiled.encode_tile(now, was, got[chunk][r0:r1, c0:c1], row0 + r0, c0)
             tile_sums = [a + b for a, b in zip(tile_sums, kept, strict=True)]
-    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
-    assert torch.equal(tiled.scale, whole.scale) and sorted(tiled.encoded.rescaled) == sorted(
-        whole.encoded.rescaled
-    )
-    assert tile_sums == pytest.approx(sums, rel=1e-6)
+            *kept, finite = fused.merge_tile(
+                codes[chunk][r0:r1, c0:c1], product, alpha, got_fused[chunk][r0:r1, c0:c1], row0 + r0, c0
+            )
+            assert finite
+            fused_sums = [a + b for a, b in zip(fused_sums, kept, strict=True)]
+    assert whole.encoded.rescaled
+    for coder, codes_got, got_sums in ((tiled, got, tile_sums), (fused, got_fused, fused_sums)):
+        assert torch.equal(codes_got.view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(coder.scale, whole.scale)
+        assert sorted(coder.encoded.rescaled) == sorted(whole.encoded.rescaled)
+        assert got_sums == pytest.approx(sums, rel=1e-6)

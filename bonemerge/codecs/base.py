@@ -216,6 +216,13 @@ class Bands:
         """`encode_measured` of an fp32 tile from `tiles`."""
         raise NotImplementedError
 
+    def merge_tile(
+        self, stored: torch.Tensor, product: torch.Tensor, alpha: float, out: torch.Tensor, row: int, col: int
+    ) -> tuple[float, float, bool]:
+        """`decode_tile`, `product × alpha` added (one fp32 rounding, as `add_(alpha=)`) and
+        `encode_tile` in one pass over the tile; also whether every merged value was finite."""
+        raise NotImplementedError
+
     def derived(self) -> dict[str, torch.Tensor]:
         return {}
 

@@ -11,15 +11,14 @@ Rounding to nearest is ties-to-even, as in the float64 reference: from fp32, tor
 so the two neighbouring codes are compared in fp64 instead. Stochastic rounding picks the
 upper neighbour with probability equal to the value's fraction of the step between them.
 
-In fp32 (the usual compute dtype) decoding and rounding to nearest work on tiles of whole
-128 × 128 blocks small enough to stay in the CPU's cache, in reused per-thread buffers: a
-band's rows would make each of the dozen element-wise passes a trip through main memory and
-each temporary a fresh allocation (page faults), which cost more than the arithmetic.
+On the CPU, decoding and rounding to nearest in fp32 (the usual compute dtype) run as compiled
+loops (`e4m3_kernels.py`), a 128 × 128 block at a time; a LoRA update is merged in the same
+pass, on tiles of whole blocks whose product stays in the CPU's cache. Elsewhere (fp64, CUDA,
+stochastic rounding) the same arithmetic runs as torch calls on whole bands.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -40,19 +39,9 @@ OVERFLOW = 464.0
 TOP_CODE = 0x7E
 SIGN = 0x80
 DEFAULT_BLOCK = (128, 128)
-# Elements per tile of the fp32 paths: a few fp32 buffers of this size fit a 1–2 MiB L2 cache,
-# and torch's few microseconds per call stay small beside the work of a call.
+# Elements per tile of a fused merge: the tile's product of the LoRA factors (fp32) stays in a
+# 1–2 MiB L2 cache between the BLAS call that writes it and the loop that adds it.
 TILE_ELEMENTS = 1 << 17
-# An e4m3 code's bits placed in a float16 (sign at bit 15, exponent and mantissa at bits 13–7)
-# are its value times 2⁻⁸, subnormals included: the fp16 exponent bias (15) is the e4m3 one (7)
-# plus 8. Decoding is then integer shifts and the hardware's fp16 → fp32 conversion, and the
-# 2⁸ rides on the scale, exactly (a power of two), so each value is the same single rounding of
-# code × scale as through a table. The two NaN codes land on ±1.875 (480 · 2⁻⁸) and are patched.
-HALF_SHIFT = 1 << 7
-HALF_SIGN_KEEP = ~0x4000  # the sign-extension bit that the shift leaves at bit 14
-HALF_BIAS = 256.0
-# scales beyond this would overflow when multiplied by HALF_BIAS: decoded through the table then
-HALF_SCALE_LIMIT = 2.0**100
 
 
 def _block_size(config: Mapping, where: str) -> tuple[int, int]:
@@ -138,24 +127,6 @@ def _code_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return table
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """This thread's reused buffer `slot` as a `shape` tensor of `dtype`: one allocation per
-    thread and slot for the whole run instead of one per tile."""
-    import torch
-
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    count = math.prod(shape)
-    found = buffers.get((slot, dtype))
-    if found is None or found.numel() < count:
-        found = buffers[(slot, dtype)] = torch.empty(max(count, TILE_ELEMENTS), dtype=dtype)
-    return found[:count].view(shape)
-
-
 def _value(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import torch
 
@@ -189,9 +160,6 @@ class Fp8Bands(Bands):
         self.scale = scale.clone()
         self.rounding = rounding
         self._lock = threading.Lock()
-        #: whether the stored and the encoded scales can be decoded through float16 (`HALF_BIAS`)
-        self._half = self._fits_half(scale)
-        self._half_encoded = self._half
 
     def scales(self, row0: int, rows: int, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
         """Each element's scale for rows [row0, row0 + rows), as a (rows, cols) tensor."""
@@ -216,10 +184,6 @@ class Fp8Bands(Bands):
         blocks = scale[first : first + count // b0].to(rows.dtype)
         return rows.view(count // b0, b0, cols // b1, b1), blocks[:, None, :, None]
 
-    @staticmethod
-    def _fits_half(scale: torch.Tensor) -> bool:
-        return bool(scale.abs().max() < HALF_SCALE_LIMIT) if scale.numel() else True
-
     def _tiles(self, rows: int) -> list[tuple[int, int, int, int]]:
         """(first row, end row, first column, end column) of tiles of whole blocks covering
         `rows` rows from a band boundary: several bands of whole rows when rows are narrow,
@@ -237,66 +201,14 @@ class Fp8Bands(Bands):
         width = max(1, TILE_ELEMENTS // (b0 * b1)) * b1
         return [(r0, r1, c, min(cols, c + width)) for r0, r1 in bands for c in range(0, cols, width)]
 
-    def _tile_scales(
-        self, scale: torch.Tensor, row: int, rows: int, col: int, cols: int, times: float = 1.0
-    ) -> tuple[tuple[int, ...], torch.Tensor]:
-        """The shape to view a tile (rows from `row`, a band boundary, columns from `col`, a
-        block boundary) in, and its scales (× `times`) shaped to broadcast over that view:
-        (row blocks, 128, column blocks, 128) for whole blocks, else one scale per element."""
-        import torch
-
-        b0, b1 = self.block
-        if rows % b0 == 0 and cols % b1 == 0:
-            found = scale[row // b0 : (row + rows) // b0, col // b1 : (col + cols) // b1]
-            found = found * times if times != 1.0 else found
-            return (rows // b0, b0, cols // b1, b1), found[:, None, :, None]
-        across = torch.arange(row, row + rows, device=scale.device) // b0
-        down = torch.arange(col, col + cols, device=scale.device) // b1
-        found = scale.index_select(0, across).index_select(1, down)
-        return (rows, cols), found * times if times != 1.0 else found
-
-    def _decode_tile(
-        self, codes: torch.Tensor, out: torch.Tensor, row: int, col: int, encoded: bool, nan: bool = True
-    ) -> None:
-        """fp32 values of a tile of codes (int8) from row `row` and column `col`: through
-        float16 (see `HALF_SHIFT`), or through the table where a scale is too large for that;
-        `nan`: whether the codes may hold NaN (not when just encoded from finite values)."""
-        import torch
-
-        rows, cols = codes.shape
-        scale = self.scale if encoded else self.stored_scale
-        if not (self._half_encoded if encoded else self._half):
-            table = _code_values(torch.float32, out.device)
-            index = _scratch("index", torch.int32, (rows, cols))
-            index.copy_(codes.view(torch.uint8))
-            out.copy_(table.index_select(0, index.view(-1)).view(rows, cols))
-            shape, factors = self._tile_scales(scale, row, rows, col, cols)
-            out.view(shape).mul_(factors)
-            return
-        bits = _scratch("bits", torch.int16, (rows, cols))
-        bits.copy_(codes).mul_(HALF_SHIFT).bitwise_and_(HALF_SIGN_KEEP)
-        out.copy_(bits.view(torch.float16))
-        shape, factors = self._tile_scales(scale, row, rows, col, cols, HALF_BIAS)
-        out.view(shape).mul_(factors)
-        if not nan:
-            return
-        # NaN codes (0x7F, 0xFF) are the only ones whose low seven bits are all set
-        flags = _scratch("flags", torch.int8, (rows, cols))
-        if int(torch.bitwise_or(codes, -SIGN, out=flags).max()) == -1:
-            broken = codes.bitwise_and(0x7F) == 0x7F
-            table = _code_values(torch.float32, out.device)
-            out[broken] = table.index_select(0, codes[broken].view(torch.uint8).to(torch.int32))
-
     def decode(self, stored: torch.Tensor, out: torch.Tensor, row0: int, encoded: bool = False) -> None:
         """code × scale: in fp32 or fp64 one rounding of the exact product (4 + 24 significant
         bits); into a 16-bit dtype the exact fp64 product, rounded once (`round_once`)."""
         import torch
 
         scale = self.scale if encoded else self.stored_scale
-        if out.dtype == torch.float32 and row0 % self.block[0] == 0:
-            codes = stored.view(torch.int8)
-            for r0, r1, c0, c1 in self._tiles(codes.shape[0]):
-                self._decode_tile(codes[r0:r1, c0:c1], out[r0:r1, c0:c1], row0 + r0, c0, encoded)
+        if out.dtype in (torch.float32, torch.float64) and out.device.type == "cpu":
+            self._decode_compiled(stored, out, row0, 0, scale)
         elif out.dtype in (torch.float32, torch.float64):
             table = _code_values(out.dtype, out.device)
             index = stored.view(torch.uint8).to(torch.int32).reshape(-1)
@@ -314,8 +226,8 @@ class Fp8Bands(Bands):
         import torch
 
         assert row0 % self.block[0] == 0, "bands must start on a scale row"
-        if self.rounding.mode == "nearest" and values.dtype == torch.float32:
-            self._encode_nearest(values, out, row0, None)
+        if self._compiled(values):
+            self._encode_compiled(values, None, out, row0, 0)
             return
         blocked, factors = self._blocks(values, row0, self.stored_scale)
         scaled = (blocked / factors).view(values.shape)
@@ -341,61 +253,102 @@ class Fp8Bands(Bands):
     def encode_measured(
         self, values: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row0: int
     ) -> tuple[float, float]:
-        import torch
-
-        if self.rounding.mode == "nearest" and values.dtype == torch.float32 and before.dtype == values.dtype:
+        if self._compiled(values) and before.dtype == values.dtype:
             assert row0 % self.block[0] == 0, "bands must start on a scale row"
-            return self._encode_nearest(values, out, row0, before)
+            return self._encode_compiled(values, before, out, row0, 0)
         return super().encode_measured(values, before, out, row0)
 
-    def _encode_nearest(
-        self, values: torch.Tensor, out: torch.Tensor, row0: int, before: torch.Tensor | None
-    ) -> tuple[float, float]:
-        """fp32 values to codes, rounding to nearest, tile by tile (`encode_tile`)."""
-        kept = update = 0.0
-        for r0, r1, c0, c1 in self._tiles(values.shape[0]):
-            was = before[r0:r1, c0:c1] if before is not None else None
-            k, u = self.encode_tile(values[r0:r1, c0:c1], was, out[r0:r1, c0:c1], row0 + r0, c0)
-            kept, update = kept + k, update + u
-        return kept, update
+    def _compiled(self, values: torch.Tensor) -> bool:
+        """Whether `e4m3_kernels` encodes these values: fp32 on the CPU, rounded to nearest."""
+        import torch
+
+        nearest = self.rounding.mode == "nearest"
+        return nearest and values.dtype == torch.float32 and values.device.type == "cpu"
 
     def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
         return self._tiles(rows) if self.rounding.mode == "nearest" else None
 
     def decode_tile(self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
-        import torch
-
-        self._decode_tile(stored.view(torch.int8), out, row, col, encoded=False)
+        self._decode_compiled(stored, out, row, col, self.stored_scale)
 
     def encode_tile(
         self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
     ) -> tuple[float, float]:
-        """fp32 values of a tile of whole blocks to codes, rounding to nearest: the quotient by
-        the stored scale, new scales for blocks that overflow, clamping and torch's cast (which
-        rounds to nearest even). With `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²,
-        from the tile's codes decoded again while it is in cache."""
+        return self._encode_compiled(values, before, out, row, col)
+
+    def merge_tile(
+        self, stored: torch.Tensor, product: torch.Tensor, alpha: float, out: torch.Tensor, row: int, col: int
+    ) -> tuple[float, float, bool]:
         import torch
 
-        rows, cols = values.shape
-        shape, factors = self._tile_scales(self.stored_scale, row, rows, col, cols)
-        scaled = _scratch("scaled", torch.float32, (rows, cols))
-        torch.div(values.view(shape), factors, out=scaled.view(shape))
-        smallest, largest = torch.aminmax(scaled)
-        low, high = float(smallest), float(largest)
-        if low < -OVERFLOW or high > OVERFLOW:
-            self._rescale(values, scaled, scaled.abs() > OVERFLOW, row, col)
-        scaled.clamp_(-MAX, MAX)
-        out.copy_(scaled)
-        if before is None:
-            return 0.0, 0.0
-        now = scaled  # its quotients are no longer needed: it takes deq(W′)
-        finite = math.isfinite(low) and math.isfinite(high)
-        self._decode_tile(out.view(torch.int8), now, row, col, encoded=True, nan=not finite)
-        now.sub_(before)
-        delta = _scratch("delta", torch.float32, (rows, cols))
-        torch.sub(values, before, out=delta)
-        flat = delta.view(-1)
-        return float(torch.dot(now.view(-1), flat)), float(torch.dot(flat, flat))
+        from bonemerge.codecs import e4m3_kernels
+
+        rescaled = self._rescaled_buffer(*stored.shape)
+        status, kept, update, count = e4m3_kernels.merge(
+            stored.view(torch.uint8).numpy(),
+            product.numpy(),
+            alpha,
+            self.stored_scale.numpy(),
+            self.scale.numpy(),
+            row,
+            col,
+            *self.block,
+            _code_values(torch.float32, product.device).numpy(),
+            out.view(torch.uint8).numpy(),
+            rescaled,
+        )
+        self._record(rescaled[:count])
+        return kept, update, not status & e4m3_kernels.NON_FINITE
+
+    def _decode_compiled(
+        self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int, scale: torch.Tensor
+    ) -> None:
+        import torch
+
+        from bonemerge.codecs import e4m3_kernels
+
+        table = _code_values(out.dtype, out.device).numpy()
+        codes = stored.view(torch.uint8).numpy()
+        e4m3_kernels.decode(codes, table, scale.numpy(), row, col, *self.block, out.numpy())
+
+    def _encode_compiled(
+        self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
+    ) -> tuple[float, float]:
+        """fp32 values of rows from `row` and columns from `col` (block boundaries) to codes,
+        rounding to nearest on the stored scales, new ones for blocks that overflow; with
+        `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
+        import numpy as np
+        import torch
+
+        from bonemerge.codecs import e4m3_kernels
+
+        rescaled = self._rescaled_buffer(*values.shape)
+        kept, update, count = e4m3_kernels.encode(
+            values.numpy(),
+            before.numpy() if before is not None else np.empty((0, 0), dtype=np.float32),
+            self.stored_scale.numpy(),
+            self.scale.numpy(),
+            row,
+            col,
+            *self.block,
+            _code_values(torch.float32, values.device).numpy(),
+            out.view(torch.uint8).numpy(),
+            rescaled,
+        )
+        self._record(rescaled[:count])
+        return kept, update
+
+    def _rescaled_buffer(self, rows: int, cols: int):
+        import numpy as np
+
+        blocks = -(-rows // self.block[0]) * -(-cols // self.block[1])
+        return np.empty((blocks, 2), dtype=np.int64)
+
+    def _record(self, blocks) -> None:
+        """Note the blocks (row block, column block) that a kernel gave a new scale."""
+        if len(blocks):
+            with self._lock:
+                self.encoded.rescaled.extend((int(i), int(j)) for i, j in blocks)
 
     def _uniform(self, row0: int, like: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) numbers drawn band by band from generators seeded by the band."""
@@ -428,7 +381,6 @@ class Fp8Bands(Bands):
             with self._lock:
                 self.scale[i, j] = new
                 self.encoded.rescaled.append((i, j))
-                self._half_encoded = self._half_encoded and bool(new.abs() < HALF_SCALE_LIMIT)
 
     def new_scale(self, amax: torch.Tensor) -> torch.Tensor:
         """The float32 scale of a block that overflowed, from its largest magnitude (float64):

@@ -163,9 +163,9 @@ class RowMaths(abc.ABC):
     """
 
     needs_pass = False
-    #: whether `merge_columns`/`unmerge_columns` apply the block to a tile of whole rows' columns,
-    #: giving the bits `merge` gives those elements (the engine then keeps a quantized weight's
-    #: tiles in cache from decoding to encoding)
+    #: whether `columns_update` gives the update of a tile of whole rows' columns, with the bits
+    #: `merge` gives those elements (the engine then keeps a quantized weight's tiles in cache
+    #: from decoding to encoding)
     column_tiles = False
 
     def observe(self, work: torch.Tensor, row0: int) -> None:
@@ -184,11 +184,13 @@ class RowMaths(abc.ABC):
     def unmerge(self, work: torch.Tensor, row0: int) -> None:
         """Undo `merge` on the rows `work`, in place."""
 
-    def merge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
-        """`merge` on columns `col0...` of rows `row0...` (only where `column_tiles`)."""
-        raise NotImplementedError
-
-    def unmerge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
+    def columns_update(
+        self, row0: int, rows: int, col0: int, cols: int, sign: int
+    ) -> tuple[torch.Tensor, float]:
+        """The update (`sign` −1: its undoing) of the tile of `rows` rows from `row0` and `cols`
+        columns from `col0`, as (product, alpha): `merge` adds `product × alpha` to the tile with
+        one rounding, so that a codec can add it in the same pass as decoding (only where
+        `column_tiles`)."""
         raise NotImplementedError
 
 

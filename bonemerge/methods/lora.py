@@ -424,10 +424,11 @@ class DeltaRows(RowMaths):
         # product has the bits of the whole one; subclasses that do more than add it do not tile.
         return not self.columns and type(self) is DeltaRows
 
-    def _apply_columns(self, work: torch.Tensor, row0: int, col0: int, sign: int) -> None:
+    def columns_update(
+        self, row0: int, rows: int, col0: int, cols: int, sign: int
+    ) -> tuple[torch.Tensor, float]:
         import torch
 
-        rows, cols = work.shape
         buffer = getattr(self._scratch, "buffer", None)
         if buffer is None or buffer.numel() < rows * cols:
             buffer = self._scratch.buffer = torch.empty(
@@ -436,15 +437,8 @@ class DeltaRows(RowMaths):
         product = buffer[: rows * cols].view(rows, cols)
         torch.mm(self.left[row0 : row0 + rows], self.right[:, col0 : col0 + cols], out=product)
         if self._exact_scale:
-            work.add_(product, alpha=sign * self.scale)
-        else:
-            work.add_(product.mul_(self.scale), alpha=sign)
-
-    def merge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
-        self._apply_columns(work, row0, col0, 1)
-
-    def unmerge_columns(self, work: torch.Tensor, row0: int, col0: int) -> None:
-        self._apply_columns(work, row0, col0, -1)
+            return product, sign * self.scale
+        return product.mul_(self.scale), sign
 
 
 class TwiceRows(DeltaRows):

@@ -401,16 +401,25 @@ class Compute:
         kept = update = 0.0
         for r0, r1, c0, c1 in tiles:
             shape = (r1 - r0, c1 - c0)
-            count = shape[0] * shape[1]
-            work = self._work_buffer().view(torch.float32)[:count].view(shape)
-            before = self._work_buffer(1).view(torch.float32)[:count].view(shape)
-            coded.decoder.decode_tile(rows[r0:r1, c0:c1], before, row0 + r0, c0)
-            work.copy_(before)
-            for block, inverse in prepared:
-                (block.unmerge_columns if inverse else block.merge_columns)(work, row0 + r0, c0)
-            if self.options.safe_merge and not all_finite(work):
+            if len(prepared) == 1:
+                product, alpha = block_update(prepared[0], row0 + r0, c0, shape)
+                k, u, finite = coded.encoder.merge_tile(
+                    rows[r0:r1, c0:c1], product, alpha, target[r0:r1, c0:c1], row0 + r0, c0
+                )
+            else:
+                count = shape[0] * shape[1]
+                work = self._work_buffer().view(torch.float32)[:count].view(shape)
+                before = self._work_buffer(1).view(torch.float32)[:count].view(shape)
+                coded.decoder.decode_tile(rows[r0:r1, c0:c1], before, row0 + r0, c0)
+                work.copy_(before)
+                for maths in prepared:
+                    product, alpha = block_update(maths, row0 + r0, c0, shape)
+                    work.add_(product, alpha=alpha)
+                finite = all_finite(work)
+                if finite or not self.options.safe_merge:
+                    k, u = coded.encoder.encode_tile(work, before, target[r0:r1, c0:c1], row0 + r0, c0)
+            if self.options.safe_merge and not finite:
                 _non_finite(step, row0, row0 + rows.shape[0])
-            k, u = coded.encoder.encode_tile(work, before, target[r0:r1, c0:c1], row0 + r0, c0)
             kept, update = kept + k, update + u
         coded.tally(kept, update)
 
@@ -541,6 +550,14 @@ class Compute:
             else:
                 block.merge(work, start)
         return work, before
+
+
+def block_update(
+    maths: tuple[RowMaths, bool], row0: int, col0: int, shape: tuple[int, int]
+) -> tuple[torch.Tensor, float]:
+    """A block's update (or its undoing) of one tile, as `columns_update` gives it."""
+    block, inverse = maths
+    return block.columns_update(row0, shape[0], col0, shape[1], -1 if inverse else 1)
 
 
 def _values_shape(rows: torch.Tensor, decoder: Bands) -> tuple[int, int]:
