@@ -293,7 +293,6 @@ class Fp8Bands(Bands):
             row,
             col,
             *self.block,
-            _code_values(torch.float32, product.device).numpy(),
             out.view(torch.uint8).numpy(),
             rescaled,
         )
@@ -307,9 +306,8 @@ class Fp8Bands(Bands):
 
         from bonemerge.codecs import e4m3_kernels
 
-        table = _code_values(out.dtype, out.device).numpy()
         codes = stored.view(torch.uint8).numpy()
-        e4m3_kernels.decode(codes, table, scale.numpy(), row, col, *self.block, out.numpy())
+        e4m3_kernels.decode(codes, scale.numpy(), row, col, *self.block, out.numpy())
 
     def _encode_compiled(
         self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
@@ -331,7 +329,6 @@ class Fp8Bands(Bands):
             row,
             col,
             *self.block,
-            _code_values(torch.float32, values.device).numpy(),
             out.view(torch.uint8).numpy(),
             rescaled,
         )
