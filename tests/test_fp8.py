@@ -273,6 +273,29 @@ def test_adapters_in_a_row_merge_into_block_fp8(tmp_path, base, make32, make64):
     assert differ <= FP32_MISMATCH * total
 
 
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_a_nan_code_in_a_merged_weight_is_refused(tmp_path, base, make32, adapters):
+    """A NaN code (0x7F) in a weight an adapter merges into must stop the merge with one
+    sentence naming the weight, in the fused pass of one adapter as in the steps of several,
+    leaving no output behind."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = broken / index["weight_map"][name]
+    tensors = load_file(shard)
+    codes = tensors[name].view(torch.uint8).clone()
+    codes[70, 100] = 0x7F
+    tensors[name] = codes.view(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    loras = [_lora(make32, tmp_path / f"lora{i}", shrink=0.1 + i) for i in range(adapters)]
+    fails(tmp_path, "merge", broken, *loras, "-o", tmp_path / "out", expect=("NaN or Inf", name))
+
+
 def test_scales_planned_before_their_weight_come_out_the_same(tmp_path, base, make32, monkeypatch):
     """Where a scale tensor must be written before its weight (here: forced), it is derived by
     an encoding pass of its own, which gives the same scales and codes as the weight's pass."""
@@ -679,13 +702,13 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         ]
         for r0, r1, c0, c1 in tiled.tiles(chunk.stop - row0):
             was = torch.empty(r1 - r0, c1 - c0)
-            tiled.decode_tile(codes[chunk][r0:r1, c0:c1], was, row0 + r0, c0)
+            tiled.decode_tile(codes[chunk][r0:r1], was, row0 + r0, c0)
             product, alpha = maths.columns_update(row0 + r0, r1 - r0, c0, c1 - c0, 1)
             now = was.clone().add_(product, alpha=alpha)
-            kept = tiled.encode_tile(now, was, got[chunk][r0:r1, c0:c1], row0 + r0, c0)
+            kept = tiled.encode_tile(now, was, got[chunk][r0:r1], row0 + r0, c0)
             tile_sums = [a + b for a, b in zip(tile_sums, kept, strict=True)]
             *kept, finite = fused.merge_tile(
-                codes[chunk][r0:r1, c0:c1], product, alpha, got_fused[chunk][r0:r1, c0:c1], row0 + r0, c0
+                codes[chunk][r0:r1], product, alpha, got_fused[chunk][r0:r1], row0 + r0, c0
             )
             assert finite
             fused_sums = [a + b for a, b in zip(fused_sums, kept, strict=True)]

@@ -202,22 +202,30 @@ class Bands:
 
     def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
         """(first row, end row, first column, end column) of cache-sized tiles of `rows` rows
-        (from a band boundary) that `decode_tile` and `encode_tile` take, each holding whole
-        scale blocks; None where the codec has no such path (then rows go whole)."""
+        (from a band boundary) that the `*_tile` methods take, each holding whole scale
+        blocks; None where the codec has no such path (then rows go whole). Those methods
+        take a tile's stored codes as its whole rows (`stored_rows`, `out_rows`) and its first
+        column `col`, its values as tile-shaped fp32 tensors, and `row`, its first row."""
         return None
 
-    def decode_tile(self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
-        """`decode` of a tile from `tiles`, from row `row` and column `col`, into fp32."""
+    def decode_tile(self, stored_rows: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
+        """`decode` of a tile from `tiles` into fp32 `out`."""
         raise NotImplementedError
 
     def encode_tile(
-        self, values: torch.Tensor, before: torch.Tensor, out: torch.Tensor, row: int, col: int
+        self, values: torch.Tensor, before: torch.Tensor, out_rows: torch.Tensor, row: int, col: int
     ) -> tuple[float, float]:
         """`encode_measured` of an fp32 tile from `tiles`."""
         raise NotImplementedError
 
     def merge_tile(
-        self, stored: torch.Tensor, product: torch.Tensor, alpha: float, out: torch.Tensor, row: int, col: int
+        self,
+        stored_rows: torch.Tensor,
+        product: torch.Tensor,
+        alpha: float,
+        out_rows: torch.Tensor,
+        row: int,
+        col: int,
     ) -> tuple[float, float, bool]:
         """`decode_tile`, `product × alpha` added (one fp32 rounding, as `add_(alpha=)`) and
         `encode_tile` in one pass over the tile; also whether every merged value was finite."""

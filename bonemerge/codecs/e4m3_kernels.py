@@ -70,20 +70,22 @@ def decode_value(code: np.uint8) -> np.float32:
 
 @njit(**_JIT)
 def decode(codes, scale, row0, col0, block_rows, block_cols, out):
-    """out = code's value × scale of its block, for codes from row `row0`, column `col0`: the
-    exact product (4 + 24 significant bits fit fp64), rounded once to fp32 or kept in fp64."""
-    rows, cols = codes.shape
+    """out = value × scale of each code of `codes[:, col0:col0 + out's width]` (rows from row
+    `row0`): the exact product (4 + 24 significant bits fit fp64), rounded once to fp32 or
+    kept in fp64. Tiles are passed as their whole rows and a column range throughout: a row
+    of a C-contiguous array is a unit-stride run that vectorizes, a 2-D slice is not."""
+    rows, cols = out.shape
     for i in range(rows):
         bi = (row0 + i) // block_rows
-        j0 = 0
-        while j0 < cols:
-            bj = (col0 + j0) // block_cols
-            j1 = min(cols, (bj + 1) * block_cols - col0)
-            s = scale[bi, bj]
+        j0 = col0
+        while j0 < col0 + cols:
+            bj = j0 // block_cols
+            j1 = min(col0 + cols, (bj + 1) * block_cols)
+            s = np.float64(scale[bi, bj])
             source = codes[i, j0:j1]
-            row = out[i, j0:j1]
+            row = out[i, j0 - col0 : j1 - col0]
             for j in range(j1 - j0):
-                row[j] = np.float64(decode_value(source[j])) * np.float64(s)
+                row[j] = np.float64(decode_value(source[j])) * s
             j0 = j1
 
 
@@ -96,120 +98,149 @@ def _magnitude_bits(value: np.float32) -> np.int64:
 
 
 @njit(**_JIT)
-def _block_scale(stored, largest):
-    """The scale a block is encoded on: `stored`, or float32(amax / 448) where the stored one
-    would round its largest value beyond the format."""
-    amax = np.uint32(largest).view(np.float32)
-    if amax / stored > np.float32(OVERFLOW):
-        return np.float32(np.float64(amax) / MAX)
-    return stored
+def _column_blocks(col0, cols, block_cols):
+    """The tile's first column block, and how many it touches."""
+    first = col0 // block_cols
+    return first, (col0 + cols - 1) // block_cols - first + 1
 
 
 @njit(**_JIT)
-def _encode_block(values, vi, vj, n0, n1, scale, codes, ci, cj):
-    """The codes of `values[vi:vi + n0, vj:vj + n1]` on `scale`, into `codes` from (ci, cj)."""
+def _span(tj, first, col0, cols, block_cols):
+    """Tile-local columns [j0, j1) of the tile's column block `tj`."""
+    j0 = max(col0, (first + tj) * block_cols) - col0
+    return j0, min(cols, (first + tj + 1) * block_cols - col0)
+
+
+@njit(**_JIT)
+def _block_scales(largest, stored, scale, first_bi, first_bj, rescaled):
+    """The scale each of the tile's blocks is encoded on: the stored one, or float32(amax /
+    448) where that would round the block's largest value beyond the format (written to
+    `scale`, listed in `rescaled`). Returns them, how many were new, and whether a block holds
+    a value that is not finite."""
+    used = np.empty(largest.shape, dtype=np.float32)
+    count = 0
+    status = 0
+    for ti in range(largest.shape[0]):
+        for tj in range(largest.shape[1]):
+            s = stored[first_bi + ti, first_bj + tj]
+            if largest[ti, tj] >= _INFINITY_BITS:
+                status |= NON_FINITE
+            amax = np.uint32(largest[ti, tj]).view(np.float32)
+            new = s
+            if amax / s > np.float32(OVERFLOW):
+                new = np.float32(np.float64(amax) / MAX)
+                scale[first_bi + ti, first_bj + tj] = new
+                rescaled[count, 0] = first_bi + ti
+                rescaled[count, 1] = first_bj + tj
+                count += 1
+            used[ti, tj] = new
+    return used, count, status
+
+
+@njit(**_JIT)
+def _encode_rows(values, used, row0, col0, block_rows, block_cols, out):
+    """The codes of the tile `values` on the scales `used` of its blocks, into columns
+    `col0...` of the rows `out`, row by row (long unit-stride runs, which memory streams)."""
+    rows, cols = values.shape
+    first_bi = row0 // block_rows
+    first_bj, count = _column_blocks(col0, cols, block_cols)
     top = np.float32(MAX)
-    for i in range(n0):
-        source = values[vi + i, vj : vj + n1]
-        row = codes[ci + i, cj : cj + n1]
-        for j in range(n1):
-            row[j] = encode_value(min(max(source[j] / scale, -top), top))
+    for i in range(rows):
+        ti = (row0 + i) // block_rows - first_bi
+        source = values[i]
+        row = out[i]
+        for tj in range(count):
+            j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+            scale = used[ti, tj]
+            merged = source[j0:j1]
+            codes = row[col0 + j0 : col0 + j1]
+            for j in range(j1 - j0):
+                codes[j] = encode_value(min(max(merged[j] / scale, -top), top))
 
 
 @njit(fastmath={"reassoc"}, **_JIT)
-def _survival(values, before, vi, vj, n0, n1, codes, ci, cj, scale):
-    """⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖² over one block, in fp64. Only these sums may be
+def _survival(values, before, used, row0, col0, block_rows, block_cols, codes):
+    """⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖² over the tile, in fp64, from its merged values, deq(W)
+    and the codes written (columns `col0...` of the rows `codes`). Only these sums may be
     reassociated (summed in vector lanes): no code depends on them."""
+    rows, cols = values.shape
+    first_bi = row0 // block_rows
+    first_bj, count = _column_blocks(col0, cols, block_cols)
     kept = 0.0
     update = 0.0
-    for i in range(n0):
-        merged = values[vi + i, vj : vj + n1]
-        was = before[vi + i, vj : vj + n1]
-        row = codes[ci + i, cj : cj + n1]
-        for j in range(n1):
-            moved = np.float64(decode_value(row[j]) * scale - was[j])
-            wanted = np.float64(merged[j] - was[j])
-            kept += moved * wanted
-            update += wanted * wanted
+    for i in range(rows):
+        ti = (row0 + i) // block_rows - first_bi
+        for tj in range(count):
+            j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+            scale = used[ti, tj]
+            merged = values[i, j0:j1]
+            was = before[i, j0:j1]
+            row = codes[i, col0 + j0 : col0 + j1]
+            for j in range(j1 - j0):
+                moved = np.float64(decode_value(row[j]) * scale - was[j])
+                wanted = np.float64(merged[j] - was[j])
+                kept += moved * wanted
+                update += wanted * wanted
     return kept, update
 
 
 @njit(**_JIT)
 def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
-    """The fused merge of one tile of whole blocks (from row `row0` and column `col0`, block
-    boundaries): values = code × stored scale + product × alpha, encoded into `out` on the
-    stored scales, or on a new one (written to `scale`, listed in `rescaled`) where a block
-    overflows. Returns (status, kept, update, blocks rescaled)."""
-    rows, cols = codes.shape
-    values = np.empty((block_rows, block_cols), dtype=np.float32)
-    before = np.empty((block_rows, block_cols), dtype=np.float32)
+    """The fused merge of one tile of whole blocks, columns `col0...` of the rows `codes` (from
+    row `row0`; both block boundaries) as wide as `product`: values = code × stored scale +
+    product × alpha, encoded into the same columns of `out` on the stored scales, or on a new
+    one (written to `scale`, listed in `rescaled`) where a block overflows. Returns (status,
+    kept, update, blocks rescaled)."""
+    rows, cols = product.shape
+    values = np.empty((rows, cols), dtype=np.float32)
+    before = np.empty((rows, cols), dtype=np.float32)
+    first_bi = row0 // block_rows
+    first_bj, count = _column_blocks(col0, cols, block_cols)
+    largest = np.zeros(((row0 + rows - 1) // block_rows - first_bi + 1, count), dtype=np.int64)
     factor = np.float32(alpha)
-    status = 0
-    kept = 0.0
-    update = 0.0
-    count = 0
-    for i0 in range(0, rows, block_rows):
-        n0 = min(block_rows, rows - i0)
-        bi = (row0 + i0) // block_rows
-        for j0 in range(0, cols, block_cols):
-            n1 = min(block_cols, cols - j0)
-            bj = (col0 + j0) // block_cols
-            s = stored[bi, bj]
-            largest = 0
-            for i in range(n0):
-                source = codes[i0 + i, j0 : j0 + n1]
-                added = product[i0 + i, j0 : j0 + n1]
-                for j in range(n1):
-                    b = decode_value(source[j]) * s
-                    v = np.float32(b + added[j] * factor)
-                    before[i, j] = b
-                    values[i, j] = v
-                    largest = max(largest, _magnitude_bits(v))
-            if largest >= _INFINITY_BITS:
-                status |= NON_FINITE
-            used = _block_scale(s, largest)
-            _encode_block(values, 0, 0, n0, n1, used, out, i0, j0)
-            k, u = _survival(values, before, 0, 0, n0, n1, out, i0, j0, used)
-            kept += k
-            update += u
-            if used != s:
-                scale[bi, bj] = used
-                rescaled[count, 0] = bi
-                rescaled[count, 1] = bj
-                count += 1
-    return status, kept, update, count
+    for i in range(rows):
+        bi = (row0 + i) // block_rows
+        for tj in range(count):
+            j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+            s = stored[bi, first_bj + tj]
+            source = codes[i, col0 + j0 : col0 + j1]
+            added = product[i, j0:j1]
+            was = before[i, j0:j1]
+            merged = values[i, j0:j1]
+            most = 0
+            for j in range(j1 - j0):
+                b = decode_value(source[j]) * s
+                v = np.float32(b + added[j] * factor)
+                was[j] = b
+                merged[j] = v
+                most = max(most, _magnitude_bits(v))
+            largest[bi - first_bi, tj] = max(largest[bi - first_bi, tj], most)
+    used, rescaled_count, status = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
+    _encode_rows(values, used, row0, col0, block_rows, block_cols, out)
+    kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)
+    return status, kept, update, rescaled_count
 
 
 @njit(**_JIT)
 def encode(values, before, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
-    """`merge` for values already merged, given with `before` (deq(W); empty: not measured).
-    Returns (kept, update, blocks rescaled)."""
+    """`merge` for values already merged (a tile, columns `col0...` of the rows `out`), given
+    with `before` (deq(W); empty: not measured). Returns (kept, update, blocks rescaled)."""
     rows, cols = values.shape
-    measure = before.shape[0] > 0
-    kept = 0.0
-    update = 0.0
-    count = 0
-    for i0 in range(0, rows, block_rows):
-        n0 = min(block_rows, rows - i0)
-        bi = (row0 + i0) // block_rows
-        for j0 in range(0, cols, block_cols):
-            n1 = min(block_cols, cols - j0)
-            bj = (col0 + j0) // block_cols
-            s = stored[bi, bj]
-            largest = 0
-            for i in range(n0):
-                source = values[i0 + i, j0 : j0 + n1]
-                for j in range(n1):
-                    largest = max(largest, _magnitude_bits(source[j]))
-            used = _block_scale(s, largest)
-            _encode_block(values, i0, j0, n0, n1, used, out, i0, j0)
-            if measure:
-                k, u = _survival(values, before, i0, j0, n0, n1, out, i0, j0, used)
-                kept += k
-                update += u
-            if used != s:
-                scale[bi, bj] = used
-                rescaled[count, 0] = bi
-                rescaled[count, 1] = bj
-                count += 1
-    return kept, update, count
+    first_bi = row0 // block_rows
+    first_bj, count = _column_blocks(col0, cols, block_cols)
+    largest = np.zeros(((row0 + rows - 1) // block_rows - first_bi + 1, count), dtype=np.int64)
+    for i in range(rows):
+        ti = (row0 + i) // block_rows - first_bi
+        for tj in range(count):
+            j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+            merged = values[i, j0:j1]
+            most = 0
+            for j in range(j1 - j0):
+                most = max(most, _magnitude_bits(merged[j]))
+            largest[ti, tj] = max(largest[ti, tj], most)
+    used, rescaled_count, _ = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
+    _encode_rows(values, used, row0, col0, block_rows, block_cols, out)
+    if before.shape[0] == 0:
+        return 0.0, 0.0, rescaled_count
+    kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)
+    return kept, update, rescaled_count

@@ -268,24 +268,30 @@ class Fp8Bands(Bands):
     def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
         return self._tiles(rows) if self.rounding.mode == "nearest" else None
 
-    def decode_tile(self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
-        self._decode_compiled(stored, out, row, col, self.stored_scale)
+    def decode_tile(self, stored_rows: torch.Tensor, out: torch.Tensor, row: int, col: int) -> None:
+        self._decode_compiled(stored_rows, out, row, col, self.stored_scale)
 
     def encode_tile(
-        self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
+        self, values: torch.Tensor, before: torch.Tensor | None, out_rows: torch.Tensor, row: int, col: int
     ) -> tuple[float, float]:
-        return self._encode_compiled(values, before, out, row, col)
+        return self._encode_compiled(values, before, out_rows, row, col)
 
     def merge_tile(
-        self, stored: torch.Tensor, product: torch.Tensor, alpha: float, out: torch.Tensor, row: int, col: int
+        self,
+        stored_rows: torch.Tensor,
+        product: torch.Tensor,
+        alpha: float,
+        out_rows: torch.Tensor,
+        row: int,
+        col: int,
     ) -> tuple[float, float, bool]:
         import torch
 
         from bonemerge.codecs import e4m3_kernels
 
-        rescaled = self._rescaled_buffer(*stored.shape)
+        rescaled = self._rescaled_buffer(*product.shape)
         status, kept, update, count = e4m3_kernels.merge(
-            stored.view(torch.uint8).numpy(),
+            stored_rows.view(torch.uint8).numpy(),
             product.numpy(),
             alpha,
             self.stored_scale.numpy(),
@@ -293,28 +299,28 @@ class Fp8Bands(Bands):
             row,
             col,
             *self.block,
-            out.view(torch.uint8).numpy(),
+            out_rows.view(torch.uint8).numpy(),
             rescaled,
         )
         self._record(rescaled[:count])
         return kept, update, not status & e4m3_kernels.NON_FINITE
 
     def _decode_compiled(
-        self, stored: torch.Tensor, out: torch.Tensor, row: int, col: int, scale: torch.Tensor
+        self, stored_rows: torch.Tensor, out: torch.Tensor, row: int, col: int, scale: torch.Tensor
     ) -> None:
         import torch
 
         from bonemerge.codecs import e4m3_kernels
 
-        codes = stored.view(torch.uint8).numpy()
+        codes = stored_rows.view(torch.uint8).numpy()
         e4m3_kernels.decode(codes, scale.numpy(), row, col, *self.block, out.numpy())
 
     def _encode_compiled(
-        self, values: torch.Tensor, before: torch.Tensor | None, out: torch.Tensor, row: int, col: int
+        self, values: torch.Tensor, before: torch.Tensor | None, out_rows: torch.Tensor, row: int, col: int
     ) -> tuple[float, float]:
-        """fp32 values of rows from `row` and columns from `col` (block boundaries) to codes,
-        rounding to nearest on the stored scales, new ones for blocks that overflow; with
-        `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
+        """fp32 values of a tile (rows from `row`, columns from `col` of `out_rows`, block
+        boundaries) to codes, rounding to nearest on the stored scales, new ones for blocks
+        that overflow; with `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
         import numpy as np
         import torch
 
@@ -329,7 +335,7 @@ class Fp8Bands(Bands):
             row,
             col,
             *self.block,
-            out.view(torch.uint8).numpy(),
+            out_rows.view(torch.uint8).numpy(),
             rescaled,
         )
         self._record(rescaled[:count])

@@ -408,20 +408,20 @@ class Compute:
             if len(prepared) == 1:
                 product, alpha = block_update(prepared[0], row0 + r0, c0, shape)
                 k, u, finite = coded.encoder.merge_tile(
-                    rows[r0:r1, c0:c1], product, alpha, target[r0:r1, c0:c1], row0 + r0, c0
+                    rows[r0:r1], product, alpha, target[r0:r1], row0 + r0, c0
                 )
             else:
                 count = shape[0] * shape[1]
                 work = self._work_buffer().view(torch.float32)[:count].view(shape)
                 before = self._work_buffer(1).view(torch.float32)[:count].view(shape)
-                coded.decoder.decode_tile(rows[r0:r1, c0:c1], before, row0 + r0, c0)
+                coded.decoder.decode_tile(rows[r0:r1], before, row0 + r0, c0)
                 work.copy_(before)
                 for maths in prepared:
                     product, alpha = block_update(maths, row0 + r0, c0, shape)
                     work.add_(product, alpha=alpha)
                 finite = all_finite(work)
                 if finite or not self.options.safe_merge:
-                    k, u = coded.encoder.encode_tile(work, before, target[r0:r1, c0:c1], row0 + r0, c0)
+                    k, u = coded.encoder.encode_tile(work, before, target[r0:r1], row0 + r0, c0)
             if self.options.safe_merge and not finite:
                 _non_finite(step, row0, row0 + rows.shape[0])
             kept, update = kept + k, update + u
