@@ -570,7 +570,7 @@ def test_compiled_rounding_is_torchs_cast():
     one = np.ones((1, 1), dtype=np.float32)
     empty = np.empty((0, 0), dtype=np.float32)
     *_, count = e4m3_kernels.encode(
-        values.numpy()[None], empty, one, one.copy(), 0, 0, 1, values.numel(), got, rescaled
+        values.numpy()[None], empty, empty, one, one.copy(), 0, 0, 1, values.numel(), got, rescaled
     )
     assert count == 0
     assert np.array_equal(got[0], values.to(torch.float8_e4m3fn).view(torch.uint8).numpy())

@@ -32,6 +32,7 @@ _UNBIAS = (127 - 7) << 23
 _SUBNORMAL_STEP = 2.0**-9
 _NAN_BITS = 0x7FF00000
 _INFINITY_BITS = 0x7F800000
+TOP_CODE = 0x7E  # 448, the largest finite code
 # what the fused merge returns in its status word
 NON_FINITE = 1
 
@@ -66,6 +67,23 @@ def decode_value(code: np.uint8) -> np.float32:
     value = np.int64(subnormal.view(np.uint32)) if magnitude < 8 else (magnitude << 20) + _UNBIAS
     value = _NAN_BITS if magnitude == 0x7F else value
     return np.uint32(value | (bits & 0x80) << 24).view(np.float32)
+
+
+@njit(**_JIT)
+def round_stochastic(value: np.float32, uniform: np.float32) -> np.uint8:
+    """The e4m3 code of `value` (within ±448) rounded up in magnitude with probability equal
+    to its fraction of the step between the codes around it: the upper code where `uniform`
+    (in [0, 1)) is below that fraction, else the lower; an exact value keeps its code."""
+    magnitude = np.float32(abs(value))
+    nearest = np.int64(encode_value(magnitude))
+    at = decode_value(nearest)
+    above = at > magnitude
+    low = nearest - 1 if above else nearest
+    high = nearest if above or at == magnitude else min(nearest + 1, TOP_CODE)
+    lower = decode_value(low)
+    fraction = np.float32(np.float32(magnitude - lower) / np.float32(decode_value(high) - lower))
+    code = high if uniform < fraction else low
+    return np.uint8(code | (np.int64(np.float32(value).view(np.uint32)) >> 24) & 0x80)
 
 
 @njit(**_JIT)
@@ -138,10 +156,14 @@ def _block_scales(largest, stored, scale, first_bi, first_bj, rescaled):
 
 
 @njit(**_JIT)
-def _encode_rows(values, used, row0, col0, block_rows, block_cols, out):
+def _encode_rows(values, used, row0, col0, block_rows, block_cols, out, uniform):
     """The codes of the tile `values` on the scales `used` of its blocks, into columns
-    `col0...` of the rows `out`, row by row (long unit-stride runs, which memory streams)."""
+    `col0...` of the rows `out`, row by row (long unit-stride runs, which memory streams):
+    rounded to nearest, or stochastically with `uniform` (tile-shaped; empty: to nearest)."""
     rows, cols = values.shape
+    if uniform.shape[0] > 0:
+        _encode_rows_stochastic(values, used, row0, col0, block_rows, block_cols, out, uniform)
+        return
     first_bi = row0 // block_rows
     first_bj, count = _column_blocks(col0, cols, block_cols)
     top = np.float32(MAX)
@@ -156,6 +178,24 @@ def _encode_rows(values, used, row0, col0, block_rows, block_cols, out):
             codes = row[col0 + j0 : col0 + j1]
             for j in range(j1 - j0):
                 codes[j] = encode_value(min(max(merged[j] / scale, -top), top))
+
+
+@njit(**_JIT)
+def _encode_rows_stochastic(values, used, row0, col0, block_rows, block_cols, out, uniform):
+    rows, cols = values.shape
+    first_bi = row0 // block_rows
+    first_bj, count = _column_blocks(col0, cols, block_cols)
+    top = np.float32(MAX)
+    for i in range(rows):
+        ti = (row0 + i) // block_rows - first_bi
+        for tj in range(count):
+            j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+            scale = used[ti, tj]
+            merged = values[i, j0:j1]
+            draws = uniform[i, j0:j1]
+            codes = out[i, col0 + j0 : col0 + j1]
+            for j in range(j1 - j0):
+                codes[j] = round_stochastic(min(max(merged[j] / scale, -top), top), draws[j])
 
 
 @njit(fastmath={"reassoc"}, **_JIT)
@@ -216,15 +256,16 @@ def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_co
                 most = max(most, _magnitude_bits(v))
             largest[bi - first_bi, tj] = max(largest[bi - first_bi, tj], most)
     used, rescaled_count, status = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
-    _encode_rows(values, used, row0, col0, block_rows, block_cols, out)
+    _encode_rows(values, used, row0, col0, block_rows, block_cols, out, values[:0])
     kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)
     return status, kept, update, rescaled_count
 
 
 @njit(**_JIT)
-def encode(values, before, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
+def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
     """`merge` for values already merged (a tile, columns `col0...` of the rows `out`), given
-    with `before` (deq(W); empty: not measured). Returns (kept, update, blocks rescaled)."""
+    with `before` (deq(W); empty: not measured), rounded to nearest or, with `uniform` draws
+    (tile-shaped; empty: to nearest), stochastically. Returns (kept, update, blocks rescaled)."""
     rows, cols = values.shape
     first_bi = row0 // block_rows
     first_bj, count = _column_blocks(col0, cols, block_cols)
@@ -239,7 +280,7 @@ def encode(values, before, stored, scale, row0, col0, block_rows, block_cols, ou
                 most = max(most, _magnitude_bits(merged[j]))
             largest[ti, tj] = max(largest[ti, tj], most)
     used, rescaled_count, _ = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
-    _encode_rows(values, used, row0, col0, block_rows, block_cols, out)
+    _encode_rows(values, used, row0, col0, block_rows, block_cols, out, uniform)
     if before.shape[0] == 0:
         return 0.0, 0.0, rescaled_count
     kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)

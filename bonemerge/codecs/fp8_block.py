@@ -258,12 +258,12 @@ class Fp8Bands(Bands):
             return self._encode_compiled(values, before, out, row0, 0)
         return super().encode_measured(values, before, out, row0)
 
-    def _compiled(self, values: torch.Tensor) -> bool:
-        """Whether `e4m3_kernels` encodes these values: fp32 on the CPU, rounded to nearest."""
+    @staticmethod
+    def _compiled(values: torch.Tensor) -> bool:
+        """Whether `e4m3_kernels` encodes these values: fp32 on the CPU."""
         import torch
 
-        nearest = self.rounding.mode == "nearest"
-        return nearest and values.dtype == torch.float32 and values.device.type == "cpu"
+        return values.dtype == torch.float32 and values.device.type == "cpu"
 
     def tiles(self, rows: int) -> list[tuple[int, int, int, int]] | None:
         return self._tiles(rows) if self.rounding.mode == "nearest" else None
@@ -319,17 +319,20 @@ class Fp8Bands(Bands):
         self, values: torch.Tensor, before: torch.Tensor | None, out_rows: torch.Tensor, row: int, col: int
     ) -> tuple[float, float]:
         """fp32 values of a tile (rows from `row`, columns from `col` of `out_rows`, block
-        boundaries) to codes, rounding to nearest on the stored scales, new ones for blocks
-        that overflow; with `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
+        boundaries) to codes, rounding as asked on the stored scales, new ones for blocks that
+        overflow; with `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
         import numpy as np
         import torch
 
         from bonemerge.codecs import e4m3_kernels
 
+        empty = np.empty((0, 0), dtype=np.float32)
+        uniform = self._uniform(row, values).numpy() if self.rounding.mode == "stochastic" else empty
         rescaled = self._rescaled_buffer(*values.shape)
         kept, update, count = e4m3_kernels.encode(
             values.numpy(),
-            before.numpy() if before is not None else np.empty((0, 0), dtype=np.float32),
+            before.numpy() if before is not None else empty,
+            uniform,
             self.stored_scale.numpy(),
             self.scale.numpy(),
             row,
