@@ -111,6 +111,8 @@ class Fp8Block(Codec):
         return Fp8Bands(stored, load(stored.companions["scale_inv"]).to(device), rounding)
 
 
+# each compute thread's buffer of uniform draws for stochastic rounding, reused across weights
+_DRAWS = threading.local()
 _TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -357,16 +359,24 @@ class Fp8Bands(Bands):
                 self.encoded.rescaled.extend((int(i), int(j)) for i, j in blocks)
 
     def _uniform(self, row0: int, like: torch.Tensor) -> torch.Tensor:
-        """Uniform [0, 1) numbers drawn band by band from generators seeded by the band."""
+        """Uniform [0, 1) numbers drawn band by band from generators seeded by the band, into
+        this thread's reused buffer on the CPU (a fresh band-sized tensor per call would leave
+        each thread's allocator holding several)."""
         import torch
 
-        out = torch.empty_like(like)
+        if like.device.type == "cpu":
+            buffers = _DRAWS.__dict__
+            if buffers.get("size", 0) < like.numel():
+                buffers["buffer"], buffers["size"] = torch.empty(like.numel(), dtype=like.dtype), like.numel()
+            out = buffers["buffer"][: like.numel()].view(like.shape)
+        else:
+            out = torch.empty_like(like)
         band = self.block[0]
         for begin in range(0, like.shape[0], band):
             generator = torch.Generator(device=like.device)
             generator.manual_seed(self.rounding.generator_seed(self.name, (row0 + begin) // band))
             rows = out[begin : begin + band]
-            rows.copy_(torch.rand(rows.shape, generator=generator, device=like.device, dtype=like.dtype))
+            torch.rand(rows.shape, generator=generator, dtype=like.dtype, out=rows)
         return out
 
     def _rescale(
