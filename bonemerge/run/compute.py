@@ -401,12 +401,13 @@ class Compute:
     ) -> None:
         """Decode, merge, check and encode one tile at a time, so that a tile's values stay in
         the CPU's cache from its codes to its codes: the whole rows of a wide weight would
-        make each of those passes a trip through main memory."""
+        make each of those passes a trip through main memory. One adapter's update goes into
+        the codec's fused pass (`merge_tile`); several are added one after another."""
         kept = update = 0.0
         for r0, r1, c0, c1 in tiles:
             shape = (r1 - r0, c1 - c0)
             if len(prepared) == 1:
-                product, alpha = block_update(prepared[0], row0 + r0, c0, shape)
+                product, alpha = _block_update(prepared[0], row0 + r0, c0, shape)
                 k, u, finite = coded.encoder.merge_tile(
                     rows[r0:r1], product, alpha, target[r0:r1], row0 + r0, c0
                 )
@@ -417,7 +418,7 @@ class Compute:
                 coded.decoder.decode_tile(rows[r0:r1], before, row0 + r0, c0)
                 work.copy_(before)
                 for maths in prepared:
-                    product, alpha = block_update(maths, row0 + r0, c0, shape)
+                    product, alpha = _block_update(maths, row0 + r0, c0, shape)
                     work.add_(product, alpha=alpha)
                 finite = all_finite(work)
                 if finite or not self.options.safe_merge:
@@ -556,7 +557,7 @@ class Compute:
         return work, before
 
 
-def block_update(
+def _block_update(
     maths: tuple[RowMaths, bool], row0: int, col0: int, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, float]:
     """A block's update (or its undoing) of one tile, as `columns_update` gives it."""
