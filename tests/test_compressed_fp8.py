@@ -570,7 +570,7 @@ def test_new_16_bit_scales_are_the_smallest_that_fit():
     """A 16-bit new scale (bf16: 8 significant bits; fp16: 11, here in its normal range) is the
     smallest of its dtype at or above amax / 448, so amax / scale never exceeds 448; float32
     scales are amax / 448 to nearest, as block FP8's."""
-    from bonemerge.codecs.compressed_fp8 import fitting_scale
+    from bonemerge.codecs.fp8_block import fitting_scale
 
     generator = torch.Generator().manual_seed(0)
     for amax in (

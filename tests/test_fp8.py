@@ -570,10 +570,30 @@ def test_compiled_rounding_is_torchs_cast():
     one = np.ones((1, 1), dtype=np.float32)
     empty = np.empty((0, 0), dtype=np.float32)
     *_, count = e4m3_kernels.encode(
-        values.numpy()[None], empty, empty, one, one.copy(), 0, 0, 1, values.numel(), got, rescaled
+        values.numpy()[None], empty, empty, one, one.copy(), 0, 0, 1, values.numel(), got, rescaled, 0
     )
     assert count == 0
     assert np.array_equal(got[0], values.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+
+
+def test_compiled_new_scales_are_fitting_scale():
+    """A block that overflows gets the same new scale from the compiled kernels as from torch's
+    route (`fitting_scale`), for float32, bfloat16 and float16 scales, over magnitudes from
+    fp16's subnormal range to beyond its largest value, and on exact values of each dtype."""
+    import numpy as np
+
+    from bonemerge.codecs import e4m3_kernels
+    from bonemerge.codecs.fp8_block import fitting_scale
+
+    generator = torch.Generator().manual_seed(4)
+    magnitudes = torch.rand(3000, generator=generator, dtype=torch.float64) * 10.0 ** torch.randint(
+        -7, 8, (3000,), generator=generator
+    )
+    exact = torch.tensor([2.0**-20, 2.0**-14, 0.5, 1.0, 3.0, 65504.0, 70000.0], dtype=torch.float64) * 448
+    for amax in torch.cat([magnitudes, exact]).float().tolist():
+        for kind, dtype in enumerate(e4m3_kernels.SCALE_DTYPES):
+            expected = float(fitting_scale(torch.tensor(amax, dtype=torch.float32).double(), dtype))
+            assert float(e4m3_kernels.fitting_scale(np.float32(amax), kind)) == expected, (amax, dtype)
 
 
 def test_wide_weights_decode_and_encode_block_by_block():

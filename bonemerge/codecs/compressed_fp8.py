@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks
-from bonemerge.codecs.fp8_block import MAX, OVERFLOW, Fp8Bands
+from bonemerge.codecs.fp8_block import OVERFLOW, Fp8Bands
 from bonemerge.errors import CheckpointError, MergeError
 
 if TYPE_CHECKING:
@@ -212,24 +212,6 @@ class CompressedFp8(Codec):
         )
 
 
-def fitting_scale(amax: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The new scale (as float32) of a block whose largest magnitude is `amax` (float64),
-    representable in the scale dtype: float32(amax / 448) as block FP8 has it, or for a 16-bit
-    scale the smallest one at or above amax / 448 (to nearest, it could fall below, and amax
-    land beyond the top code)."""
-    import torch
-
-    from bonemerge.checkpoint.dtypes import to_torch
-
-    exact = amax.double() / MAX
-    if dtype == "F32":
-        return exact.float()
-    narrow = exact.to(to_torch(dtype))
-    if narrow.double() < exact:
-        narrow = (narrow.view(torch.int16) + 1).view(narrow.dtype)
-    return narrow.float()
-
-
 class CompressedBands(Fp8Bands):
     """Block FP8's bands on a compressed-tensors weight: its scales in their own dtype, and the
     companions that encoding leaves as they are (`input_scale`)."""
@@ -237,11 +219,9 @@ class CompressedBands(Fp8Bands):
     def __init__(self, stored: Stored, scale: torch.Tensor, rounding: Rounding, extra: dict) -> None:
         self.layout: Layout = stored.params
         super().__init__(stored, scale, rounding, self.layout.block)
+        self.scale_dtype = self.layout.scale_dtype
         self.stored = stored
         self.extra = extra
-
-    def new_scale(self, amax: torch.Tensor) -> torch.Tensor:
-        return fitting_scale(amax, self.layout.scale_dtype)
 
     def derived(self) -> dict[str, torch.Tensor]:
         from bonemerge.checkpoint.dtypes import to_torch

@@ -16,6 +16,8 @@ dot products: they are fp64 sums, one per column, added at the end of each block
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -33,6 +35,10 @@ _SUBNORMAL_STEP = 2.0**-9
 _NAN_BITS = 0x7FF00000
 _INFINITY_BITS = 0x7F800000
 TOP_CODE = 0x7E  # 448, the largest finite code
+# the dtypes a scale may be stored in, as the kernels number them (new scales must fit)
+SCALE_DTYPES = ("F32", "BF16", "F16")
+_HALF_SMALLEST_NORMAL = 2.0**-14
+_HALF_MAX = 65504.0
 # what the fused merge returns in its status word
 NON_FINITE = 1
 
@@ -132,10 +138,31 @@ def _span(tj, first, col0, cols, block_cols):
 
 
 @njit(**_JIT)
-def _block_scales(largest, stored, scale, first_bi, first_bj, rescaled):
-    """The scale each of the tile's blocks is encoded on: the stored one, or float32(amax /
-    448) where that would round the block's largest value beyond the format (written to
-    `scale`, listed in `rescaled`). Returns them, how many were new, and whether a block holds
+def fitting_scale(amax: np.float32, kind: int) -> np.float32:
+    """`fp8_block.fitting_scale` for the scale dtype `SCALE_DTYPES[kind]`: float32(amax / 448),
+    or the smallest bf16 or fp16 at or above amax / 448 (from the smallest float32 at or above
+    it, whose low mantissa bits are then rounded up; below fp16's normal range, its steps of
+    2⁻²⁴)."""
+    exact = np.float64(amax) / MAX
+    nearest = np.float32(exact)
+    if kind == 0:
+        return nearest
+    bits = np.int64(nearest.view(np.uint32))
+    bits += np.float64(nearest) < exact
+    if kind == 1:
+        return np.uint32((bits + 0xFFFF) & 0xFFFF0000).view(np.float32)
+    above = np.uint32(bits).view(np.float32)
+    if above < np.float32(_HALF_SMALLEST_NORMAL):
+        return np.float32(math.ceil(np.float64(above) * 2.0**24) * 2.0**-24)
+    rounded = np.uint32((bits + 0x1FFF) & ~0x1FFF).view(np.float32)
+    return rounded if rounded <= np.float32(_HALF_MAX) else np.float32(np.inf)
+
+
+@njit(**_JIT)
+def _block_scales(largest, stored, scale, first_bi, first_bj, rescaled, kind):
+    """The scale each of the tile's blocks is encoded on: the stored one, or `fitting_scale`
+    where that would round the block's largest value beyond the format (written to `scale`,
+    listed in `rescaled`). Returns them, how many were new, and whether a block holds
     a value that is not finite."""
     used = np.empty(largest.shape, dtype=np.float32)
     count = 0
@@ -148,7 +175,7 @@ def _block_scales(largest, stored, scale, first_bi, first_bj, rescaled):
             amax = np.uint32(largest[ti, tj]).view(np.float32)
             new = s
             if amax / s > np.float32(OVERFLOW):
-                new = np.float32(np.float64(amax) / MAX)
+                new = fitting_scale(amax, kind)
                 scale[first_bi + ti, first_bj + tj] = new
                 rescaled[count, 0] = first_bi + ti
                 rescaled[count, 1] = first_bj + tj
@@ -227,12 +254,12 @@ def _survival(values, before, used, row0, col0, block_rows, block_cols, codes):
 
 
 @njit(**_JIT)
-def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
+def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_cols, out, rescaled, kind):
     """The fused merge of one tile of whole blocks, columns `col0...` of the rows `codes` (from
     row `row0`; both block boundaries) as wide as `product`: values = code × stored scale +
     product × alpha, encoded into the same columns of `out` on the stored scales, or on a new
-    one (written to `scale`, listed in `rescaled`) where a block overflows. Returns (status,
-    kept, update, blocks rescaled)."""
+    one (written to `scale`, listed in `rescaled`; a scale of dtype `SCALE_DTYPES[kind]`) where
+    a block overflows. Returns (status, kept, update, blocks rescaled)."""
     rows, cols = product.shape
     values = np.empty((rows, cols), dtype=np.float32)
     before = np.empty((rows, cols), dtype=np.float32)
@@ -257,14 +284,14 @@ def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_co
                 merged[j] = v
                 most = max(most, _magnitude_bits(v))
             largest[bi - first_bi, tj] = max(largest[bi - first_bi, tj], most)
-    used, rescaled_count, status = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
+    used, rescaled_count, status = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled, kind)
     _encode_rows(values, used, row0, col0, block_rows, block_cols, out, values[:0])
     kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)
     return status, kept, update, rescaled_count
 
 
 @njit(**_JIT)
-def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block_cols, out, rescaled):
+def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block_cols, out, rescaled, kind):
     """`merge` for values already merged (a tile, columns `col0...` of the rows `out`), given
     with `before` (deq(W); empty: not measured), rounded to nearest or, with `uniform` draws
     (tile-shaped; empty: to nearest), stochastically. Returns (kept, update, blocks rescaled)."""
@@ -281,7 +308,7 @@ def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block
             for j in range(j1 - j0):
                 most = max(most, _magnitude_bits(merged[j]))
             largest[ti, tj] = max(largest[ti, tj], most)
-    used, rescaled_count, _ = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled)
+    used, rescaled_count, _ = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled, kind)
     _encode_rows(values, used, row0, col0, block_rows, block_cols, out, uniform)
     if before.shape[0] == 0:
         return 0.0, 0.0, rescaled_count

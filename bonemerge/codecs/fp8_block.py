@@ -149,7 +149,28 @@ def _neighbours(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def fitting_scale(amax: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The new scale (as float32) of a block whose largest magnitude is `amax` (float64), in
+    the scale dtype: float32(amax / 448), which puts amax within rounding of the top code, or
+    for a 16-bit scale the smallest one at or above amax / 448 (to nearest, it could fall
+    below, and amax land beyond the top code). `e4m3_kernels.fitting_scale` is the same rule."""
+    import torch
+
+    from bonemerge.checkpoint.dtypes import to_torch
+
+    exact = amax.double() / MAX
+    if dtype == "F32":
+        return exact.float()
+    narrow = exact.to(to_torch(dtype))
+    if narrow.double() < exact:
+        narrow = (narrow.view(torch.int16) + 1).view(narrow.dtype)
+    return narrow.float()
+
+
 class Fp8Bands(Bands):
+    #: the dtype scales are written in (new ones are made to fit it: `fitting_scale`)
+    scale_dtype = "F32"
+
     def __init__(
         self, stored: Stored, scale: torch.Tensor, rounding: Rounding, block: tuple[int, int] | None = None
     ) -> None:
@@ -303,6 +324,7 @@ class Fp8Bands(Bands):
             *self.block,
             out_rows.view(torch.uint8).numpy(),
             rescaled,
+            e4m3_kernels.SCALE_DTYPES.index(self.scale_dtype),
         )
         self._record(rescaled[:count])
         return kept, update, not status & e4m3_kernels.NON_FINITE
@@ -342,6 +364,7 @@ class Fp8Bands(Bands):
             *self.block,
             out_rows.view(torch.uint8).numpy(),
             rescaled,
+            e4m3_kernels.SCALE_DTYPES.index(self.scale_dtype),
         )
         self._record(rescaled[:count])
         return kept, update
@@ -399,9 +422,8 @@ class Fp8Bands(Bands):
                 self.encoded.rescaled.append((i, j))
 
     def new_scale(self, amax: torch.Tensor) -> torch.Tensor:
-        """The float32 scale of a block that overflowed, from its largest magnitude (float64):
-        amax / 448 rounded to float32, which puts amax within rounding of the top code."""
-        return (amax / MAX).float()
+        """The scale of a block that overflowed, from its largest magnitude (float64)."""
+        return fitting_scale(amax, self.scale_dtype)
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {"scale_inv": self.scale.cpu()}
