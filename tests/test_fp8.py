@@ -738,3 +738,40 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         assert torch.equal(coder.scale, whole.scale)
         assert sorted(coder.encoded.rescaled) == sorted(whole.encoded.rescaled)
         assert got_sums == pytest.approx(sums, rel=1e-6)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
+    """Two weights of DeepSeek-V3's widest shape (7168 × 18432 and its transpose: 528 MB each
+    in fp32, 132 MB of codes), LoRA r=16 on both: the merge streams tiles and bands, never a
+    weight whole, and stays under 600 MB with the compiled kernels loaded, stochastic
+    rounding's draws included."""
+    from safetensors.torch import save_file
+
+    from tests.lora_oracle import write_lora
+    from tests.test_memory import peak_rss
+
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    shapes = {"model.layers.0.mlp.down_proj": (7168, 18432), "model.layers.0.mlp.up_proj": (18432, 7168)}
+    tensors, factors = {}, {}
+    for module, (rows, cols) in shapes.items():
+        codes = torch.randint(0, 0x7E, (rows, cols), generator=generator, dtype=torch.uint8)
+        codes |= torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.uint8) << 7
+        tensors[module + ".weight"] = codes.view(torch.float8_e4m3fn)
+        tensors[module + ".weight_scale_inv"] = torch.rand(-(-rows // 128), -(-cols // 128)) * 1e-4 + 1e-5
+        factors[module + ".lora_A.weight"] = torch.randn(16, cols, generator=generator) * 0.01
+        factors[module + ".lora_B.weight"] = torch.randn(rows, 16, generator=generator) * 0.01
+    save_file(tensors, folder / "model.safetensors")
+    del tensors, codes
+    config = {"model_type": "deepseek_v3", "quantization_config": fm.QUANTIZATION}
+    (folder / "config.json").write_text(json.dumps(config))
+    adapter = write_lora(
+        tmp_path / "adapter", factors, {"r": 16, "lora_alpha": 16, "target_modules": ["down_proj", "up_proj"]}
+    )
+    peak = peak_rss(
+        "merge", folder, adapter, "-o", tmp_path / "out", "-q", "--rounding", rounding, "--seed", 1
+    )
+    print(f"peak RSS merging 264 M block-FP8 values ({rounding}): {peak / 2**20:.0f} MiB")
+    assert peak < 600 * 10**6
