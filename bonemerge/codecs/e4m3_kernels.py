@@ -4,14 +4,18 @@ Merging into FP8 is a dozen element-wise steps per value (decode, add the update
 the scale, find overflowing blocks, clamp, round, decode again to measure what survived). As
 torch calls each step is a pass over memory and a few microseconds of dispatch, about 6 ns per
 value on one core, several times what copying the bytes costs. Compiled with numba, the
-steps run per value in registers, a block row at a time, in vector lanes.
+steps run in vector registers, in three passes over a tile that stays in cache, each along
+its rows (long unit-stride runs: a 128 × 128 block's rows are 128 separate cache lines, which
+no prefetcher follows): decode and add, keeping each block's largest magnitude; encode on each
+block's scale; measure.
 
-Every code is bit-identical to the torch route it replaces: a value is code × scale rounded
-once to fp32, the update is added in fp32 (`add_(product, alpha=)` with an exact `alpha`), the
-quotient is fp32 division, and rounding ports torch's own fp32 → `float8_e4m3fn` conversion
-(`c10/util/Float8_e4m3fn.h`: round to nearest even, subnormals through one fp32 addition),
-branch-free so that it vectorizes. Only the update's survival sums differ from torch's fp32
-dot products: they are fp64 sums, one per column, added at the end of each block.
+Every code is bit-identical to the torch route it replaces (which still serves fp64 maths and
+CUDA): a value is code × scale rounded once to fp32, the update is added in fp32
+(`add_(product, alpha=)` with an exact `alpha`), the quotient is fp32 division, and rounding
+ports torch's own fp32 → `float8_e4m3fn` conversion (`c10/util/Float8_e4m3fn.h`: round to
+nearest even, subnormals through one fp32 addition), branch-free so that it vectorizes. Only
+the update's survival sums differ from torch's fp32 dot products: they are fp64 sums, in
+vector lanes.
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
-MAX = 448.0
-# 448 plus half its code step: beyond it, rounding to nearest would need a code e4m3 lacks
-OVERFLOW = 464.0
+from bonemerge.codecs.fp8_block import MAX, OVERFLOW, TOP_CODE
+
 # fp32 bits: below 2^-6 an e4m3 value is subnormal; 2^14 has an ulp of 2^-9, e4m3's finest step
 _SMALLEST_NORMAL_BITS = 121 << 23
 _SUBNORMAL_BIAS = 16384.0
@@ -34,7 +37,6 @@ _UNBIAS = (127 - 7) << 23
 _SUBNORMAL_STEP = 2.0**-9
 _NAN_BITS = 0x7FF00000
 _INFINITY_BITS = 0x7F800000
-TOP_CODE = 0x7E  # 448, the largest finite code
 # the dtypes a scale may be stored in, as the kernels number them (new scales must fit)
 SCALE_DTYPES = ("F32", "BF16", "F16")
 _HALF_SMALLEST_NORMAL = 2.0**-14

@@ -210,12 +210,8 @@ class Compute:
         self._derived: dict[tuple[str, str], torch.Tensor] = {}
         self._local = threading.local()
         self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
+        self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
         self._torch_threads = torch.get_num_threads()
-        # one thread per compute thread for torch's own kernels (BLAS included): the limit is
-        # each thread's own (OpenMP), so each compute thread sets it too, or its every GEMM
-        # would open a parallel region on the cores the other compute thread is using
-        single = {"initializer": torch.set_num_threads, "initargs": (1,)} if self._parallel > 1 else {}
-        self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute", **single)
         if self._parallel > 1:
             torch.set_num_threads(1)
         out_bytes = max((chunk_bytes(s, s.dtype, s.written_grid[1]) for s in transformed), default=0)
