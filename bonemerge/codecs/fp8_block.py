@@ -312,21 +312,14 @@ class Fp8Bands(Bands):
 
         from bonemerge.codecs import e4m3_kernels
 
-        rescaled = self._rescaled_buffer(*product.shape)
-        status, kept, update, count = e4m3_kernels.merge(
-            stored_rows.view(torch.uint8).numpy(),
-            product.numpy(),
-            alpha,
-            self.stored_scale.numpy(),
-            self.scale.numpy(),
+        status, kept, update = self._run_kernel(
+            e4m3_kernels.merge,
+            (stored_rows.view(torch.uint8).numpy(), product.numpy(), alpha),
             row,
             col,
-            *self.block,
-            out_rows.view(torch.uint8).numpy(),
-            rescaled,
-            e4m3_kernels.SCALE_DTYPES.index(self.scale_dtype),
+            out_rows,
+            product.shape,
         )
-        self._record(rescaled[:count])
         return kept, update, not status & e4m3_kernels.NON_FINITE
 
     def _decode_compiled(
@@ -346,17 +339,30 @@ class Fp8Bands(Bands):
         boundaries) to codes, rounding as asked on the stored scales, new ones for blocks that
         overflow; with `before` (deq(W)), also ⟨deq(W′) − deq(W), ΔW⟩ and ‖ΔW‖²."""
         import numpy as np
-        import torch
 
         from bonemerge.codecs import e4m3_kernels
 
         empty = np.empty((0, 0), dtype=np.float32)
         uniform = self._uniform(row, values).numpy() if self.rounding.mode == "stochastic" else empty
-        rescaled = self._rescaled_buffer(*values.shape)
-        kept, update, count = e4m3_kernels.encode(
-            values.numpy(),
-            before.numpy() if before is not None else empty,
-            uniform,
+        arrays = (values.numpy(), before.numpy() if before is not None else empty, uniform)
+        kept, update = self._run_kernel(e4m3_kernels.encode, arrays, row, col, out_rows, values.shape)
+        return kept, update
+
+    def _run_kernel(
+        self, kernel: Callable, arrays: tuple, row: int, col: int, out_rows: torch.Tensor, shape: tuple
+    ) -> list:
+        """Run `e4m3_kernels.merge` or `encode` on a tile of `shape` from (row, col): `arrays`
+        are its own first arguments, the scales, the codes' rows and the record of new scales
+        follow; returns its results but the count of new scales, which are noted."""
+        import numpy as np
+        import torch
+
+        from bonemerge.codecs import e4m3_kernels
+
+        rows, cols = shape
+        rescaled = np.empty((-(-rows // self.block[0]) * -(-cols // self.block[1]), 2), dtype=np.int64)
+        *results, count = kernel(
+            *arrays,
             self.stored_scale.numpy(),
             self.scale.numpy(),
             row,
@@ -367,13 +373,7 @@ class Fp8Bands(Bands):
             e4m3_kernels.SCALE_DTYPES.index(self.scale_dtype),
         )
         self._record(rescaled[:count])
-        return kept, update
-
-    def _rescaled_buffer(self, rows: int, cols: int):
-        import numpy as np
-
-        blocks = -(-rows // self.block[0]) * -(-cols // self.block[1])
-        return np.empty((blocks, 2), dtype=np.int64)
+        return results
 
     def _record(self, blocks) -> None:
         """Note the blocks (row block, column block) that a kernel gave a new scale."""
