@@ -775,3 +775,16 @@ def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
     )
     print(f"peak RSS merging 264 M block-FP8 values ({rounding}): {peak / 2**20:.0f} MiB")
     assert peak < 600 * 10**6
+
+
+def test_compiled_kernels_are_cached_where_a_folder_takes_files(tmp_path):
+    """numba refuses even to import a cached kernel where its default folders cannot be written
+    (a read-only install with no home), so bonemerge picks the first candidate folder that takes
+    a file, and compiles without a cache where none does."""
+    from bonemerge.codecs.e4m3_kernels import writable_folder
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert writable_folder([blocked / "numba", tmp_path / "cache" / "numba"]) == tmp_path / "cache" / "numba"
+    assert (tmp_path / "cache" / "numba").is_dir() and not list((tmp_path / "cache" / "numba").iterdir())
+    assert writable_folder([blocked / "numba", blocked]) is None

@@ -21,10 +21,16 @@ vector lanes.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit
 
+from bonemerge.checkpoint.confine import expand_home
 from bonemerge.codecs.fp8_block import MAX, OVERFLOW, TOP_CODE
 
 # fp32 bits: below 2^-6 an e4m3 value is subnormal; 2^14 has an ulp of 2^-9, e4m3's finest step
@@ -44,9 +50,47 @@ _HALF_MAX = 65504.0
 # what the fused merge returns in its status word
 NON_FINITE = 1
 
+
+def writable_folder(candidates: Iterable[Path]) -> Path | None:
+    """The first of `candidates` that exists or can be made, and takes a file; else None."""
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            continue
+        return folder
+    return None
+
+
+def _cache_candidates() -> Iterable[Path]:
+    """Where compiled kernels may be kept: beside this module (numba's default), then
+    `$XDG_CACHE_HOME/bonemerge/numba`, then a folder of this user's among the temporary files.
+    numba itself refuses to import the module where its default and its own fall-back (the
+    home's cache) cannot be written, as in a read-only install with no home."""
+    yield Path(__file__).parent / "__pycache__"
+    yield expand_home(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "bonemerge" / "numba"
+    try:
+        yield Path(tempfile.gettempdir()) / f"bonemerge-numba-{getattr(os, 'getuid', lambda: 0)()}"
+    except OSError:
+        return
+
+
+def _cached() -> bool:
+    """Whether the kernels are cached (compiled once per install), choosing where unless
+    NUMBA_CACHE_DIR says; without a writable folder they are compiled on each run."""
+    if numba.config.CACHE_DIR:
+        return True
+    folder = writable_folder(_cache_candidates())
+    if folder is not None and folder != Path(__file__).parent / "__pycache__":
+        numba.config.CACHE_DIR = str(folder)
+    return folder is not None
+
+
 # numpy's error model: a float division by zero gives inf as in torch, without a check per
 # element that would keep the loops from vectorizing
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
+_JIT = {"nogil": True, "cache": _cached(), "error_model": "numpy"}
 
 
 @njit(**_JIT)
