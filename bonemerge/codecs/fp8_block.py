@@ -111,7 +111,8 @@ class Fp8Block(Codec):
         return Fp8Bands(stored, load(stored.companions["scale_inv"]).to(device), rounding)
 
 
-# each compute thread's buffer of uniform draws for stochastic rounding, reused across weights
+# each compute thread's buffers of uniform draws for stochastic rounding (by dtype), reused
+# across weights
 _DRAWS = threading.local()
 _TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -388,10 +389,13 @@ class Fp8Bands(Bands):
         import torch
 
         if like.device.type == "cpu":
-            buffers = _DRAWS.__dict__
-            if buffers.get("size", 0) < like.numel():
-                buffers["buffer"], buffers["size"] = torch.empty(like.numel(), dtype=like.dtype), like.numel()
-            out = buffers["buffer"][: like.numel()].view(like.shape)
+            buffers = getattr(_DRAWS, "buffers", None)
+            if buffers is None:
+                buffers = _DRAWS.buffers = {}
+            found = buffers.get(like.dtype)
+            if found is None or found.numel() < like.numel():
+                found = buffers[like.dtype] = torch.empty(like.numel(), dtype=like.dtype)
+            out = found[: like.numel()].view(like.shape)
         else:
             out = torch.empty_like(like)
         band = self.block[0]
