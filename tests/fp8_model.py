@@ -169,3 +169,36 @@ def factory(folder: Path, dtype: torch.dtype = torch.float64, sizes: dict | None
         return model.eval()
 
     return make
+
+
+def shrunk_lora(make, path: Path, targets: list[str], shrink: float = 0.1, **settings) -> Path:
+    """A PEFT LoRA (init_lora_weights=False, then random factors) on the model `make` builds, its
+    B shrunk so that the update is about a code step: the regime where rounding decides what
+    survives."""
+    from peft import LoraConfig
+
+    from tests import lora_oracle
+
+    config = LoraConfig(r=16, lora_alpha=24, target_modules=targets, init_lora_weights=False, **settings)
+    model = lora_oracle.lora_model(make, config, seed=3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(shrink)
+    model.save_pretrained(path)
+    return path
+
+
+def merge_json(base: Path, adapters: list[Path], out: Path, *options: object) -> dict:
+    """`bonemerge merge ... --json`, required to succeed; its report."""
+    from tests.cliutil import run
+
+    result = run("merge", base, *adapters, "-o", out, "--json", *options)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def ordinal(codes: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as integers ordered like their values (code steps apart = integers apart)."""
+    bits = codes.view(torch.uint8).int()
+    return torch.where(bits >= 0x80, -(bits - 0x80), bits)

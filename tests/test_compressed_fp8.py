@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import BoneConfig, LoraConfig
+from peft import BoneConfig
 from safetensors.torch import load_file, save_file
 
 from tests import compressed_fp8_model as cm
 from tests import fp8_model as fm
-from tests import lora_oracle, oracle
+from tests import oracle
 from tests.cliutil import fails, run
 
 DATA = Path(__file__).parent / "data"
@@ -44,27 +44,11 @@ def _values(folder: Path, strategy: str) -> dict[str, torch.Tensor]:
 
 
 def _lora(values: dict, path: Path, shrink: float = 0.1, targets=TARGETS, sizes=None, **settings) -> Path:
-    """A PEFT LoRA (init_lora_weights=False, random factors), B shrunk so that the update is
-    about a code step."""
-    config = LoraConfig(r=16, lora_alpha=24, target_modules=targets, init_lora_weights=False, **settings)
-    model = lora_oracle.lora_model(cm.factory(values, torch.float32, sizes), config, seed=3)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(shrink)
-    model.save_pretrained(path)
-    return path
+    return fm.shrunk_lora(cm.factory(values, torch.float32, sizes), path, targets, shrink, **settings)
 
 
-def _merge(base: Path, adapters: list[Path], out: Path, *options: object) -> dict:
-    result = run("merge", base, *adapters, "-o", out, "--json", *options)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _ordinal(codes: torch.Tensor) -> torch.Tensor:
-    bits = codes.view(torch.uint8).int()
-    return torch.where(bits >= 0x80, -(bits - 0x80), bits)
+_merge = fm.merge_json
+_ordinal = fm.ordinal
 
 
 def _compare(out: Path, base: Path, reference: dict, strategies: dict[str, str]) -> tuple[int, int, dict]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import BoneConfig, LoraConfig, MissConfig
+from peft import BoneConfig, MissConfig
 
 from tests import fp8_model as fm
-from tests import lora_oracle, oracle
+from tests import oracle
 from tests.cliutil import fails, run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # k, o, gate and up stay untouched
@@ -41,28 +41,11 @@ def make64(base):
 
 
 def _lora(make, path: Path, shrink: float = 0.1, **settings) -> Path:
-    """A PEFT LoRA adapter (init_lora_weights=False, then random factors), its B shrunk so that
-    the update is about a code step: the regime where rounding decides what survives."""
-    config = LoraConfig(r=16, lora_alpha=24, target_modules=TARGETS, init_lora_weights=False, **settings)
-    model = lora_oracle.lora_model(make, config, seed=3)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(shrink)
-    model.save_pretrained(path)
-    return path
+    return fm.shrunk_lora(make, path, TARGETS, shrink, **settings)
 
 
-def _merge(base: Path, adapters: list[Path], out: Path, *options: object) -> dict:
-    result = run("merge", base, *adapters, "-o", out, "--json", *options)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _ordinal(codes: torch.Tensor) -> torch.Tensor:
-    """e4m3 codes as integers ordered like their values (code steps apart = integers apart)."""
-    bits = codes.view(torch.uint8).int()
-    return torch.where(bits >= 0x80, -(bits - 0x80), bits)
+_merge = fm.merge_json
+_ordinal = fm.ordinal
 
 
 def _compare(out: Path, base: Path, reference: dict[str, torch.Tensor]) -> tuple[int, int]:
