@@ -659,14 +659,75 @@ def test_lora_merged_by_column_tiles_gives_the_bits_of_whole_rows(shape, rank, s
             assert torch.equal(tiled.view(torch.int32), whole.view(torch.int32))
 
 
-@pytest.mark.parametrize("rows,cols", [(257, 512), (130, 2500), (641, 512), (1024, 1536)])
-def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
+def test_tile_products_come_from_factors_only_where_they_have_torchs_bits(monkeypatch):
+    """A LoRA tile's product is computed inside the compiled merge (`e4m3_kernels.product`'s
+    sums) only where a trial on random factors of that shape gives torch's bits on this
+    machine (`_sums_like_torch`): on real factors, exact and other scales, ranks BLAS sums in
+    order and one it sums in blocks, full and partial tiles, that verdict must be whether the
+    kernel gives `columns_update`'s product; and a kernel that sums otherwise is not used
+    (`merge_tile_low_rank` declines, the engine then multiplies with torch)."""
+    import numpy as np
+
+    from bonemerge.codecs import e4m3_kernels, fp8_block
+    from bonemerge.codecs.base import Rounding, Stored
+    from bonemerge.methods.lora import DeltaRows
+
+    generator = torch.Generator().manual_seed(17)
+    for rank, scale in ((16, 2.0), (16, 0.3), (64, 4.0), (256, 2.0)):
+        maths = DeltaRows(
+            torch.randn(300, rank, generator=generator) * 0.01,
+            torch.randn(rank, 1500, generator=generator) * 0.01,
+            scale,
+            torch.float32,
+        )
+        for sign in (1, -1):
+            update = maths.low_rank_update(sign)
+            for row0, rows, col, cols in ((128, 128, 128, 1024), (256, 44, 0, 1500), (0, 2, 256, 128)):
+                product, alpha = maths.columns_update(row0, rows, col, cols, sign)
+                got = np.empty((rows, cols), dtype=np.float32)
+                e4m3_kernels.product(
+                    update.left[row0 : row0 + rows].numpy(), update.right.numpy(), col, update.multiplier, got
+                )
+                same = np.array_equal(got.view(np.uint32), product.numpy().view(np.uint32))
+                assert fp8_block._sums_like_torch(rank, rows, cols, update.multiplier) == same, (rank, rows)
+                assert update.alpha == alpha
+
+    class Weight:
+        shape = (256, 1024)
+
+    def otherwise(left, right, col0, multiplier, out):
+        product(left, right, col0, multiplier, out)
+        out[0, 0] = np.nextafter(out[0, 0], np.float32(1))
+
+    product = e4m3_kernels.product
+    monkeypatch.setattr(e4m3_kernels, "product", otherwise)
+    fp8_block._sums_like_torch.cache_clear()
+    try:
+        maths = DeltaRows(torch.randn(256, 16), torch.randn(16, 1024), 2.0, torch.float32)
+        bands = fp8_block.Fp8Bands(
+            Stored(None, "x.weight", Weight, {}, {}, (128, 128)), torch.ones(2, 8), Rounding()
+        )
+        codes = torch.zeros(128, 1024, dtype=torch.float8_e4m3fn)
+        out = torch.empty_like(codes)
+        assert bands.merge_tile_low_rank(codes, maths.low_rank_update(1), out, 0, 0, 1024) is None
+    finally:
+        fp8_block._sums_like_torch.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "rows,cols,scale,inverse",
+    [(257, 512, 2.0, False), (130, 2500, 2.0, True), (641, 512, 0.3, False), (1024, 1536, 0.3, True)],
+)
+def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scale, inverse):
     """The engine merges LoRA into block FP8 one cache-sized tile at a time, fused in one
-    compiled pass (`merge_tile`: decode, add `s · B @ A`, encode) for one adapter, in three
-    steps (`decode_tile`, the addition, `encode_tile`) for several; on heights whose last band
-    is partial (a row or two beyond whole bands included) and widths cut in several tiles,
-    with blocks that overflow, the codes and scales of both must be those of decoding, merging
-    (torch's addition) and encoding the rows whole."""
+    compiled pass for one adapter (`merge_tile_low_rank`: the product `B @ A` computed from
+    the factors in the pass that decodes, adds and encodes; or, where that product would not
+    have torch's bits, `merge_tile` given torch's product), in three steps (`decode_tile`, the
+    addition, `encode_tile`) for several; on heights whose last band is partial (a row or two
+    beyond whole bands included) and widths cut in several tiles, with blocks that overflow,
+    scales of 2^k (added with `alpha`) and others (multiplied first), merging and unmerging,
+    the codes and scales of all three must be those of decoding, merging (torch's addition)
+    and encoding the rows whole."""
     from bonemerge.codecs.base import Rounding, Stored
     from bonemerge.codecs.fp8_block import Fp8Bands
     from bonemerge.methods.lora import DeltaRows
@@ -677,28 +738,29 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         shape = (rows, cols)
 
     codes = (torch.randn(rows, cols, generator=generator) * 120).clamp(-448, 448).to(torch.float8_e4m3fn)
-    scale = (torch.rand(-(-rows // 128), -(-cols // 128), generator=generator) + 0.5) * 2e-4
     maths = DeltaRows(
         torch.randn(rows, 16, generator=generator) * 0.01,
         torch.randn(16, cols, generator=generator) * 0.01,
-        2.0,
+        scale,
         torch.float32,
     )
-    scale[rows // 256, -1] = 1e-7  # the update pushes this block beyond 448 codes
+    sign = -1 if inverse else 1
+    scales = (torch.rand(-(-rows // 128), -(-cols // 128), generator=generator) + 0.5) * 2e-4
+    scales[rows // 256, -1] = 1e-7  # the update pushes this block beyond 448 codes
 
     def bands() -> Fp8Bands:
-        return Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scale.clone(), Rounding())
+        return Fp8Bands(Stored(None, "x.weight", Weight, {}, {}, (128, 128)), scales.clone(), Rounding())
 
-    whole, tiled, fused = bands(), bands(), bands()
-    expected, got, got_fused = torch.empty_like(codes), torch.empty_like(codes), torch.empty_like(codes)
-    sums, tile_sums, fused_sums = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    whole, tiled, fused, factored = bands(), bands(), bands(), bands()
+    expected, got, got_fused, got_factored = (torch.empty_like(codes) for _ in range(4))
+    sums, tile_sums, fused_sums, factored_sums = ([0.0, 0.0] for _ in range(4))
     band = 640 if rows > 640 else rows
     for row0 in range(0, rows, band):
         chunk = slice(row0, min(rows, row0 + band))
         work = torch.empty(chunk.stop - row0, cols)
         whole.decode(codes[chunk], work, row0)
         before = work.clone()
-        maths.merge(work, row0)
+        (maths.unmerge if inverse else maths.merge)(work, row0)
         sums = [
             a + b
             for a, b in zip(sums, whole.encode_measured(work, before, expected[chunk], row0), strict=True)
@@ -706,7 +768,7 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
         for r0, r1, c0, c1 in tiled.tiles(chunk.stop - row0):
             was = torch.empty(r1 - r0, c1 - c0)
             tiled.decode_tile(codes[chunk][r0:r1], was, row0 + r0, c0)
-            product, alpha = maths.columns_update(row0 + r0, r1 - r0, c0, c1 - c0, 1)
+            product, alpha = maths.columns_update(row0 + r0, r1 - r0, c0, c1 - c0, sign)
             now = was.clone().add_(product, alpha=alpha)
             kept = tiled.encode_tile(now, was, got[chunk][r0:r1], row0 + r0, c0)
             tile_sums = [a + b for a, b in zip(tile_sums, kept, strict=True)]
@@ -715,8 +777,27 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols):
             )
             assert finite
             fused_sums = [a + b for a, b in zip(fused_sums, kept, strict=True)]
+            merged = factored.merge_tile_low_rank(
+                codes[chunk][r0:r1],
+                maths.low_rank_update(sign),
+                got_factored[chunk][r0:r1],
+                row0 + r0,
+                c0,
+                c1 - c0,
+            )
+            if merged is None:  # this machine's BLAS sums otherwise: the engine calls merge_tile
+                merged = factored.merge_tile(
+                    codes[chunk][r0:r1], product, alpha, got_factored[chunk][r0:r1], row0 + r0, c0
+                )
+            *kept, finite = merged
+            assert finite
+            factored_sums = [a + b for a, b in zip(factored_sums, kept, strict=True)]
     assert whole.encoded.rescaled
-    for coder, codes_got, got_sums in ((tiled, got, tile_sums), (fused, got_fused, fused_sums)):
+    for coder, codes_got, got_sums in (
+        (tiled, got, tile_sums),
+        (fused, got_fused, fused_sums),
+        (factored, got_factored, factored_sums),
+    ):
         assert torch.equal(codes_got.view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(coder.scale, whole.scale)
         assert sorted(coder.encoded.rescaled) == sorted(whole.encoded.rescaled)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from bonemerge.checkpoint import Checkpoint, ComputedTensor, TensorRef
     from bonemerge.checkpoint.folder import RowMaker
+    from bonemerge.methods import LowRankUpdate
     from bonemerge.plan.build import Step
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -230,6 +231,20 @@ class Bands:
         """`decode_tile`, `product × alpha` added (one fp32 rounding, as `add_(alpha=)`) and
         `encode_tile` in one pass over the tile; also whether every merged value was finite."""
         raise NotImplementedError
+
+    def merge_tile_low_rank(
+        self,
+        stored_rows: torch.Tensor,
+        update: LowRankUpdate,
+        out_rows: torch.Tensor,
+        row: int,
+        col: int,
+        cols: int,
+    ) -> tuple[float, float, bool] | None:
+        """`merge_tile` of the tile of `cols` columns from `col`, the product computed from
+        `update`'s factors in the same pass; None where this codec cannot give it the bits of
+        torch's product (then the caller multiplies, and calls `merge_tile`)."""
+        return None
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {}

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.codecs.fp8_block import MAX, OVERFLOW, TOP_CODE
@@ -93,18 +95,26 @@ def _cached() -> bool:
 _JIT = {"nogil": True, "cache": _cached(), "error_model": "numpy"}
 
 
+# numba types integer arithmetic as 64-bit, which halves the lanes of every vector; each
+# integer step below is cast back to 32 bits, which LLVM then carries out in 32 (its results
+# fit: the arithmetic is on fp32 bit patterns)
+_I32 = np.int32
+
+
 @njit(**_JIT)
 def encode_value(value: np.float32) -> np.uint8:
     """The e4m3 code nearest to `value` (ties to even), NaN (0x7F) beyond the format."""
     value = np.float32(value)
-    bits = np.int64(value.view(np.uint32))
-    sign = (bits >> 24) & 0x80
-    magnitude = bits & 0x7FFFFFFF
+    bits = value.view(np.int32)
+    sign = _I32(_I32(bits >> _I32(24)) & _I32(0x80))
+    magnitude = _I32(bits & _I32(0x7FFFFFFF))
     shifted = np.float32(np.float32(abs(value)) + np.float32(_SUBNORMAL_BIAS))
-    subnormal = np.int64(shifted.view(np.uint32)) - _SUBNORMAL_BIAS_BITS
-    normal = ((magnitude + _REBIAS + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) & 0xFF
-    code = subnormal if magnitude < _SMALLEST_NORMAL_BITS else normal
-    code = 0x7F if magnitude >= _NAN_FROM else code
+    subnormal = _I32(shifted.view(np.int32) - _I32(_SUBNORMAL_BIAS_BITS))
+    odd = _I32(_I32(magnitude >> _I32(20)) & _I32(1))
+    rounded = _I32(_I32(magnitude + _I32(_REBIAS)) + _I32(_I32(0x7FFFF) + odd))
+    normal = _I32(_I32(rounded >> _I32(20)) & _I32(0xFF))
+    code = subnormal if magnitude < _I32(_SMALLEST_NORMAL_BITS) else normal
+    code = _I32(0x7F) if magnitude >= _I32(_NAN_FROM) else code
     return np.uint8(code | sign)
 
 
@@ -113,12 +123,13 @@ def decode_value(code: np.uint8) -> np.float32:
     """The value of an e4m3 code, exactly, from its bits (a table look-up per vector lane
     costs more): a normal code's exponent and mantissa are a float32's, rebiased; a subnormal
     one is its mantissa × 2⁻⁹; 0x7F and 0xFF are NaN (with torch's bits)."""
-    bits = np.int64(code)
-    magnitude = bits & 0x7F
-    subnormal = np.float32(np.float32(bits & 7) * np.float32(_SUBNORMAL_STEP))
-    value = np.int64(subnormal.view(np.uint32)) if magnitude < 8 else (magnitude << 20) + _UNBIAS
-    value = _NAN_BITS if magnitude == 0x7F else value
-    return np.uint32(value | (bits & 0x80) << 24).view(np.float32)
+    bits = _I32(code)
+    magnitude = _I32(bits & _I32(0x7F))
+    subnormal = np.float32(np.float32(_I32(bits & _I32(7))) * np.float32(_SUBNORMAL_STEP))
+    normal = _I32(_I32(magnitude << _I32(20)) + _I32(_UNBIAS))
+    value = subnormal.view(np.int32) if magnitude < _I32(8) else normal
+    value = _I32(_NAN_BITS) if magnitude == _I32(0x7F) else value
+    return _I32(value | _I32(_I32(bits & _I32(0x80)) << _I32(24))).view(np.float32)
 
 
 # inlined by numba itself: LLVM finds this function too large to inline, and a call per value
@@ -129,15 +140,16 @@ def round_stochastic(value: np.float32, uniform: np.float32) -> np.uint8:
     to its fraction of the step between the codes around it: the upper code where `uniform`
     (in [0, 1)) is below that fraction, else the lower; an exact value keeps its code."""
     magnitude = np.float32(abs(value))
-    nearest = np.int64(encode_value(magnitude))
+    nearest = _I32(encode_value(magnitude))
     at = decode_value(nearest)
-    low = nearest - (at > magnitude)
+    low = _I32(nearest - _I32(at > magnitude))
     # the code above: none beyond 448; the same code where the value is one (no step to take)
-    high = min(nearest + ((at < magnitude) & (nearest < TOP_CODE)), TOP_CODE)
+    step = _I32((at < magnitude) & (nearest < _I32(TOP_CODE)))
+    high = min(_I32(nearest + step), _I32(TOP_CODE))
     lower = decode_value(low)
     fraction = np.float32(np.float32(magnitude - lower) / np.float32(decode_value(high) - lower))
     code = high if uniform < fraction else low
-    return np.uint8(code | (np.int64(np.float32(value).view(np.uint32)) >> 24) & 0x80)
+    return np.uint8(code | _I32(_I32(np.float32(value).view(np.int32) >> _I32(24)) & _I32(0x80)))
 
 
 @njit(**_JIT)
@@ -162,11 +174,11 @@ def decode(codes, scale, row0, col0, block_rows, block_cols, out):
 
 
 @njit(**_JIT)
-def _magnitude_bits(value: np.float32) -> np.int64:
+def _magnitude_bits(value: np.float32) -> np.int32:
     """|value|'s fp32 bits: ordered as the magnitudes are, NaN and inf above every finite one,
     so that a block's largest needs only integer maxima (which vectorize; float ones do not,
     without letting NaN go unseen)."""
-    return np.int64(np.float32(value).view(np.uint32)) & 0x7FFFFFFF
+    return _I32(np.float32(value).view(np.int32) & _I32(0x7FFFFFFF))
 
 
 @njit(**_JIT)
@@ -299,33 +311,123 @@ def _survival(values, before, used, row0, col0, block_rows, block_cols, codes):
     return kept, update
 
 
+@intrinsic
+def _fma(typing_context, a, b, c):
+    """a × b + c rounded once (fp32): LLVM's fma, which vectorizes; numba has no fma of its own."""
+
+    def codegen(context, builder, signature, args):
+        single = ir.FloatType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [single], ir.FunctionType(single, [single] * 3))
+        return builder.call(fma, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@njit(inline="always", **_JIT)
+def _row_product(left_row, right, col0, out):
+    """out = left_row @ right[:, col0:col0 + len(out)], each sum as BLAS's GEMM orders it for
+    small ranks: one fused multiply-add per term, first term first (`fp8_block` checks this
+    against torch's product before relying on it). Four terms per pass over `out`, which stays
+    in cache; the factor rows stream."""
+    rank = left_row.shape[0]
+    n = out.shape[0]
+    col1 = col0 + n
+    k = 0
+    if rank >= 4:
+        a0, a1, a2, a3 = left_row[0], left_row[1], left_row[2], left_row[3]
+        r0, r1, r2, r3 = right[0, col0:col1], right[1, col0:col1], right[2, col0:col1], right[3, col0:col1]
+        for j in range(n):
+            out[j] = _fma(a3, r3[j], _fma(a2, r2[j], _fma(a1, r1[j], a0 * r0[j])))
+        k = 4
+    else:
+        out[:] = 0
+    while k + 4 <= rank:
+        a0, a1, a2, a3 = left_row[k], left_row[k + 1], left_row[k + 2], left_row[k + 3]
+        r0, r1, r2, r3 = (
+            right[k, col0:col1],
+            right[k + 1, col0:col1],
+            right[k + 2, col0:col1],
+            right[k + 3, col0:col1],
+        )
+        for j in range(n):
+            out[j] = _fma(a3, r3[j], _fma(a2, r2[j], _fma(a1, r1[j], _fma(a0, r0[j], out[j]))))
+        k += 4
+    while k < rank:
+        a, r = left_row[k], right[k, col0:col1]
+        for j in range(n):
+            out[j] = _fma(a, r[j], out[j])
+        k += 1
+
+
 @njit(**_JIT)
-def merge(codes, product, alpha, stored, scale, row0, col0, block_rows, block_cols, out, rescaled, kind):
-    """The fused merge of one tile of whole blocks, columns `col0...` of the rows `codes` (from
-    row `row0`; both block boundaries) as wide as `product`: values = code × stored scale +
-    product × alpha, encoded into the same columns of `out` on the stored scales, or on a new
-    one (written to `scale`, listed in `rescaled`; a scale of dtype `SCALE_DTYPES[kind]`) where
-    a block overflows. Returns (status, kept, update, blocks rescaled)."""
-    rows, cols = product.shape
+def product(left, right, col0, multiplier, out):
+    """out = (left @ right[:, col0:col0 + out's width]) × multiplier, each rounded to fp32 as
+    `merge` computes its update from factors."""
+    m = np.float32(multiplier)
+    for i in range(out.shape[0]):
+        row = out[i]
+        _row_product(left[i], right, col0, row)
+        for j in range(row.shape[0]):
+            row[j] = row[j] * m
+
+
+@njit(**_JIT)
+def merge(
+    codes,
+    product,
+    left,
+    right,
+    multiplier,
+    alpha,
+    cols,
+    stored,
+    scale,
+    row0,
+    col0,
+    block_rows,
+    block_cols,
+    out,
+    rescaled,
+    kind,
+):
+    """The fused merge of one tile of whole blocks, columns `col0...col0 + cols` of the rows
+    `codes` (from row `row0`; both block boundaries): values = code × stored scale + update ×
+    alpha, encoded into the same columns of `out` on the stored scales, or on a new one
+    (written to `scale`, listed in `rescaled`; a scale of dtype `SCALE_DTYPES[kind]`) where a
+    block overflows. The update is `product` (tile-shaped) or, where that is empty, `left @
+    right[:, col0:]` computed here (`left`: the tile's rows) times `multiplier`, each rounded
+    to fp32: the tile's product never goes through memory. Returns (status, kept, update,
+    blocks rescaled)."""
+    rows = codes.shape[0]
+    factored = product.shape[0] == 0
     values = np.empty((rows, cols), dtype=np.float32)
     before = np.empty((rows, cols), dtype=np.float32)
     first_bi = row0 // block_rows
     first_bj, count = _column_blocks(col0, cols, block_cols)
     largest = np.zeros(((row0 + rows - 1) // block_rows - first_bi + 1, count), dtype=np.int64)
+    # the product of one row (a buffer of its own: read where the merged values are written,
+    # it would make the vectorized loop's overlap check fail, and the loop run scalar)
+    row_update = np.empty(cols if factored else 0, dtype=np.float32)
+    m = np.float32(multiplier)
     factor = np.float32(alpha)
     for i in range(rows):
         bi = (row0 + i) // block_rows
+        if factored:
+            _row_product(left[i], right, col0, row_update)
+            update = row_update
+        else:
+            update = product[i]
         for tj in range(count):
             j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
             s = stored[bi, first_bj + tj]
             source = codes[i, col0 + j0 : col0 + j1]
-            added = product[i, j0:j1]
+            added = update[j0:j1]
             was = before[i, j0:j1]
             merged = values[i, j0:j1]
-            most = 0
+            most = _I32(0)
             for j in range(j1 - j0):
                 b = decode_value(source[j]) * s
-                v = np.float32(b + added[j] * factor)
+                v = np.float32(b + np.float32(added[j] * m) * factor)
                 was[j] = b
                 merged[j] = v
                 most = max(most, _magnitude_bits(v))
@@ -350,7 +452,7 @@ def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block
         for tj in range(count):
             j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
             merged = values[i, j0:j1]
-            most = 0
+            most = _I32(0)
             for j in range(j1 - j0):
                 most = max(most, _magnitude_bits(merged[j]))
             largest[ti, tj] = max(largest[ti, tj], most)

@@ -19,6 +19,7 @@ stochastic rounding) the same arithmetic runs as torch calls on whole bands.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from bonemerge.checkpoint import Checkpoint, TensorRef
+    from bonemerge.methods import LowRankUpdate
 
 SCALE_SUFFIX = "_scale_inv"
 MAX = 448.0
@@ -309,17 +311,66 @@ class Fp8Bands(Bands):
         row: int,
         col: int,
     ) -> tuple[float, float, bool]:
+        import numpy as np
+
+        none = np.empty((0, 0), dtype=np.float32)
+        return self._merge_kernel(
+            stored_rows, product.numpy(), none, none, 1.0, alpha, out_rows, row, col, product.shape[1]
+        )
+
+    def merge_tile_low_rank(
+        self,
+        stored_rows: torch.Tensor,
+        update: LowRankUpdate,
+        out_rows: torch.Tensor,
+        row: int,
+        col: int,
+        cols: int,
+    ) -> tuple[float, float, bool] | None:
+        import numpy as np
+
+        rows = stored_rows.shape[0]
+        if not _sums_like_torch(update.left.shape[1], rows, cols, update.multiplier):
+            return None
+        left = update.left[row : row + rows].numpy()
+        none = np.empty((0, 0), dtype=np.float32)
+        return self._merge_kernel(
+            stored_rows,
+            none,
+            left,
+            update.right.numpy(),
+            update.multiplier,
+            update.alpha,
+            out_rows,
+            row,
+            col,
+            cols,
+        )
+
+    def _merge_kernel(
+        self,
+        stored_rows: torch.Tensor,
+        product,
+        left,
+        right,
+        multiplier: float,
+        alpha: float,
+        out_rows: torch.Tensor,
+        row: int,
+        col: int,
+        cols: int,
+    ) -> tuple[float, float, bool]:
         import torch
 
         from bonemerge.codecs import e4m3_kernels
 
         status, kept, update = self._run_kernel(
             e4m3_kernels.merge,
-            (stored_rows.view(torch.uint8).numpy(), product.numpy(), alpha),
+            (stored_rows.view(torch.uint8).numpy(), product, left, right, multiplier, alpha, cols),
             row,
             col,
             out_rows,
-            product.shape,
+            (stored_rows.shape[0], cols),
         )
         return kept, update, not status & e4m3_kernels.NON_FINITE
 
@@ -443,3 +494,27 @@ class Fp8Bands(Bands):
 
 
 FP8_BLOCK = Fp8Block()
+
+
+@functools.cache
+def _sums_like_torch(rank: int, rows: int, cols: int, multiplier: float) -> bool:
+    """Whether `e4m3_kernels.product` gives the bits of torch's product times `multiplier` for
+    a tile of this shape on this machine. BLAS's GEMM kernels sum a small rank's terms in
+    order, one fused multiply-add each, and so does the kernel; but a large rank is summed in
+    blocks, a product of one or two rows goes through matrix-vector code, and other CPUs and
+    libraries may order sums otherwise. Any other order shows in most elements of random
+    factors, so one try per shape tells."""
+    import numpy as np
+    import torch
+
+    from bonemerge.codecs import e4m3_kernels
+
+    generator = torch.Generator().manual_seed(rank * 1_000_003 + rows * 1009 + cols)
+    left = torch.randn(rows, rank, generator=generator)
+    right = torch.randn(rank, cols + 1, generator=generator)  # a tile is a strided view of its factor
+    expected = torch.mm(left, right[:, 1:])
+    if multiplier != 1.0:
+        expected.mul_(multiplier)
+    got = np.empty((rows, cols), dtype=np.float32)
+    e4m3_kernels.product(left.numpy(), right.numpy(), 1, multiplier, got)
+    return bool(np.array_equal(got.view(np.uint32), expected.numpy().view(np.uint32)))

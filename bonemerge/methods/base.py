@@ -154,6 +154,19 @@ class BlockOp:
     inverse: bool = False
 
 
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A tile's update as its factors, for a codec that computes it in the pass that decodes
+    and encodes the tile (the product never goes through memory): `round(round(left[rows] @
+    right[:, cols]) × multiplier) × alpha`, each rounding to the factors' dtype, which is what
+    `columns_update` returns as (product, alpha)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    multiplier: float
+    alpha: float
+
+
 class RowMaths(abc.ABC):
     """A block prepared for one weight, applied in place to row chunks in the compute dtype.
 
@@ -192,6 +205,10 @@ class RowMaths(abc.ABC):
         one rounding, so that a codec can add it in the same pass as decoding (only where
         `column_tiles`)."""
         raise NotImplementedError
+
+    def low_rank_update(self, sign: int) -> LowRankUpdate | None:
+        """`columns_update` as factors, where it is a low-rank product; else None."""
+        return None
 
 
 class ErrorBound(abc.ABC):

@@ -53,6 +53,7 @@ from bonemerge.methods.base import (
     BlockSettings,
     ErrorBound,
     KeyClaim,
+    LowRankUpdate,
     MagnitudeBound,
     Method,
     RowMaths,
@@ -439,6 +440,13 @@ class DeltaRows(RowMaths):
         if self._exact_scale:
             return product, sign * self.scale
         return product.mul_(self.scale), sign
+
+    def low_rank_update(self, sign: int) -> LowRankUpdate | None:
+        if not self.column_tiles:
+            return None
+        if self._exact_scale:
+            return LowRankUpdate(self.left, self.right, 1.0, sign * self.scale)
+        return LowRankUpdate(self.left, self.right, self.scale, sign)
 
 
 class TwiceRows(DeltaRows):

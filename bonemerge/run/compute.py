@@ -400,9 +400,20 @@ class Compute:
         make each of those passes a trip through main memory. One adapter's update goes into
         the codec's fused pass (`merge_tile`); several are added one after another."""
         kept = update = 0.0
+        factors = None
+        if len(prepared) == 1:
+            maths, inverse = prepared[0]
+            factors = maths.low_rank_update(-1 if inverse else 1)
         for r0, r1, c0, c1 in tiles:
             shape = (r1 - r0, c1 - c0)
-            if len(prepared) == 1:
+            merged = None
+            if factors is not None:
+                merged = coded.encoder.merge_tile_low_rank(
+                    rows[r0:r1], factors, target[r0:r1], row0 + r0, c0, shape[1]
+                )
+            if merged is not None:
+                k, u, finite = merged
+            elif len(prepared) == 1:
                 product, alpha = _block_update(prepared[0], row0 + r0, c0, shape)
                 k, u, finite = coded.encoder.merge_tile(
                     rows[r0:r1], product, alpha, target[r0:r1], row0 + r0, c0
