@@ -42,6 +42,9 @@ CHUNK_ELEMENTS = 2 << 20
 COMPUTE_ELEMENTS = 1 << 20
 COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 READ_AHEAD = 3
+# chunks handed to the compute threads at once, per thread: one running, one queued behind it
+# so that a thread never waits for the main thread to hand it the next
+QUEUED_PER_THREAD = 2
 KEEP_LOADED = 4
 
 
@@ -131,10 +134,10 @@ class _Read:
 class _ReadAhead:
     """A thread that `pread`s the raw rows of upcoming chunks into a pool of buffers."""
 
-    def __init__(self, reader: RangeReader, reads: list[_Read], size: int) -> None:
+    def __init__(self, reader: RangeReader, reads: list[_Read], size: int, depth: int) -> None:
         self._reader = reader
         self._reads = reads
-        self._pool: Pool[bytearray] = Pool(bytearray(size) for _ in range(READ_AHEAD if reads else 0))
+        self._pool: Pool[bytearray] = Pool(bytearray(size) for _ in range(depth if reads else 0))
         self._ready: list[tuple[_Read, bytearray] | BaseException] = []
         self._available = threading.Condition()
         self._stop = threading.Event()
@@ -210,13 +213,14 @@ class Compute:
         self._derived: dict[tuple[str, str], torch.Tensor] = {}
         self._local = threading.local()
         self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
+        self._queued = self._parallel * QUEUED_PER_THREAD
         self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
         self._torch_threads = torch.get_num_threads()
         if self._parallel > 1:
             torch.set_num_threads(1)
         out_bytes = max((chunk_bytes(s, s.dtype, s.written_grid[1]) for s in transformed), default=0)
         self._out: Pool[torch.Tensor] = Pool(
-            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + self._parallel)
+            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + self._queued)
         )
         raw_size = max(
             (
@@ -232,7 +236,8 @@ class Compute:
             if isinstance(step.source, TensorRef)
             for start, stop in _chunks(step)
         ]
-        self._ahead = _ReadAhead(reader, reads, raw_size)
+        # a buffer for each chunk queued, and READ_AHEAD more being read
+        self._ahead = _ReadAhead(reader, reads, raw_size, self._queued + READ_AHEAD - 1)
 
     def close(self) -> None:
         self._ahead.close()
@@ -293,7 +298,7 @@ class Compute:
                     self._fill, step, prepared, compute, rows, typed, start, buf, ahead, coded
                 )
                 pending.append(_Computing(start, stop, typed, out, job))
-                if len(pending) >= self._parallel:
+                if len(pending) >= self._queued:
                     yield self._finished(step, pending.popleft())
             while pending:
                 yield self._finished(step, pending.popleft())
