@@ -28,6 +28,7 @@ from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks, round_
 from bonemerge.errors import CheckpointError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Checkpoint, TensorRef
@@ -350,9 +351,9 @@ class Fp8Bands(Bands):
     def _merge_kernel(
         self,
         stored_rows: torch.Tensor,
-        product,
-        left,
-        right,
+        product: np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
         multiplier: float,
         alpha: float,
         out_rows: torch.Tensor,
@@ -360,6 +361,9 @@ class Fp8Bands(Bands):
         col: int,
         cols: int,
     ) -> tuple[float, float, bool]:
+        """One compiled merge for both forms of the update: a tile-shaped `product` (the
+        factors empty), or the factors (`product` empty), so that numba compiles and caches
+        one function."""
         import torch
 
         from bonemerge.codecs import e4m3_kernels
