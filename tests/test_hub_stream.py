@@ -382,3 +382,32 @@ def test_read_runs_keep_copies_and_computed_tensors_apart():
         step(0, True, "b"),
     ]
     assert _read_runs(steps) == {Path("a"): [(0, 10), (10, 20), (20, 40), (40, 50)], Path("b"): [(0, 10)]}
+
+
+def test_clean_up_removes_the_temporary_folder_while_a_shard_is_being_opened(tmp_path, monkeypatch):
+    """The signal handler's clean-up (`_discard`) runs on the main thread while the writer
+    thread may be opening the next shard file in the temporary folder: a removal whose listing
+    misses that file cannot remove the folder, and must try again (a Ctrl-C run of the test
+    above once left the folder). Here the first removal leaves the folder with one new file."""
+    import shutil
+
+    from bonemerge.output import hub_stream
+
+    output = hub_stream.StreamedOutput.__new__(hub_stream.StreamedOutput)  # only what _discard uses
+    output.folder, output._committed, output._lock_fd = tmp_path / "state", False, None
+    output.path = output.folder / "files"
+    output.path.mkdir(parents=True)
+    (output.path / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+    real_rmtree, removals = shutil.rmtree, []
+
+    def racing(path, ignore_errors=False):
+        removals.append(path)
+        real_rmtree(path, ignore_errors=ignore_errors)
+        if len(removals) == 1:  # the writer's next shard, created before the folder went
+            Path(path).mkdir()
+            (Path(path) / "model-00002-of-00002.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(shutil, "rmtree", racing)
+    output._discard()
+    assert not output.path.exists() and output.folder.is_dir()
+    assert len(removals) == 2

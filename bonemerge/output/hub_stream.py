@@ -30,6 +30,7 @@ from types import TracebackType
 from bonemerge.checkpoint.confine import expand_home
 from bonemerge.errors import BonemergeError, OutputError
 from bonemerge.output.push import Push, PushResult, push_failure
+from bonemerge.output.staging import remove_tree
 from bonemerge.resolve.hub import HubError
 from bonemerge.run import interrupts
 
@@ -334,10 +335,11 @@ class StreamedOutput:
 
     def _discard(self) -> None:
         """Remove the temporary files (all of the state once committed) and the lock; the
-        record of uploaded shards stays for `--resume`. Idempotent: also the signal handler."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        record of uploaded shards stays for `--resume`. Idempotent: also the signal handler,
+        which runs while the writer thread may still be creating a shard file in the folder."""
+        remove_tree(self.path)
         if self._committed:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            remove_tree(self.folder)
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)
