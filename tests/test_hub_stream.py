@@ -384,6 +384,29 @@ def test_read_runs_keep_copies_and_computed_tensors_apart():
     assert _read_runs(steps) == {Path("a"): [(0, 10), (10, 20), (20, 40), (40, 50)], Path("b"): [(0, 10)]}
 
 
+@pytest.mark.parametrize(
+    "sig,offset", [(signal.SIGTERM if i % 2 else signal.SIGINT, i * 0.03) for i in range(8)]
+)
+def test_a_signal_at_any_moment_of_the_stream_leaves_no_temporary_files(tmp_path, hub, seeded, sig, offset):
+    """SIGINT and SIGTERM swept over 0–0.21 s after the first shard is uploaded, while later
+    shards are being written, hashed, opened and uploaded: each run ends with 130 or 143 and
+    commits nothing (or had finished, its commit made), and leaves no temporary files."""
+    hub.delay["upload"] = 0.1
+    process = start(tmp_path, hub, *STREAM)
+    deadline = time.monotonic() + 120
+    while not records(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(offset)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        assert len(hub.commits("me/merged")) == 2
+    else:
+        assert process.returncode == 128 + sig, err
+        assert len(hub.commits("me/merged")) == 1
+    assert not list(state_folder(tmp_path).glob("*/files"))
+
+
 def test_clean_up_removes_the_temporary_folder_while_a_shard_is_being_opened(tmp_path, monkeypatch):
     """The signal handler's clean-up (`_discard`) runs on the main thread while the writer
     thread may be opening the next shard file in the temporary folder: a removal whose listing
