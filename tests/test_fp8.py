@@ -665,7 +665,7 @@ def test_tile_products_come_from_factors_only_where_they_have_torchs_bits(monkey
     machine (`_sums_like_torch`): on real factors, exact and other scales, ranks BLAS sums in
     order and one it sums in blocks, full and partial tiles, that verdict must be whether the
     kernel gives `columns_update`'s product; and a kernel that sums otherwise is not used
-    (`merge_tile_low_rank` declines, the engine then multiplies with torch)."""
+    (`takes_low_rank` declines, the engine then multiplies with torch)."""
     import numpy as np
 
     from bonemerge.codecs import e4m3_kernels, fp8_block
@@ -707,9 +707,7 @@ def test_tile_products_come_from_factors_only_where_they_have_torchs_bits(monkey
         bands = fp8_block.Fp8Bands(
             Stored(None, "x.weight", Weight, {}, {}, (128, 128)), torch.ones(2, 8), Rounding()
         )
-        codes = torch.zeros(128, 1024, dtype=torch.float8_e4m3fn)
-        out = torch.empty_like(codes)
-        assert bands.merge_tile_low_rank(codes, maths.low_rank_update(1), out, 0, 0, 1024) is None
+        assert not bands.takes_low_rank(maths.low_rank_update(1), 128, 1024)
     finally:
         fp8_block._sums_like_torch.cache_clear()
 
@@ -777,15 +775,12 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scal
             )
             assert finite
             fused_sums = [a + b for a, b in zip(fused_sums, kept, strict=True)]
-            merged = factored.merge_tile_low_rank(
-                codes[chunk][r0:r1],
-                maths.low_rank_update(sign),
-                got_factored[chunk][r0:r1],
-                row0 + r0,
-                c0,
-                c1 - c0,
-            )
-            if merged is None:  # this machine's BLAS sums otherwise: the engine calls merge_tile
+            update = maths.low_rank_update(sign)
+            if factored.takes_low_rank(update, r1 - r0, c1 - c0):
+                merged = factored.merge_tile_low_rank(
+                    codes[chunk][r0:r1], update, got_factored[chunk][r0:r1], row0 + r0, c0, c1 - c0
+                )
+            else:  # this machine's BLAS sums otherwise: the engine calls merge_tile
                 merged = factored.merge_tile(
                     codes[chunk][r0:r1], product, alpha, got_factored[chunk][r0:r1], row0 + r0, c0
                 )
@@ -804,12 +799,59 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scal
         assert got_sums == pytest.approx(sums, rel=1e-6)
 
 
+def test_block_fp8_merges_do_not_depend_on_threads(tmp_path, base, make32, monkeypatch):
+    """A quantized weight that compiled code alone merges (one LoRA whose tile products the
+    kernel computes, rounding to nearest) goes to a pool of up to a thread per core, where
+    torch's maths keep two threads: in one band per chunk, so that five threads finish the
+    chunks in any order, the shards, scales and survival figures must be those of one thread;
+    so must stochastic rounding's, which stays on torch's two."""
+    import threading
+
+    from bonemerge.codecs import fp8_block
+    from bonemerge.run import compute as compute_engine
+
+    adapter = _lora(make32, tmp_path / "lora")
+    monkeypatch.setattr(compute_engine, "CHUNK_ELEMENTS", 1)  # rows are kept in whole 128-row bands
+    monkeypatch.setattr(compute_engine, "COMPUTE_ELEMENTS", 1)
+    ran: dict[str, set[str]] = {}
+    fill = compute_engine.Compute._fill
+
+    def recorded(self, step, *args):
+        ran.setdefault(step.name, set()).add(threading.current_thread().name.rsplit("_", 1)[0])
+        return fill(self, step, *args)
+
+    monkeypatch.setattr(compute_engine.Compute, "_fill", recorded)
+    for rounding in ("nearest", "stochastic"):
+        outputs = {}
+        for threads in (1, 5):
+            monkeypatch.setattr(compute_engine, "COMPUTE_THREADS", min(threads, 2))
+            monkeypatch.setattr(compute_engine, "COMPILED_THREADS", threads)
+            ran.clear()
+            out = tmp_path / f"{rounding}{threads}"
+            report = _merge(base, [adapter], out, "--rounding", rounding, "--seed", 3)
+            outputs[threads] = report["quantized"]["survival"], fm.read_fp8(out)
+        (survival, tensors), (survival5, tensors5) = outputs[1], outputs[5]
+        assert survival == survival5
+        assert len(survival) == 3
+        for name, values in tensors.items():
+            assert torch.equal(values.view(torch.uint8), tensors5[name].view(torch.uint8)), name
+        for module in TARGETS:
+            name = next(n for n in tensors if n.endswith(f".{module}.weight"))
+            # where the kernel's sums give torch's bits (LoRA's 1.5 multiplies the product)
+            cols = tensors[name].shape[1]
+            alone = rounding == "nearest" and fp8_block._sums_like_torch(16, 128, cols, 1.5)
+            assert ran[name] == {"bonemerge-compiled" if alone else "bonemerge-compute"}, (rounding, name)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
     """Two weights of DeepSeek-V3's widest shape (7168 × 18432 and its transpose: 528 MB each
     in fp32, 132 MB of codes), LoRA r=16 on both: the merge streams tiles and bands, never a
     weight whole, and stays under 600 MB with the compiled kernels loaded, stochastic
-    rounding's draws included."""
+    rounding's draws included, and with the most compiled threads a machine of many cores
+    gets (each with its chunks queued and its buffers)."""
+    import sys
+
     from safetensors.torch import save_file
 
     from tests.lora_oracle import write_lora
@@ -834,8 +876,22 @@ def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
     adapter = write_lora(
         tmp_path / "adapter", factors, {"r": 16, "lora_alpha": 16, "target_modules": ["down_proj", "up_proj"]}
     )
+    widest = (
+        "from bonemerge.run import compute; compute.COMPILED_THREADS = 8\n"
+        "from bonemerge.cli import main; main()"
+    )
     peak = peak_rss(
-        "merge", folder, adapter, "-o", tmp_path / "out", "-q", "--rounding", rounding, "--seed", 1
+        "merge",
+        folder,
+        adapter,
+        "-o",
+        tmp_path / "out",
+        "-q",
+        "--rounding",
+        rounding,
+        "--seed",
+        1,
+        command=(sys.executable, "-c", widest),
     )
     print(f"peak RSS merging 264 M block-FP8 values ({rounding}): {peak / 2**20:.0f} MiB")
     assert peak < 600 * 10**6

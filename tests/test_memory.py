@@ -32,9 +32,9 @@ LAUNCHER = (
 )
 
 
-def peak_rss(*args: object) -> int:
+def peak_rss(*args: object, command: tuple[str, ...] = (str(SCRIPT),)) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, str(SCRIPT), *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-c", LAUNCHER, *command, *map(str, args)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout)

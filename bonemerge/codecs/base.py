@@ -232,6 +232,12 @@ class Bands:
         `encode_tile` in one pass over the tile; also whether every merged value was finite."""
         raise NotImplementedError
 
+    def takes_low_rank(self, update: LowRankUpdate, rows: int, cols: int) -> bool:
+        """Whether `merge_tile_low_rank` can merge a tile of this shape with the bits of
+        torch's product of `update`'s factors; where not, the caller multiplies with torch
+        and calls `merge_tile`."""
+        return False
+
     def merge_tile_low_rank(
         self,
         stored_rows: torch.Tensor,
@@ -240,11 +246,10 @@ class Bands:
         row: int,
         col: int,
         cols: int,
-    ) -> tuple[float, float, bool] | None:
+    ) -> tuple[float, float, bool]:
         """`merge_tile` of the tile of `cols` columns from `col`, the product computed from
-        `update`'s factors in the same pass; None where this codec cannot give it the bits of
-        torch's product (then the caller multiplies, and calls `merge_tile`)."""
-        return None
+        `update`'s factors in the same pass, for a shape that `takes_low_rank`."""
+        raise NotImplementedError
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {}

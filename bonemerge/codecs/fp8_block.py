@@ -319,6 +319,9 @@ class Fp8Bands(Bands):
             stored_rows, product.numpy(), none, none, 1.0, alpha, out_rows, row, col, product.shape[1]
         )
 
+    def takes_low_rank(self, update: LowRankUpdate, rows: int, cols: int) -> bool:
+        return _sums_like_torch(update.left.shape[1], rows, cols, update.multiplier)
+
     def merge_tile_low_rank(
         self,
         stored_rows: torch.Tensor,
@@ -327,13 +330,10 @@ class Fp8Bands(Bands):
         row: int,
         col: int,
         cols: int,
-    ) -> tuple[float, float, bool] | None:
+    ) -> tuple[float, float, bool]:
         import numpy as np
 
-        rows = stored_rows.shape[0]
-        if not _sums_like_torch(update.left.shape[1], rows, cols, update.multiplier):
-            return None
-        left = update.left[row : row + rows].numpy()
+        left = update.left[row : row + stored_rows.shape[0]].numpy()
         none = np.empty((0, 0), dtype=np.float32)
         return self._merge_kernel(
             stored_rows,

@@ -31,16 +31,30 @@ from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import DENSE, Bands, Derived, Rounding
 from bonemerge.errors import BonemergeError, MergeError
-from bonemerge.methods import BlockOp, RowMaths
+from bonemerge.methods import BlockOp, LowRankUpdate, RowMaths
 from bonemerge.run.threads import Pool
 from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions
 
 if TYPE_CHECKING:
     from bonemerge.plan.build import Step
 
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 CHUNK_ELEMENTS = 2 << 20
 COMPUTE_ELEMENTS = 1 << 20
-COMPUTE_THREADS = min(2, os.cpu_count() or 1)
+# torch's maths: each compute thread's torch calls open their own OpenMP team, so two threads
+# keep a machine busy; more oversubscribe it (measured: three were slower than two here)
+COMPUTE_THREADS = min(2, _usable_cores())
+# compiled tiles (a quantized weight re-encoded on its own scales) run single-threaded, without
+# the GIL, so they need a thread per core to keep up with a fast disk; past eight a single writer
+# thread (about 2.4 GB/s here) is the limit, and each thread costs ~10 MB of buffers
+COMPILED_THREADS = min(8, _usable_cores())
 READ_AHEAD = 3
 # chunks handed to the compute threads at once, per thread: one running, one queued behind it
 # so that a thread never waits for the main thread to hand it the next
@@ -94,13 +108,15 @@ class _Coded:
 
     decoder: Bands
     encoder: Bands
-    lock: threading.Lock
 
     #: whether the survival of the update is measured (the output is quantized)
     measured: bool
 
-    def tally(self, kept: float, update: float) -> None:
-        with self.lock:
+    def tally(self, sums: list[tuple[float, float]]) -> None:
+        """Add a chunk's survival sums, sub-chunk by sub-chunk: called in chunk order (never from
+        the compute threads, which finish in any order) so that the totals, and the survival
+        the report prints, do not depend on how many threads there were or which came first."""
+        for kept, update in sums:
             self.encoder.encoded.kept += kept
             self.encoder.encoded.update += update
 
@@ -121,7 +137,16 @@ class _Computing:
     stop: int
     typed: torch.Tensor
     buffer: torch.Tensor
-    job: Future[None]
+    job: Future[_Filled]
+
+
+@dataclass(frozen=True)
+class _Filled:
+    """What computing a chunk found: for an unmerge, how many elements may differ from the
+    original base; for a quantized output, each sub-chunk's survival sums, in order."""
+
+    may_differ: int
+    survival: list[tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -212,15 +237,25 @@ class Compute:
         #: companions (weight, role) as encoding left them, while they are being written
         self._derived: dict[tuple[str, str], torch.Tensor] = {}
         self._local = threading.local()
-        self._parallel = COMPUTE_THREADS if self.device.type == "cpu" else 1
-        self._queued = self._parallel * QUEUED_PER_THREAD
+        on_cpu = self.device.type == "cpu"
+        self._parallel = COMPUTE_THREADS if on_cpu else 1
         self._threads = ThreadPoolExecutor(self._parallel, thread_name_prefix="bonemerge-compute")
+        # only a weight re-encoded on its own scales, rounding to nearest, can go through the
+        # compiled tiles; other runs keep the buffers of two threads
+        recoded = (
+            on_cpu
+            and options.rounding == "nearest"
+            and any(s.encode is not None and s.encode is s.decode for s in worked)
+        )
+        self._compiled_parallel = COMPILED_THREADS if recoded else self._parallel
+        self._compiled = ThreadPoolExecutor(self._compiled_parallel, thread_name_prefix="bonemerge-compiled")
+        queued = max(self._parallel, self._compiled_parallel) * QUEUED_PER_THREAD
         self._torch_threads = torch.get_num_threads()
         if self._parallel > 1:
             torch.set_num_threads(1)
         out_bytes = max((chunk_bytes(s, s.dtype, s.written_grid[1]) for s in transformed), default=0)
         self._out: Pool[torch.Tensor] = Pool(
-            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + self._queued)
+            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + queued)
         )
         raw_size = max(
             (
@@ -237,11 +272,12 @@ class Compute:
             for start, stop in _chunks(step)
         ]
         # a buffer for each chunk queued, and READ_AHEAD more being read
-        self._ahead = _ReadAhead(reader, reads, raw_size, self._queued + READ_AHEAD - 1)
+        self._ahead = _ReadAhead(reader, reads, raw_size, queued + READ_AHEAD - 1)
 
     def close(self) -> None:
         self._ahead.close()
         self._threads.shutdown()
+        self._compiled.shutdown()
         torch.set_num_threads(self._torch_threads)
 
     def _work_buffer(self, slot: int = 0) -> torch.Tensor:
@@ -264,7 +300,7 @@ class Compute:
 
         decoder = prepare(step.decode)
         encoder = decoder if step.encode is not None and step.encode is step.decode else prepare(step.encode)
-        return _Coded(decoder, encoder, threading.Lock(), step.encode is not None)
+        return _Coded(decoder, encoder, step.encode is not None)
 
     def _scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
         """This compute thread's two integer buffers for `may_differ`, as wide as `like`'s
@@ -286,6 +322,10 @@ class Compute:
         self._first_pass(step, prepared, compute, coded)
         out_dtype = dtypes.to_torch(step.dtype)
         _, cols = step.written_grid
+        if self._compiled_alone(prepared, compute, coded, _fit(step, COMPUTE_ELEMENTS)):
+            threads, parallel = self._compiled, self._compiled_parallel
+        else:
+            threads, parallel = self._threads, self._parallel
         pending: deque[_Computing] = deque()
         try:
             for start, stop in _chunks(step):
@@ -294,14 +334,14 @@ class Compute:
                 typed = (
                     out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
                 )
-                job = self._threads.submit(
+                job = threads.submit(
                     self._fill, step, prepared, compute, rows, typed, start, buf, ahead, coded
                 )
                 pending.append(_Computing(start, stop, typed, out, job))
-                if len(pending) >= self._queued:
-                    yield self._finished(step, pending.popleft())
+                if len(pending) >= parallel * QUEUED_PER_THREAD:
+                    yield self._finished(step, pending.popleft(), coded)
             while pending:
-                yield self._finished(step, pending.popleft())
+                yield self._finished(step, pending.popleft(), coded)
             if step.encode is not None:
                 coded.encoder.finish()
                 self.encoded[step.name] = coded.encoder
@@ -314,13 +354,15 @@ class Compute:
             if isinstance(step.source, Derived):
                 self._derived.pop((step.source.weight.name, step.source.role), None)
 
-    def _finished(self, step: Step, item: _Computing) -> Chunk:
+    def _finished(self, step: Step, item: _Computing, coded: _Coded) -> Chunk:
         try:
-            differ = item.job.result()
+            filled = item.job.result()
         except BaseException:
             self._out.give(item.buffer)
             raise
-        return Chunk(step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer), differ)
+        coded.tally(filled.survival)
+        release = lambda: self._out.give(item.buffer)  # noqa: E731
+        return Chunk(step, item.start, item.stop, item.typed, release, filled.may_differ)
 
     def _fill(
         self,
@@ -333,12 +375,12 @@ class Compute:
         buf: bytearray | None,
         ahead: _ReadAhead,
         coded: _Coded,
-    ) -> int:
-        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread).
-        Returns, for an unmerge, how many of its elements may differ from the original base."""
+    ) -> _Filled:
+        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread)."""
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
         inverting = bool(prepared) and all(inverse for _, inverse in prepared)
         differ = 0
+        survival: list[tuple[float, float]] = []
         # A finite sum of squares of the fp32 result bounds every element far below the bf16
         # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
         squares = check and step.dtype == "BF16" and compute == torch.float32 and self.device.type == "cpu"
@@ -349,7 +391,8 @@ class Compute:
                 finite = False
                 tiles = self._tiles(prepared, compute, coded, end - begin)
                 if tiles is not None:
-                    self._fill_tiles(step, rows[begin:end], prepared, coded, target, row0, tiles)
+                    sums = self._fill_tiles(step, rows[begin:end], prepared, coded, target, row0, tiles)
+                    survival.append(sums)
                 elif prepared or coded.measured:
                     work, before = self._compute(rows[begin:end], prepared, compute, row0, coded)
                     if not check and self.options.safe_merge and not all_finite(work):
@@ -357,7 +400,7 @@ class Compute:
                     if before is None:
                         coded.encoder.encode(work, target, row0)
                     else:
-                        coded.tally(*coded.encoder.encode_measured(work, before, target, row0))
+                        survival.append(coded.encoder.encode_measured(work, before, target, row0))
                     flat = work.view(-1)
                     finite = squares and bool(torch.isfinite(torch.dot(flat, flat)))
                 else:
@@ -373,7 +416,7 @@ class Compute:
         finally:
             if buf is not None:
                 ahead.release(buf)
-        return differ
+        return _Filled(differ, survival)
 
     def _tiles(
         self, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, coded: _Coded, rows: int
@@ -390,6 +433,20 @@ class Compute:
             return None
         return coded.decoder.tiles(rows)
 
+    def _compiled_alone(
+        self, prepared: list[tuple[RowMaths, bool]], compute: torch.dtype, coded: _Coded, rows: int
+    ) -> bool:
+        """Whether compiled code alone merges the step's sub-chunks of `rows` rows: one low-rank
+        update, whose tile products the codec computes itself. Those chunks may go to a thread
+        per core; any torch call (a product, an addition) would open an OpenMP team in each
+        of them, and too many threads would spin on the machine's cores."""
+        tiles = self._tiles(prepared, compute, coded, rows)
+        update = _low_rank(prepared)
+        if tiles is None or update is None:
+            return False
+        r0, r1, c0, c1 = tiles[0]
+        return coded.encoder.takes_low_rank(update, r1 - r0, c1 - c0)
+
     def _fill_tiles(
         self,
         step: Step,
@@ -399,25 +456,19 @@ class Compute:
         target: torch.Tensor,
         row0: int,
         tiles: list[tuple[int, int, int, int]],
-    ) -> None:
+    ) -> tuple[float, float]:
         """Decode, merge, check and encode one tile at a time, so that a tile's values stay in
         the CPU's cache from its codes to its codes: the whole rows of a wide weight would
         make each of those passes a trip through main memory. One adapter's update goes into
         the codec's fused pass (`merge_tile`); several are added one after another."""
         kept = update = 0.0
-        factors = None
-        if len(prepared) == 1:
-            maths, inverse = prepared[0]
-            factors = maths.low_rank_update(-1 if inverse else 1)
+        factors = _low_rank(prepared)
         for r0, r1, c0, c1 in tiles:
             shape = (r1 - r0, c1 - c0)
-            merged = None
-            if factors is not None:
-                merged = coded.encoder.merge_tile_low_rank(
+            if factors is not None and coded.encoder.takes_low_rank(factors, *shape):
+                k, u, finite = coded.encoder.merge_tile_low_rank(
                     rows[r0:r1], factors, target[r0:r1], row0 + r0, c0, shape[1]
                 )
-            if merged is not None:
-                k, u, finite = merged
             elif len(prepared) == 1:
                 product, alpha = _block_update(prepared[0], row0 + r0, c0, shape)
                 k, u, finite = coded.encoder.merge_tile(
@@ -438,7 +489,7 @@ class Compute:
             if self.options.safe_merge and not finite:
                 _non_finite(step, row0, row0 + rows.shape[0])
             kept, update = kept + k, update + u
-        coded.tally(kept, update)
+        return kept, update
 
     def _prepare(self, op: BlockOp, step: Step, compute: torch.dtype) -> RowMaths:
         def load(part: str) -> torch.Tensor:
@@ -567,6 +618,14 @@ class Compute:
             else:
                 block.merge(work, start)
         return work, before
+
+
+def _low_rank(prepared: list[tuple[RowMaths, bool]]) -> LowRankUpdate | None:
+    """The factors of the update, where there is one update and it is a low-rank product."""
+    if len(prepared) != 1:
+        return None
+    maths, inverse = prepared[0]
+    return maths.low_rank_update(-1 if inverse else 1)
 
 
 def _block_update(
