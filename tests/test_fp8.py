@@ -707,7 +707,7 @@ def test_tile_products_come_from_factors_only_where_they_have_torchs_bits(monkey
         bands = fp8_block.Fp8Bands(
             Stored(None, "x.weight", Weight, {}, {}, (128, 128)), torch.ones(2, 8), Rounding()
         )
-        assert not bands.takes_low_rank(maths.low_rank_update(1), 128, 1024)
+        assert not bands.takes_low_rank(maths.low_rank_update(1), [(0, 128, 0, 1024)])
     finally:
         fp8_block._sums_like_torch.cache_clear()
 
@@ -718,14 +718,14 @@ def test_tile_products_come_from_factors_only_where_they_have_torchs_bits(monkey
 )
 def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scale, inverse):
     """The engine merges LoRA into block FP8 one cache-sized tile at a time, fused in one
-    compiled pass for one adapter (`merge_tile_low_rank`: the product `B @ A` computed from
-    the factors in the pass that decodes, adds and encodes; or, where that product would not
-    have torch's bits, `merge_tile` given torch's product), in three steps (`decode_tile`, the
-    addition, `encode_tile`) for several; on heights whose last band is partial (a row or two
-    beyond whole bands included) and widths cut in several tiles, with blocks that overflow,
-    scales of 2^k (added with `alpha`) and others (multiplied first), merging and unmerging,
-    the codes and scales of all three must be those of decoding, merging (torch's addition)
-    and encoding the rows whole."""
+    compiled pass for one adapter (`merge_low_rank`, all of a band's tiles in one call: the
+    product `B @ A` computed from the factors in the pass that decodes, adds and encodes; or,
+    where that product would not have torch's bits, `merge_tile` given torch's product), in
+    three steps (`decode_tile`, the addition, `encode_tile`) for several; on heights whose
+    last band is partial (a row or two beyond whole bands included) and widths cut in several
+    tiles, with blocks that overflow, scales of 2^k (added with `alpha`) and others
+    (multiplied first), merging and unmerging, the codes and scales of all three must be those
+    of decoding, merging (torch's addition) and encoding the rows whole."""
     from bonemerge.codecs.base import Rounding, Stored
     from bonemerge.codecs.fp8_block import Fp8Bands
     from bonemerge.methods.lora import DeltaRows
@@ -763,7 +763,14 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scal
             a + b
             for a, b in zip(sums, whole.encode_measured(work, before, expected[chunk], row0), strict=True)
         ]
-        for r0, r1, c0, c1 in tiled.tiles(chunk.stop - row0):
+        tiles = tiled.tiles(chunk.stop - row0)
+        update = maths.low_rank_update(sign)
+        factored_whole = factored.takes_low_rank(update, tiles)
+        if factored_whole:
+            *kept, finite = factored.merge_low_rank(codes[chunk], update, got_factored[chunk], row0, tiles)
+            assert finite
+            factored_sums = [a + b for a, b in zip(factored_sums, kept, strict=True)]
+        for r0, r1, c0, c1 in tiles:
             was = torch.empty(r1 - r0, c1 - c0)
             tiled.decode_tile(codes[chunk][r0:r1], was, row0 + r0, c0)
             product, alpha = maths.columns_update(row0 + r0, r1 - r0, c0, c1 - c0, sign)
@@ -775,18 +782,12 @@ def test_lora_merged_tile_by_tile_gives_the_codes_of_whole_rows(rows, cols, scal
             )
             assert finite
             fused_sums = [a + b for a, b in zip(fused_sums, kept, strict=True)]
-            update = maths.low_rank_update(sign)
-            if factored.takes_low_rank(update, r1 - r0, c1 - c0):
-                merged = factored.merge_tile_low_rank(
-                    codes[chunk][r0:r1], update, got_factored[chunk][r0:r1], row0 + r0, c0, c1 - c0
-                )
-            else:  # this machine's BLAS sums otherwise: the engine calls merge_tile
-                merged = factored.merge_tile(
+            if not factored_whole:  # this machine's BLAS sums otherwise: the engine calls merge_tile
+                *kept, finite = factored.merge_tile(
                     codes[chunk][r0:r1], product, alpha, got_factored[chunk][r0:r1], row0 + r0, c0
                 )
-            *kept, finite = merged
-            assert finite
-            factored_sums = [a + b for a, b in zip(factored_sums, kept, strict=True)]
+                assert finite
+                factored_sums = [a + b for a, b in zip(factored_sums, kept, strict=True)]
     assert whole.encoded.rescaled
     for coder, codes_got, got_sums in (
         (tiled, got, tile_sums),

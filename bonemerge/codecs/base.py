@@ -232,23 +232,23 @@ class Bands:
         `encode_tile` in one pass over the tile; also whether every merged value was finite."""
         raise NotImplementedError
 
-    def takes_low_rank(self, update: LowRankUpdate, rows: int, cols: int) -> bool:
-        """Whether `merge_tile_low_rank` can merge a tile of this shape with the bits of
-        torch's product of `update`'s factors; where not, the caller multiplies with torch
-        and calls `merge_tile`."""
+    def takes_low_rank(self, update: LowRankUpdate, tiles: list[tuple[int, int, int, int]]) -> bool:
+        """Whether `merge_low_rank` can merge every tile of `tiles` with the bits of torch's
+        product of `update`'s factors; where not, the caller multiplies with torch and calls
+        `merge_tile`."""
         return False
 
-    def merge_tile_low_rank(
+    def merge_low_rank(
         self,
         stored_rows: torch.Tensor,
         update: LowRankUpdate,
         out_rows: torch.Tensor,
         row: int,
-        col: int,
-        cols: int,
+        tiles: list[tuple[int, int, int, int]],
     ) -> tuple[float, float, bool]:
-        """`merge_tile` of the tile of `cols` columns from `col`, the product computed from
-        `update`'s factors in the same pass, for a shape that `takes_low_rank`."""
+        """`merge_tile` of every tile of `tiles` (from `tiles`, which `takes_low_rank`), each
+        product computed from `update`'s factors in the same pass: (kept, update, finite) of
+        them all."""
         raise NotImplementedError
 
     def derived(self) -> dict[str, torch.Tensor]:

@@ -439,6 +439,62 @@ def merge(
 
 
 @njit(**_JIT)
+def merge_tiles(
+    codes,
+    left,
+    right,
+    multiplier,
+    alpha,
+    tiles,
+    stored,
+    scale,
+    row0,
+    col0,
+    block_rows,
+    block_cols,
+    out,
+    rescaled,
+    kind,
+):
+    """`merge` of a low-rank update from its factors into each tile of `tiles` (rows of first
+    row, end row, first column, end column, relative to the rows `codes` and their first row
+    `row0`, and to column `col0`; `left` holds the factor's rows for `codes`): one call for
+    all the tiles of a sub-chunk, so that the Python around a call, and the interpreter lock
+    it holds, are paid once for them, not once per tile. The survival sums add up tile after
+    tile, from zero. Returns (status, kept, update, blocks rescaled) for them all."""
+    none = np.empty((0, 0), dtype=np.float32)
+    status = 0
+    kept = 0.0
+    update = 0.0
+    count = 0
+    for t in range(tiles.shape[0]):
+        r0, r1, c0, c1 = tiles[t, 0], tiles[t, 1], tiles[t, 2], tiles[t, 3]
+        tile_status, tile_kept, tile_update, tile_count = merge(
+            codes[r0:r1],
+            none,
+            left[r0:r1],
+            right,
+            multiplier,
+            alpha,
+            c1 - c0,
+            stored,
+            scale,
+            row0 + r0,
+            col0 + c0,
+            block_rows,
+            block_cols,
+            out[r0:r1],
+            rescaled[count:],
+            kind,
+        )
+        status |= tile_status
+        kept += tile_kept
+        update += tile_update
+        count += tile_count
+    return status, kept, update, count
+
+
+@njit(**_JIT)
 def encode(values, before, uniform, stored, scale, row0, col0, block_rows, block_cols, out, rescaled, kind):
     """`merge` for values already merged (a tile, columns `col0...` of the rows `out`), given
     with `before` (deq(W); empty: not measured), rounded to nearest or, with `uniform` draws

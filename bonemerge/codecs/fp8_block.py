@@ -28,7 +28,6 @@ from bonemerge.codecs.base import Bands, Codec, Rounding, Stored, blocks, round_
 from bonemerge.errors import CheckpointError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from bonemerge.checkpoint import Checkpoint, TensorRef
@@ -313,70 +312,44 @@ class Fp8Bands(Bands):
         col: int,
     ) -> tuple[float, float, bool]:
         import numpy as np
+        import torch
+
+        from bonemerge.codecs import e4m3_kernels
 
         none = np.empty((0, 0), dtype=np.float32)
-        return self._merge_kernel(
-            stored_rows, product.numpy(), none, none, 1.0, alpha, out_rows, row, col, product.shape[1]
+        cols = product.shape[1]
+        codes = stored_rows.view(torch.uint8).numpy()
+        arrays = (codes, product.numpy(), none, none, 1.0, alpha, cols)
+        status, kept, update = self._run_kernel(
+            e4m3_kernels.merge, arrays, row, col, out_rows, (stored_rows.shape[0], cols)
         )
+        return kept, update, not status & e4m3_kernels.NON_FINITE
 
-    def takes_low_rank(self, update: LowRankUpdate, rows: int, cols: int) -> bool:
-        return _sums_like_torch(update.left.shape[1], rows, cols, update.multiplier)
+    def takes_low_rank(self, update: LowRankUpdate, tiles: list[tuple[int, int, int, int]]) -> bool:
+        rank = update.left.shape[1]
+        return all(_sums_like_torch(rank, r1 - r0, c1 - c0, update.multiplier) for r0, r1, c0, c1 in tiles)
 
-    def merge_tile_low_rank(
+    def merge_low_rank(
         self,
         stored_rows: torch.Tensor,
         update: LowRankUpdate,
         out_rows: torch.Tensor,
         row: int,
-        col: int,
-        cols: int,
+        tiles: list[tuple[int, int, int, int]],
     ) -> tuple[float, float, bool]:
         import numpy as np
-
-        left = update.left[row : row + stored_rows.shape[0]].numpy()
-        none = np.empty((0, 0), dtype=np.float32)
-        return self._merge_kernel(
-            stored_rows,
-            none,
-            left,
-            update.right.numpy(),
-            update.multiplier,
-            update.alpha,
-            out_rows,
-            row,
-            col,
-            cols,
-        )
-
-    def _merge_kernel(
-        self,
-        stored_rows: torch.Tensor,
-        product: np.ndarray,
-        left: np.ndarray,
-        right: np.ndarray,
-        multiplier: float,
-        alpha: float,
-        out_rows: torch.Tensor,
-        row: int,
-        col: int,
-        cols: int,
-    ) -> tuple[float, float, bool]:
-        """One compiled merge for both forms of the update: a tile-shaped `product` (the
-        factors empty), or the factors (`product` empty), so that numba compiles and caches
-        one function."""
         import torch
 
         from bonemerge.codecs import e4m3_kernels
 
-        status, kept, update = self._run_kernel(
-            e4m3_kernels.merge,
-            (stored_rows.view(torch.uint8).numpy(), product, left, right, multiplier, alpha, cols),
-            row,
-            col,
-            out_rows,
-            (stored_rows.shape[0], cols),
+        codes = stored_rows.view(torch.uint8).numpy()
+        left = update.left[row : row + stored_rows.shape[0]].numpy()
+        spans = np.array(tiles, dtype=np.int64).reshape(-1, 4)
+        arrays = (codes, left, update.right.numpy(), update.multiplier, update.alpha, spans)
+        status, kept, total = self._run_kernel(
+            e4m3_kernels.merge_tiles, arrays, row, 0, out_rows, tuple(stored_rows.shape)
         )
-        return kept, update, not status & e4m3_kernels.NON_FINITE
+        return kept, total, not status & e4m3_kernels.NON_FINITE
 
     def _decode_compiled(
         self, stored_rows: torch.Tensor, out: torch.Tensor, row: int, col: int, scale: torch.Tensor
@@ -407,7 +380,8 @@ class Fp8Bands(Bands):
     def _run_kernel(
         self, kernel: Callable, arrays: tuple, row: int, col: int, out_rows: torch.Tensor, shape: tuple
     ) -> list:
-        """Run `e4m3_kernels.merge` or `encode` on a tile of `shape` from (row, col): `arrays`
+        """Run `e4m3_kernels.merge`, `merge_tiles` or `encode` on a tile of `shape` (or the
+        rows holding the tiles) from (row, col): `arrays`
         are its own first arguments, the scales, the codes' rows and the record of new scales
         follow; returns its results but the count of new scales, which are noted."""
         import numpy as np

@@ -442,10 +442,7 @@ class Compute:
         of them, and too many threads would spin on the machine's cores."""
         tiles = self._tiles(prepared, compute, coded, rows)
         update = _low_rank(prepared)
-        if tiles is None or update is None:
-            return False
-        r0, r1, c0, c1 = tiles[0]
-        return coded.encoder.takes_low_rank(update, r1 - r0, c1 - c0)
+        return tiles is not None and update is not None and coded.encoder.takes_low_rank(update, tiles)
 
     def _fill_tiles(
         self,
@@ -460,16 +457,19 @@ class Compute:
         """Decode, merge, check and encode one tile at a time, so that a tile's values stay in
         the CPU's cache from its codes to its codes: the whole rows of a wide weight would
         make each of those passes a trip through main memory. One adapter's update goes into
-        the codec's fused pass (`merge_tile`); several are added one after another."""
-        kept = update = 0.0
+        the codec's fused pass: with its factors, for every tile in one call (`merge_low_rank`),
+        else tile by tile given torch's product (`merge_tile`); several are added one after
+        another."""
         factors = _low_rank(prepared)
+        if factors is not None and coded.encoder.takes_low_rank(factors, tiles):
+            kept, update, finite = coded.encoder.merge_low_rank(rows, factors, target, row0, tiles)
+            if self.options.safe_merge and not finite:
+                _non_finite(step, row0, row0 + rows.shape[0])
+            return kept, update
+        kept = update = 0.0
         for r0, r1, c0, c1 in tiles:
             shape = (r1 - r0, c1 - c0)
-            if factors is not None and coded.encoder.takes_low_rank(factors, *shape):
-                k, u, finite = coded.encoder.merge_tile_low_rank(
-                    rows[r0:r1], factors, target[r0:r1], row0 + r0, c0, shape[1]
-                )
-            elif len(prepared) == 1:
+            if len(prepared) == 1:
                 product, alpha = _block_update(prepared[0], row0 + r0, c0, shape)
                 k, u, finite = coded.encoder.merge_tile(
                     rows[r0:r1], product, alpha, target[r0:r1], row0 + r0, c0
