@@ -850,7 +850,9 @@ def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
     in fp32, 132 MB of codes), LoRA r=16 on both: the merge streams tiles and bands, never a
     weight whole, and stays under 600 MB with the compiled kernels loaded, stochastic
     rounding's draws included, and with the most compiled threads a machine of many cores
-    gets (each with its chunks queued and its buffers)."""
+    gets (each with its chunks queued and its buffers). A bf16 weight (`lm_head`, left
+    unquantized) takes a LoRA too: its torch maths and 16-bit chunks, which size the chunk
+    buffers, make this the largest case."""
     import sys
 
     from safetensors.torch import save_file
@@ -870,13 +872,16 @@ def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
         tensors[module + ".weight_scale_inv"] = torch.rand(-(-rows // 128), -(-cols // 128)) * 1e-4 + 1e-5
         factors[module + ".lora_A.weight"] = torch.randn(16, cols, generator=generator) * 0.01
         factors[module + ".lora_B.weight"] = torch.randn(rows, 16, generator=generator) * 0.01
+    tensors["lm_head.weight"] = (torch.randn(32000, 7168, generator=generator) * 0.02).to(torch.bfloat16)
+    factors["lm_head.lora_A.weight"] = torch.randn(16, 7168, generator=generator) * 0.01
+    factors["lm_head.lora_B.weight"] = torch.randn(32000, 16, generator=generator) * 0.01
     save_file(tensors, folder / "model.safetensors")
     del tensors, codes
     config = {"model_type": "deepseek_v3", "quantization_config": fm.QUANTIZATION}
     (folder / "config.json").write_text(json.dumps(config))
-    adapter = write_lora(
-        tmp_path / "adapter", factors, {"r": 16, "lora_alpha": 16, "target_modules": ["down_proj", "up_proj"]}
-    )
+    targets = ["down_proj", "up_proj", "lm_head"]
+    settings = {"r": 16, "lora_alpha": 16, "target_modules": targets}
+    adapter = write_lora(tmp_path / "adapter", factors, settings)
     widest = (
         "from bonemerge.run import compute; compute.COMPILED_THREADS = 8\n"
         "from bonemerge.cli import main; main()"
