@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 from tests import toy
 
@@ -53,3 +54,43 @@ def test_only_computing_a_tensor_needs_torch(tmp_path):
     assert chain.split(" <- ")[0].startswith("compute.py:<module>"), chain
     assert "engine.py:_computing" in chain, chain
     assert (tmp_path / "out" / "bonemerge.json").is_file()
+
+
+def test_computing_starts_while_the_untouched_tensors_before_it_are_copied(tmp_path, monkeypatch):
+    """A dozen untouched tensors come before the first one to compute, and the writer is held
+    on the first of them until computing has started: the main thread must go past the
+    untouched ones (they wait in the writer's queue) and start computing, as it does while
+    the disk copies them, instead of waiting for the writer; the output is then complete."""
+    import threading
+
+    from bonemerge.run import compute as compute_engine
+    from bonemerge.run import engine
+    from tests.cliutil import run
+
+    tensors = toy.base_tensors(torch.bfloat16) | {
+        f"model.a{i:02d}.weight": torch.ones(64, dtype=torch.bfloat16) * i for i in range(12)
+    }
+    base = toy.write_base(tmp_path / "base", tensors)
+    adapter = toy.write_adapter(tmp_path / "bone", seed=1)
+    computing = threading.Event()
+    held = []
+    copied, fill = engine._Shards.copied, compute_engine.Compute._fill
+
+    def held_copy(self, *args):
+        if not held:
+            held.append(computing.wait(timeout=20))
+        return copied(self, *args)
+
+    def filling(self, *args):
+        computing.set()
+        return fill(self, *args)
+
+    monkeypatch.setattr(engine._Shards, "copied", held_copy)
+    monkeypatch.setattr(compute_engine.Compute, "_fill", filling)
+    result = run("merge", base, adapter, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert held == [True], "the main thread waited for the writer before computing"
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(tensors)
+    for i in range(12):
+        assert torch.equal(written[f"model.a{i:02d}.weight"], tensors[f"model.a{i:02d}.weight"])

@@ -334,7 +334,11 @@ def write_plan(
     buffers: Pool[memoryview] = Pool(
         memoryview(bytearray(MEMORY_PIECE)) for _ in range(MEMORY_PIECES if ahead is None and copies else 0)
     )
-    writer = Worker("bonemerge-writer", depth=WRITE_BEHIND + 1)
+    # no bound on the writer's queue: computed chunks are bounded by their buffers' pool, and
+    # untouched tensors queue as a few bytes each, so the main thread goes on to the first
+    # tensor to compute (starting torch's maths and the compiled kernels, and computing its
+    # first chunks) while the untouched tensors before it are still being copied
+    writer = Worker("bonemerge-writer", depth=0)
     stats = EngineStats()
     try:
         for chunk in engine.stream():
