@@ -380,10 +380,10 @@ class Fp8Bands(Bands):
     def _run_kernel(
         self, kernel: Callable, arrays: tuple, row: int, col: int, out_rows: torch.Tensor, shape: tuple
     ) -> list:
-        """Run `e4m3_kernels.merge`, `merge_tiles` or `encode` on a tile of `shape` (or the
-        rows holding the tiles) from (row, col): `arrays`
-        are its own first arguments, the scales, the codes' rows and the record of new scales
-        follow; returns its results but the count of new scales, which are noted."""
+        """Run `e4m3_kernels.merge`, `merge_tiles` or `encode` on a tile of `shape` (or on the
+        rows holding the tiles) from (row, col): `arrays` are its own first arguments, the
+        scales, the codes' rows and the record of new scales follow; returns its results but
+        the count of new scales, which are noted."""
         import numpy as np
         import torch
 

@@ -362,8 +362,9 @@ class Compute:
             self._out.give(item.buffer)
             raise
         coded.tally(filled.survival)
-        release = lambda: self._out.give(item.buffer)  # noqa: E731
-        return Chunk(step, item.start, item.stop, item.typed, release, filled.may_differ)
+        return Chunk(
+            step, item.start, item.stop, item.typed, lambda: self._out.give(item.buffer), filled.may_differ
+        )
 
     def _fill(
         self,
