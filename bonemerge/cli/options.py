@@ -75,7 +75,7 @@ resume_option = click.option(
     "--resume",
     is_flag=True,
     help="Reuse the shards an interrupted or crashed run of the same command finished (checked by "
-    "their BLAKE3 digests); on failure, keep this run's finished shards for the next --resume.",
+    "their checksums); on failure, keep this run's finished shards for the next --resume.",
 )
 
 

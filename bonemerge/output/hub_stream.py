@@ -7,7 +7,7 @@ shards plus the small files whatever the model's size. Nothing is visible on the
 commit at the end adds every file (shards by their already uploaded objects, the index,
 companions, card and `bonemerge.json`): a failure at any point leaves the repo as it was.
 
-A run is resumable: each uploaded shard is recorded (name, size, BLAKE3, SHA-256) in a state
+A run is resumable: each uploaded shard is recorded (name, size, XXH3-128, SHA-256) in a state
 folder keyed by the plan's fingerprint and the push target. A killed run leaves that record; the
 same command with `--resume` asks the Hub which recorded objects it holds and writes and uploads
 only the others. The commit it makes holds the same files a clean run would.
@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bonemerge.checkpoint.confine import expand_home
+from bonemerge.checkpoint.digest import ALGORITHM
 from bonemerge.errors import BonemergeError, OutputError
 from bonemerge.output.push import Push, PushResult, push_failure
 from bonemerge.output.staging import remove_tree
@@ -161,7 +162,7 @@ class StreamedOutput:
                     entry = json.loads(line)
                     found[str(entry["file"])] = (
                         int(entry["bytes"]),
-                        str(entry["blake3"]),
+                        str(entry[ALGORITHM]),
                         str(entry["sha256"]),
                     )
         held = self._held(
@@ -200,7 +201,7 @@ class StreamedOutput:
 
     def _rewrite_records(self) -> None:
         lines = [
-            json.dumps({"file": name, "bytes": size, "blake3": digest, "sha256": sha}) + "\n"
+            json.dumps({"file": name, "bytes": size, ALGORITHM: digest, "sha256": sha}) + "\n"
             for name, (size, digest, sha) in self._uploaded.items()
         ]
         partial = self.folder / f"{_RECORDS}.partial"
@@ -249,7 +250,7 @@ class StreamedOutput:
                     self._uploaded[file] = (size, digest, sha)
                     with open(self.folder / _RECORDS, "a", encoding="utf-8") as records:
                         records.write(
-                            json.dumps({"file": file, "bytes": size, "blake3": digest, "sha256": sha}) + "\n"
+                            json.dumps({"file": file, "bytes": size, ALGORITHM: digest, "sha256": sha}) + "\n"
                         )
                         records.flush()
                         os.fsync(records.fileno())

@@ -1,8 +1,8 @@
 """`bonemerge.json`: what bonemerge wrote into an output folder, read back without trusting it.
 
-The manifest says how an output was made (inspect shows it) and records the size and BLAKE3
-digest of every file (`verify --checksums`); its presence is also what lets `--overwrite` replace a
-folder. A folder can come from anyone, so a manifest is read as hostile input: it must be an
+The manifest says how an output was made (inspect shows it) and records the size and checksum
+(XXH3-128) of every file (`verify --checksums`); its presence is also what lets `--overwrite`
+replace a folder. A folder can come from anyone, so a manifest is read as hostile input: it must be an
 object written by bonemerge, its file list a map of relative names inside the folder to sizes
 and digests, and no name may lead out of the folder, however it is spelled or linked.
 """
@@ -34,14 +34,14 @@ def _file_entry(name: object, entry: object) -> str:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         return f"the size of {shown(name)} is not a byte count"
     if recorded(entry) is None:
-        return f"the entry for {shown(name)} has no BLAKE3 or SHA-256 digest"
+        return f"the entry for {shown(name)} has no XXH3-128, BLAKE3 or SHA-256 digest"
     return ""
 
 
 def read_manifest(folder: Path) -> dict:
     """The folder's manifest, checked: an object with bonemerge's version and a `files` map of
-    relative names to `{"bytes": int, "blake3": hex}` (or `"sha256"`, as earlier versions
-    wrote). Raises CheckpointError otherwise."""
+    relative names to `{"bytes": int, "xxh3_128": hex}` (or `"blake3"` or `"sha256"`, as
+    earlier versions wrote). Raises CheckpointError otherwise."""
     path = folder / MANIFEST
     manifest = read_json(path)
     if not isinstance(manifest.get("bonemerge"), str):
@@ -81,7 +81,7 @@ def is_bonemerge_output(folder: Path) -> bool:
 
 
 def write_manifest(folder: Path, fields: dict, known: Mapping[str, tuple[int, str]]) -> dict[str, dict]:
-    """Write `fields` plus the size and BLAKE3 digest of every file under `folder` (from `known`
+    """Write `fields` plus the size and digest of every file under `folder` (from `known`
     where the writer already hashed it, and of the files in `known` no longer there) as
     `folder/bonemerge.json`; returns the file map."""
     files = {}

@@ -438,7 +438,7 @@ def verify_plan(plan: Plan, merged: Checkpoint, options: EngineOptions, exact: b
 @dataclass
 class ChecksumReport:
     """`verify --checksums`: every file the manifest lists, compared by size and the digest it
-    records (BLAKE3; SHA-256 in manifests of earlier versions)."""
+    records (XXH3-128; BLAKE3 or SHA-256 in manifests of earlier versions)."""
 
     folder: str
     matching: list[str] = field(default_factory=list)

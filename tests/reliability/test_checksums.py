@@ -1,5 +1,5 @@
-"""Every output file's BLAKE3 digest is recorded in bonemerge.json; `verify --checksums` checks them
-(and still checks the SHA-256 digests earlier versions recorded)."""
+"""Every output file's XXH3-128 digest is recorded in bonemerge.json; `verify --checksums` checks
+them (and still checks the BLAKE3 and SHA-256 digests earlier versions recorded)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import hashlib
 import json
 import subprocess
 
+import pytest
 from blake3 import blake3
+from xxhash import xxh3_128
 
 from tests import toy
 from tests.reliability.test_interrupts import SCRIPT
@@ -28,25 +30,32 @@ def test_manifest_records_every_file(tmp_path):
     assert set(files) == on_disk and len(on_disk) == 7
     for name, record in files.items():
         content = (out / name).read_bytes()
-        assert record == {"bytes": len(content), "blake3": blake3(content).hexdigest()}
+        assert record == {"bytes": len(content), "xxh3_128": xxh3_128(content).hexdigest()}
     result = verify(out, "--checksums")
     assert result.returncode == 0 and "7 files intact" in result.stdout
 
 
-def test_sha256_manifests_of_earlier_versions_still_verify(tmp_path):
+@pytest.mark.parametrize(
+    "algorithm,hexdigest",
+    [
+        ("blake3", lambda data: blake3(data).hexdigest()),
+        ("sha256", lambda data: hashlib.sha256(data).hexdigest()),
+    ],
+)
+def test_manifests_of_earlier_versions_still_verify(tmp_path, algorithm, hexdigest):
     base = toy.write_base(tmp_path / "base", shards=2)
     adapter = toy.write_adapter(tmp_path / "adapter")
     assert subprocess.run([str(SCRIPT), "merge", base, adapter, "-o", tmp_path / "out"]).returncode == 0
     out = tmp_path / "out"
     manifest = json.loads((out / "bonemerge.json").read_text())
     manifest["files"] = {
-        name: {"bytes": record["bytes"], "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+        name: {"bytes": record["bytes"], algorithm: hexdigest((out / name).read_bytes())}
         for name, record in manifest["files"].items()
     }
     (out / "bonemerge.json").write_text(json.dumps(manifest))
     assert verify(out, "--checksums").returncode == 0
     first = sorted(manifest["files"])[0]
-    manifest["files"][first]["sha256"] = "0" * 64
+    manifest["files"][first][algorithm] = "0" * 64
     (out / "bonemerge.json").write_text(json.dumps(manifest))
     damaged = verify(out, "--checksums")
     assert damaged.returncode == 1 and f"differs: {first}" in damaged.stdout, damaged.stdout
