@@ -4,10 +4,11 @@ Merging into FP8 is a dozen element-wise steps per value (decode, add the update
 the scale, find overflowing blocks, clamp, round, decode again to measure what survived). As
 torch calls each step is a pass over memory and a few microseconds of dispatch, about 6 ns per
 value on one core, several times what copying the bytes costs. Compiled with numba, the
-steps run in vector registers, in three passes over a tile that stays in cache, each along
-its rows (long unit-stride runs: a 128 × 128 block's rows are 128 separate cache lines, which
-no prefetcher follows): decode and add, keeping each block's largest magnitude; encode on each
-block's scale; measure.
+steps run in vector registers, along a tile's rows (long unit-stride runs: a 128 × 128
+block's rows are 128 separate cache lines, which no prefetcher follows). A merge is one pass
+that encodes on the stored scales and measures as it goes, redoing the rare block that
+overflows; values already merged (by torch) take three: find each block's largest
+magnitude, encode on each block's scale, measure.
 
 Every code is bit-identical to the torch route it replaces (which still serves fp64 maths and
 CUDA): a value is code × scale rounded once to fp32, the update is added in fp32
@@ -398,6 +399,40 @@ def product(left, right, col0, multiplier, out):
             row[j] = update[j] * m
 
 
+@njit(inline="always", **_JIT)
+def _merge_row_span(source, added, m, factor, s, encoded_on, written, kept_lanes, update_lanes):
+    """One block's span of one row: values = code × `s` + update × m × factor, encoded on the
+    scale `encoded_on` into `written`; each column's survival terms are added to its lane (a
+    sum per column, not a reduction, so that the loop vectorizes without reassociation, which
+    could change codes). Returns the largest magnitude's bits."""
+    top = np.float32(MAX)
+    most = _I32(0)
+    for j in range(source.shape[0]):
+        b = decode_value(source[j]) * s
+        v = np.float32(b + np.float32(added[j] * m) * factor)
+        code = encode_value(min(max(v / encoded_on, -top), top))
+        written[j] = code
+        moved = np.float32(decode_value(code) * encoded_on - b)
+        wanted = np.float32(v - b)
+        kept_lanes[j] += moved * wanted
+        update_lanes[j] += wanted * wanted
+        most = max(most, _magnitude_bits(v))
+    return most
+
+
+@njit(**_JIT)
+def _lane_sums(kept_lanes, update_lanes, width):
+    """The first `width` lanes summed in fp64, in order, and cleared."""
+    kept = 0.0
+    update = 0.0
+    for j in range(width):
+        kept += kept_lanes[j]
+        update += update_lanes[j]
+        kept_lanes[j] = 0
+        update_lanes[j] = 0
+    return kept, update
+
+
 @njit(**_JIT)
 def merge(
     codes,
@@ -423,22 +458,32 @@ def merge(
     (written to `scale`, listed in `rescaled`; a scale of dtype `SCALE_DTYPES[kind]`) where a
     block overflows. The update is `product` (tile-shaped) or, where that is empty, `left @
     right[:, col0:]` computed here (`left`: the tile's rows) times `multiplier`, each rounded
-    to fp32: the tile's product never goes through memory. Returns (status, kept, update,
-    blocks rescaled)."""
+    to fp32: the tile's product never goes through memory.
+
+    One pass per row encodes on the stored scale at once, as if no block overflowed; the rare
+    block that does is merged again from its codes on its new scale (the product of a column
+    does not depend on which columns are computed with it, so its bits are the same). Nothing
+    but codes is stored: no tile of values waits for its blocks' maxima. The survival sums are
+    kept per block (fp32 lanes over its rows, added up in fp64), so that a block merged again
+    replaces its own. `out` must not share memory with `codes`, which a block merged again
+    reads after the first pass wrote. Returns (status, kept, update, blocks rescaled)."""
     rows = codes.shape[0]
     factored = product.shape[0] == 0
-    values = np.empty((rows, cols), dtype=np.float32)
-    before = np.empty((rows, cols), dtype=np.float32)
     first_bi = row0 // block_rows
     first_bj, count = _column_blocks(col0, cols, block_cols)
-    largest = np.zeros(((row0 + rows - 1) // block_rows - first_bi + 1, count), dtype=np.int64)
-    # the products of two rows (a buffer of their own: read where the merged values are
-    # written, they would make the vectorized loop's overlap check fail, and the loop run scalar)
+    tile_block_rows = (row0 + rows - 1) // block_rows - first_bi + 1
+    largest = np.zeros((tile_block_rows, count), dtype=np.int64)
+    kept_blocks = np.zeros((tile_block_rows, count))
+    update_blocks = np.zeros((tile_block_rows, count))
+    kept_lanes = np.zeros((count, block_cols), dtype=np.float32)
+    update_lanes = np.zeros((count, block_cols), dtype=np.float32)
+    # the products of two rows (a buffer of their own: read where the codes are written, they
+    # would make the vectorized loop's overlap check fail, and the loop run scalar)
     pair = np.empty((2, cols if factored else 0), dtype=np.float32)
     m = np.float32(multiplier)
     factor = np.float32(alpha)
     for i in range(rows):
-        bi = (row0 + i) // block_rows
+        ti = (row0 + i) // block_rows - first_bi
         if factored:
             if i % 2 == 0:
                 _update_rows(left, right, col0, i, pair)
@@ -447,22 +492,56 @@ def merge(
             update = product[i]
         for tj in range(count):
             j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
-            s = stored[bi, first_bj + tj]
-            source = codes[i, col0 + j0 : col0 + j1]
-            added = update[j0:j1]
-            was = before[i, j0:j1]
-            merged = values[i, j0:j1]
-            most = _I32(0)
-            for j in range(j1 - j0):
-                b = decode_value(source[j]) * s
-                v = np.float32(b + np.float32(added[j] * m) * factor)
-                was[j] = b
-                merged[j] = v
-                most = max(most, _magnitude_bits(v))
-            largest[bi - first_bi, tj] = max(largest[bi - first_bi, tj], most)
+            s = stored[first_bi + ti, first_bj + tj]
+            most = _merge_row_span(
+                codes[i, col0 + j0 : col0 + j1],
+                update[j0:j1],
+                m,
+                factor,
+                s,
+                s,
+                out[i, col0 + j0 : col0 + j1],
+                kept_lanes[tj],
+                update_lanes[tj],
+            )
+            largest[ti, tj] = max(largest[ti, tj], most)
+        if i == rows - 1 or (row0 + i + 1) % block_rows == 0:
+            for tj in range(count):
+                j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+                kept_blocks[ti, tj], update_blocks[ti, tj] = _lane_sums(
+                    kept_lanes[tj], update_lanes[tj], j1 - j0
+                )
     used, rescaled_count, status = _block_scales(largest, stored, scale, first_bi, first_bj, rescaled, kind)
-    _encode_rows(values, used, row0, col0, block_rows, block_cols, out, values[:0])
-    kept, update = _survival(values, before, used, row0, col0, block_rows, block_cols, out)
+    for r in range(rescaled_count):
+        ti, tj = rescaled[r, 0] - first_bi, rescaled[r, 1] - first_bj
+        j0, j1 = _span(tj, first_bj, col0, cols, block_cols)
+        redone = np.empty((2, j1 - j0 if factored else 0), dtype=np.float32)
+        for i in range(
+            max(0, (first_bi + ti) * block_rows - row0), min(rows, (first_bi + ti + 1) * block_rows - row0)
+        ):
+            if factored:
+                _pair_product(left[i], left[i], right, col0 + j0, redone[0], redone[1])
+                added = redone[0]
+            else:
+                added = product[i, j0:j1]
+            _merge_row_span(
+                codes[i, col0 + j0 : col0 + j1],
+                added,
+                m,
+                factor,
+                stored[first_bi + ti, first_bj + tj],
+                used[ti, tj],
+                out[i, col0 + j0 : col0 + j1],
+                kept_lanes[0],
+                update_lanes[0],
+            )
+        kept_blocks[ti, tj], update_blocks[ti, tj] = _lane_sums(kept_lanes[0], update_lanes[0], j1 - j0)
+    kept = 0.0
+    update = 0.0
+    for ti in range(tile_block_rows):
+        for tj in range(count):
+            kept += kept_blocks[ti, tj]
+            update += update_blocks[ti, tj]
     return status, kept, update, rescaled_count
 
 
