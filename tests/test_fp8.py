@@ -844,6 +844,42 @@ def test_block_fp8_merges_do_not_depend_on_threads(tmp_path, base, make32, monke
             assert ran[name] == {"bonemerge-compiled" if alone else "bonemerge-compute"}, (rounding, name)
 
 
+def test_block_fp8_chunks_go_to_the_compiled_pass_whole(tmp_path, base, make32, monkeypatch):
+    """8-bit codes written back as codes are read in chunks of twice a 16-bit chunk's values
+    (its bytes, so the buffers keep their size), and the compiled pass takes each chunk in one
+    call, cutting its own tiles: each call costs a compute thread Python on caches the pass
+    left cold. The codes are those of the default chunking."""
+    from bonemerge.codecs import e4m3_kernels, fp8_block
+    from bonemerge.run import compute as compute_engine
+
+    adapter = _lora(make32, tmp_path / "lora")
+    expected = fm.read_fp8(_merged(base, adapter, tmp_path / "default"))
+    cols = expected["model.layers.0.self_attn.q_proj.weight"].shape[1]
+    # a 16-bit chunk of a weight this wide is one band of 128 rows; an FP8 chunk, two
+    monkeypatch.setattr(compute_engine, "CHUNK_ELEMENTS", 128 * cols)
+    monkeypatch.setattr(compute_engine, "COMPUTE_ELEMENTS", 1)
+    calls = []
+    merge_tiles = e4m3_kernels.merge_tiles
+
+    def counted(codes, *args):
+        calls.append(codes.shape[0])
+        return merge_tiles(codes, *args)
+
+    monkeypatch.setattr(e4m3_kernels, "merge_tiles", counted)
+    tensors = fm.read_fp8(_merged(base, adapter, tmp_path / "chunked"))
+    for name, values in expected.items():
+        assert torch.equal(values.view(torch.uint8), tensors[name].view(torch.uint8)), name
+    rows = expected["model.layers.0.self_attn.q_proj.weight"].shape[0]  # 576: 2, 2 and ½ bands
+    if fp8_block._sums_like_torch(16, 256, cols, 1.5):
+        assert calls.count(256) >= rows // 256, calls
+        assert max(calls) == 256
+
+
+def _merged(base: Path, adapter: Path, out: Path) -> Path:
+    _merge(base, [adapter], out)
+    return out
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_block_fp8_merges_in_bounded_memory(tmp_path, rounding):
     """Two weights of DeepSeek-V3's widest shape (7168 × 18432 and its transpose: 528 MB each

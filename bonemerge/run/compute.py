@@ -6,7 +6,8 @@ disk and the CPU work at once. The maths runs on sub-chunks of about `COMPUTE_EL
 elements: small enough that conversion, block maths, rounding and the NaN/Inf check stay in
 the CPU's caches instead of making four passes over main memory, large enough that torch's
 fixed cost per call (a few microseconds, a dozen calls per sub-chunk, each taking the GIL)
-stays small.
+stays small. The compiled pass of quantized weights cuts its own cache-sized tiles, so it
+takes a chunk in one call.
 Every buffer comes from a fixed pool, so memory does not grow with the model.
 
 This is the only part of a run that needs torch; `engine` imports it when the first tensor to
@@ -83,8 +84,12 @@ def _fit(step: Step, elements: int) -> int:
 
 
 def chunk_rows(step: Step) -> int:
-    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole row groups (Bat tiles, say)."""
-    return _fit(step, CHUNK_ELEMENTS)
+    """Rows per I/O chunk: about CHUNK_ELEMENTS elements, whole row groups (Bat tiles, say).
+    8-bit codes written back as 8-bit codes take twice as many, the bytes of a 16-bit chunk,
+    so the buffers stay the size they were: half the chunks, and half the Python around
+    each (about 0.2 ms of a compute thread per chunk, on caches the compiled pass left cold)."""
+    recoded = step.values_per_code == 1 and dtypes.BITS[step.source.dtype] == dtypes.BITS[step.dtype] == 8
+    return _fit(step, CHUNK_ELEMENTS * (2 if recoded else 1))
 
 
 def _spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
@@ -323,10 +328,11 @@ class Compute:
         self._first_pass(step, prepared, compute, coded)
         out_dtype = dtypes.to_torch(step.dtype)
         _, cols = step.written_grid
-        if self._compiled_alone(prepared, compute, coded, _fit(step, COMPUTE_ELEMENTS)):
-            threads, parallel = self._compiled, self._compiled_parallel
+        if self._compiled_alone(prepared, compute, coded, chunk_rows(step)):
+            # the compiled pass cuts its own cache-sized tiles: a chunk is one call
+            threads, parallel, span = self._compiled, self._compiled_parallel, chunk_rows(step)
         else:
-            threads, parallel = self._threads, self._parallel
+            threads, parallel, span = self._threads, self._parallel, _fit(step, COMPUTE_ELEMENTS)
         pending: deque[_Computing] = deque()
         try:
             for start, stop in _chunks(step):
@@ -336,7 +342,7 @@ class Compute:
                     out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
                 )
                 job = threads.submit(
-                    self._fill, step, prepared, compute, rows, typed, start, buf, ahead, coded
+                    self._fill, step, prepared, compute, rows, typed, start, span, buf, ahead, coded
                 )
                 pending.append(_Computing(start, stop, typed, out, job))
                 if len(pending) >= parallel + QUEUED:
@@ -374,11 +380,12 @@ class Compute:
         rows: torch.Tensor,
         typed: torch.Tensor,
         start: int,
+        span: int,
         buf: bytearray | None,
         ahead: _ReadAhead,
         coded: _Coded,
     ) -> _Filled:
-        """Compute one chunk into `typed`, a cache-sized sub-chunk at a time (on a compute thread)."""
+        """Compute one chunk into `typed`, `span` rows at a time (on a compute thread)."""
         check = self.options.safe_merge and step.dtype in dtypes.COMPUTABLE
         inverting = bool(prepared) and all(inverse for _, inverse in prepared)
         differ = 0
@@ -387,7 +394,7 @@ class Compute:
         # limit, at a third of the cost of summing the bf16 output; other dtypes check the output.
         squares = check and step.dtype == "BF16" and compute == torch.float32 and self.device.type == "cpu"
         try:
-            for begin, end in _spans(0, typed.shape[0], _fit(step, COMPUTE_ELEMENTS)):
+            for begin, end in _spans(0, typed.shape[0], span):
                 target = typed[begin:end]
                 row0 = start + begin
                 finite = False
