@@ -88,8 +88,12 @@ def chunk_rows(step: Step) -> int:
     8-bit codes written back as 8-bit codes take twice as many, the bytes of a 16-bit chunk,
     so the buffers stay the size they were: half the chunks, and half the Python around
     each (about 0.2 ms of a compute thread per chunk, on caches the compiled pass left cold)."""
-    recoded = step.encode is not None and step.encode is step.decode and step.values_per_code == 1
-    recoded = recoded and dtypes.BITS[step.dtype] == 8
+    recoded = (
+        step.encode is not None
+        and step.encode is step.decode
+        and step.values_per_code == 1
+        and dtypes.BITS[step.dtype] == 8
+    )
     return _fit(step, CHUNK_ELEMENTS * (2 if recoded else 1))
 
 
