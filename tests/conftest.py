@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,23 @@ LLAMA = dict(
     num_key_value_heads=2,
     vocab_size=256,
 )
+
+
+@pytest.fixture(params=["direct", "page cache"])
+def route(request, monkeypatch, tmp_path) -> str:
+    """The test twice: shards written with O_DIRECT (skipped where this file system refuses
+    it), and through the page cache (as where it does)."""
+    from bonemerge.checkpoint import direct
+
+    if request.param == "page cache":
+        monkeypatch.setattr(direct, "_open_direct", lambda path: -1)
+    else:
+        (tmp_path / "probe").write_bytes(b"")
+        probe = direct._open_direct(tmp_path / "probe")
+        if probe < 0:
+            pytest.skip("this file system refuses O_DIRECT")
+        os.close(probe)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -64,9 +64,10 @@ def test_writer_refuses_wrong_byte_counts(tmp_path):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffered"])
-def test_placed_tensors_land_at_their_offsets(tmp_path, monkeypatch, kernel):
-    """Tensors copied ahead of the sequential writing (in any order, through the kernel or a
-    buffer) end up where the header says, and the file's digest covers them."""
+def test_placed_tensors_land_at_their_offsets(tmp_path, monkeypatch, kernel, route):
+    """Tensors copied ahead of the sequential writing (in any order; written direct, or through
+    the page cache by the kernel or a buffer) end up where the header says, and the file's
+    digest covers them."""
     if not kernel:
 
         def unsupported(*args):
@@ -75,29 +76,29 @@ def test_placed_tensors_land_at_their_offsets(tmp_path, monkeypatch, kernel):
         monkeypatch.setattr(os, "copy_file_range", unsupported)
     source = tmp_path / "src.bin"
     source.write_bytes(bytes(range(256)) * 1000)
-    entries = [Entry("a", "U8", (1000,), 1000), Entry("b", "U8", (8,), 8), Entry("c", "U8", (500,), 500)]
+    entries = [Entry("a", "U8", (50_000,), 50_000), Entry("b", "U8", (8,), 8), Entry("c", "U8", (500,), 500)]
     digests = []
     writer = ShardWriter(tmp_path / "w.safetensors", entries, {})
     with RangeReader() as reader:
         fd = reader.fd(source)
         assert writer.place("c", fd, 7)
         assert writer.place("a", fd, 300)
-        writer.skip(fd, 300, 1000)
+        writer.skip(fd, 300, 50_000)
         writer.write(memoryview(b"12345678"))
         writer.skip(fd, 7, 500)
         writer.close(lambda size, digest: digests.append(digest))
     data = (tmp_path / "w.safetensors").read_bytes()
     header = read_header(tmp_path / "w.safetensors")
     body = source.read_bytes()
-    assert data[header.data_start :] == body[300:1300] + b"12345678" + body[7:507]
+    assert data[header.data_start :] == body[300:50_300] + b"12345678" + body[7:507]
     assert digests == [file_digest(tmp_path / "w.safetensors")]
 
 
-def test_place_stops_between_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "_COPY_PIECE", 100)
+def test_place_stops_between_pieces(tmp_path, monkeypatch, route):
+    monkeypatch.setattr(writer_module, "_COPY_PIECE", 4096)
     source = tmp_path / "src.bin"
-    source.write_bytes(bytes(1000))
-    writer = ShardWriter(tmp_path / "w.safetensors", [Entry("a", "U8", (1000,), 1000)], {})
+    source.write_bytes(bytes(100_000))
+    writer = ShardWriter(tmp_path / "w.safetensors", [Entry("a", "U8", (100_000,), 100_000)], {})
     calls = []
     with RangeReader() as reader:
         assert not writer.place("a", reader.fd(source), 0, lambda: calls.append(1) or len(calls) > 3)

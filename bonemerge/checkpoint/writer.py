@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bonemerge.checkpoint.digest import Digest, hash_range
 from bonemerge.checkpoint.digest import new as new_digest
+from bonemerge.checkpoint.direct import BlockStream
 from bonemerge.errors import OutputError
 
 _ALIGN = 8
@@ -75,6 +76,12 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+def data_starts(entries: Sequence[Entry], metadata: dict[str, str]) -> dict[str, int]:
+    """Where each tensor's bytes start in the file `ShardWriter` writes."""
+    starts = itertools.accumulate((e.nbytes for e in entries), initial=len(encode_header(entries, metadata)))
+    return {entry.name: start for entry, start in zip(entries, starts, strict=False)}
+
+
 def _ended_early(path: Path) -> OutputError:
     return OutputError(
         f"an input file ended early while it was copied into {path}; it was changed or truncated "
@@ -101,13 +108,14 @@ def output_failure(path: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}; {hint}.")
 
 
-def write_all(fd: int, view: memoryview, path: Path) -> None:
-    """Write all of `view` in pieces of at most WRITE_PIECE bytes: measured on ext4, single
-    writes of several MB spend 3-8x more kernel time than the same bytes in 512 KB pieces."""
+def write_all(fd: int, view: memoryview, at: int, path: Path) -> None:
+    """Write all of `view` at `at` in pieces of at most WRITE_PIECE bytes: measured on ext4,
+    single writes of several MB through the page cache spend 3-8x more kernel time than the
+    same bytes in 512 KB pieces."""
     done = 0
     while done < len(view):
         try:
-            done += os.write(fd, view[done : done + WRITE_PIECE])
+            done += os.pwrite(fd, view[done : done + WRITE_PIECE], at + done)
         except OSError as exc:
             raise output_failure(path, exc) from None
 
@@ -124,6 +132,10 @@ class ShardWriter:
     """Streams one shard: `write` and `skip` must account for each tensor's bytes in order
     (`skip` steps over an untouched tensor `place` copied, possibly earlier and from another
     thread).
+
+    Bytes go to the disk with O_DIRECT where the file system allows it (`direct.py`: no page
+    cache to fill, write back and reclaim), else through the page cache with writeback started
+    early and written ranges dropped.
 
     Every byte written is also hashed (`digest.py`), so that `close` can say exactly what the
     file holds (recorded in the output's manifest, checked by `verify --checksums` and by
@@ -144,18 +156,23 @@ class ShardWriter:
         self._index = 0
         self._left = self._sizes[0] if self._sizes else 0
         self._copy_file_range = hasattr(os, "copy_file_range")
-        self._written = 0
         self._flushed = 0
         self._in_flight: list[tuple[int, int]] = []
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise output_failure(path, exc) from None
+        self._stream = BlockStream(path, self._fd, self._through_cache, lambda exc: output_failure(path, exc))
         header = memoryview(encode_header(entries, metadata))
         self._starts = list(itertools.accumulate(self._sizes, initial=len(header)))
-        write_all(self._fd, header, path)
+        self._stream.append(header)
         self._feed(lambda: self._hash.update(header), None)
         self._skip_empty()
+
+    @property
+    def stream(self) -> BlockStream:
+        """How the shard's bytes are written (for the tests that check which way)."""
+        return self._stream
 
     def _skip_empty(self) -> None:
         while self._left == 0 and self._index < len(self._sizes) - 1:
@@ -169,20 +186,22 @@ class ShardWriter:
         self._left -= size
         self._skip_empty()
 
-    def _start_writeback(self) -> None:
-        """Hand what was written so far to the disk now, so the final fsync has little left to
-        wait for and writing overlaps with the rest of the work (cp + sync cannot do that).
+    def _through_cache(self, view: memoryview, at: int) -> None:
+        """Write `view` at `at` through the page cache, then hand what was written so far to the
+        disk, so the final fsync has little left to wait for and writing overlaps with the rest
+        of the work (cp + sync cannot do that).
 
         Older ranges are then waited for and dropped from the page cache: the output of a 70B
         merge is larger than memory, and left cached it would evict the input still to be read.
         Waiting also bounds how far writing can run ahead of the disk.
         """
-        self._written = os.lseek(self._fd, 0, os.SEEK_CUR)
-        if _START_WRITEBACK is None or self._written - self._flushed < FLUSH_EVERY:
+        write_all(self._fd, view, at, self.path)
+        written = at + len(view)
+        if _START_WRITEBACK is None or written - self._flushed < FLUSH_EVERY:
             return
-        _START_WRITEBACK(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
-        self._in_flight.append((self._flushed, self._written - self._flushed))
-        self._flushed = self._written
+        _START_WRITEBACK(self._fd, self._flushed, written - self._flushed, _SYNC_FILE_RANGE_WRITE)
+        self._in_flight.append((self._flushed, written - self._flushed))
+        self._flushed = written
         if len(self._in_flight) > _DROP_BEHIND:
             offset, size = self._in_flight.pop(0)
             wait = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
@@ -195,10 +214,13 @@ class ShardWriter:
         return self._names[self._index]
 
     def write(self, view: memoryview, release: Job | None = None) -> None:
-        """Append `view`; `release` runs once its bytes are written and hashed."""
+        """Append `view`; `release` runs once its bytes are written and hashed (on the thread
+        that finishes last). Where this raises, it has not run and will not."""
         self._advance(len(view))
-        write_all(self._fd, view, self.path)
-        self._start_writeback()
+        written = self._stream.append(view)
+        if release is not None and written is not None:
+            given = release
+            release = lambda: written.add_done_callback(lambda _: given())  # noqa: E731
 
         def digest() -> None:
             self._hash.update(view)
@@ -210,14 +232,23 @@ class ShardWriter:
     def place(self, name: str, src_fd: int, offset: int, stop: Callable[[], bool] = lambda: False) -> bool:
         """Copy tensor `name`'s bytes from `src_fd` at `offset` to where the header puts them,
         ahead of the sequential writing and safe to call from another thread; `skip` steps
-        over them later. Copies in pieces, returning False without finishing once `stop()`."""
+        over them later. Writing direct, only the whole blocks inside the tensor are copied
+        here (its partial blocks come with the stream's). Copies in pieces, returning False
+        without finishing once `stop()`."""
         index = self._index_of[name]
-        start, size = self._starts[index], self._sizes[index]
-        for begin in range(0, size, _COPY_PIECE):
+        start, end = self._stream.interior(self._starts[index], self._sizes[index])
+        offset += start - self._starts[index]
+        for begin in range(0, max(0, end - start), _COPY_PIECE):
             if stop():
                 return False
-            piece = min(_COPY_PIECE, size - begin)
-            self._copy_range(src_fd, offset + begin, start + begin, piece)
+            piece = min(_COPY_PIECE, end - start - begin)
+            try:
+                if self._stream.unit > 1:
+                    self._stream.copy_blocks(src_fd, offset + begin, start + begin, piece)
+                    continue
+                self._copy_range(src_fd, offset + begin, start + begin, piece)
+            except EOFError:
+                raise _ended_early(self.path) from None
             if _START_WRITEBACK is not None:
                 _START_WRITEBACK(self._fd, start + begin, piece, _SYNC_FILE_RANGE_WRITE)
         return True
@@ -249,11 +280,21 @@ class ShardWriter:
 
     def skip(self, src_fd: int, offset: int, size: int) -> None:
         """Step over a tensor `place` has copied: its bytes are hashed, in order, from the
-        source they were copied from (`src_fd` at `offset`)."""
+        source they were copied from (`src_fd` at `offset`); its partial blocks, which `place`
+        left to the stream, are read from there too."""
         self._advance(size)
-        os.lseek(self._fd, size, os.SEEK_CUR)
+        here = self._stream.position
+        start, end = self._stream.interior(here, size)
+        try:
+            if start < end:
+                self._stream.read_in(src_fd, offset, start - here)
+                self._stream.jump(end)
+                self._stream.read_in(src_fd, offset + end - here, here + size - end)
+            else:
+                self._stream.read_in(src_fd, offset, size)
+        except EOFError:
+            raise _ended_early(self.path) from None
         self._feed(lambda: hash_source(self._hash, src_fd, offset, size), None)
-        self._start_writeback()
 
     def close(self, done: Callable[[int, str], None] | None = None) -> None:
         """Check every promised byte arrived and make the file durable; then, after the last
@@ -261,6 +302,7 @@ class ShardWriter:
         try:
             if self._left or self._index < len(self._sizes) - 1:
                 raise AssertionError(f"{self.path}: closed before {self.current} was complete")
+            self._stream.finish()
             try:
                 os.fsync(self._fd)
                 size = os.fstat(self._fd).st_size
@@ -272,6 +314,7 @@ class ShardWriter:
             self._feed(lambda: done(size, self._hash.hexdigest()), None)
 
     def abort(self) -> None:
+        self._stream.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

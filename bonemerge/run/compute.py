@@ -20,7 +20,7 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bonemerge.checkpoint import ComputedTensor, RangeReader, Source, TensorRef, dtypes
+from bonemerge.checkpoint.direct import UNIT
 from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.tensors import read_grid_rows, read_rows, read_whole
 from bonemerge.codecs import DENSE, Bands, Derived, Rounding
@@ -223,8 +224,11 @@ class Compute:
     """Computes the chunks of transformed steps (never plain copies), in plan order: a read-ahead
     thread `pread`s their raw rows while compute threads turn earlier rows into output bytes."""
 
-    def __init__(self, steps: Sequence[Step], options: EngineOptions, reader: RangeReader) -> None:
+    def __init__(
+        self, steps: Sequence[Step], options: EngineOptions, reader: RangeReader, starts: Mapping[str, int]
+    ) -> None:
         self.options = options
+        self._starts = starts
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BonemergeError("--device cuda was asked for, but torch sees no CUDA device here.")
@@ -265,8 +269,9 @@ class Compute:
         if self._parallel > 1:
             torch.set_num_threads(1)
         out_bytes = max((chunk_bytes(s, s.dtype, s.written_grid[1]) for s in transformed), default=0)
+        # a block more, to lay each chunk out as it lies in the file (`_laid_out`)
         self._out: Pool[torch.Tensor] = Pool(
-            torch.empty(out_bytes, dtype=torch.uint8) for _ in range(WRITE_BEHIND + queued)
+            torch.empty(out_bytes + UNIT, dtype=torch.uint8) for _ in range(WRITE_BEHIND + queued)
         )
         raw_size = max(
             (
@@ -343,9 +348,7 @@ class Compute:
             for start, stop in _chunks(step):
                 rows, buf = self._rows(step, start, stop, ahead)
                 out = self._out.take()
-                typed = (
-                    out[: (stop - start) * cols * dtypes.BITS[step.dtype] // 8].view(out_dtype).view(-1, cols)
-                )
+                typed = self._laid_out(step, out, start, stop).view(out_dtype).view(-1, cols)
                 job = threads.submit(
                     self._fill, step, prepared, compute, rows, typed, start, span, buf, ahead, coded
                 )
@@ -365,6 +368,20 @@ class Compute:
                 step.source.release()
             if isinstance(step.source, Derived):
                 self._derived.pop((step.source.weight.name, step.source.role), None)
+
+    def _laid_out(self, step: Step, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The bytes of `out` rows [start, stop) of `step` are computed into: placed so that
+        their address and their offset in the output file are the same modulo the disk's
+        block (`direct.UNIT`), so that the writer can hand them to the disk from where they
+        lie, not through a copy. Where the file offset is unknown or not a multiple of the
+        element's size, from the buffer's start."""
+        bits = step.written_grid[1] * dtypes.BITS[step.dtype]
+        size = (stop - start) * bits // 8
+        at = self._starts.get(step.name)
+        if at is None:
+            return out[:size]
+        shift = (at + start * bits // 8 - out.data_ptr()) % UNIT
+        return out[shift : shift + size] if shift % max(1, dtypes.BITS[step.dtype] // 8) == 0 else out[:size]
 
     def _finished(self, step: Step, item: _Computing, coded: _Coded) -> Chunk:
         try:

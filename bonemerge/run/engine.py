@@ -13,7 +13,7 @@ The engine decides nothing about *what* to compute; it only moves bytes as fast 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from bonemerge.checkpoint import RangeReader, ShardWriter, TensorRef
 from bonemerge.checkpoint.dtypes import rows_cols
 from bonemerge.checkpoint.reader import expect_reads
-from bonemerge.checkpoint.writer import METADATA
+from bonemerge.checkpoint.writer import METADATA, data_starts
 from bonemerge.run.threads import Pool, Worker
 from bonemerge.run.work import WRITE_BEHIND, Chunk, EngineOptions, EngineStats
 
@@ -45,9 +45,14 @@ MEMORY_PIECES = 4
 class Engine:
     """Produces every output tensor of `steps`, in order, as a stream of chunks."""
 
-    def __init__(self, steps: Sequence[Step], options: EngineOptions) -> None:
+    def __init__(
+        self, steps: Sequence[Step], options: EngineOptions, starts: Mapping[str, int] | None = None
+    ) -> None:
+        """`starts`: where each tensor's bytes start in its output file, so that chunks are laid
+        out in memory as they will lie on disk (and can go there straight from memory)."""
         self.steps = list(steps)
         self.options = options
+        self._starts = starts or {}
         self.reader = RangeReader()
         self._compute: Compute | None = None
 
@@ -65,7 +70,7 @@ class Engine:
             from bonemerge.run.compute import Compute
 
             self._compute = Compute(
-                [s for s in self.steps if not s.is_copy and s.nbytes], self.options, self.reader
+                [s for s in self.steps if not s.is_copy and s.nbytes], self.options, self.reader, self._starts
             )
         return self._compute
 
@@ -134,6 +139,7 @@ class _Shards:
         self._hasher = hasher
         self._index = {e.name: i for i, shard in enumerate(self._shards) for e in shard.entries}
         self._open: dict[int, ShardWriter] = {}
+        self._placing: dict[int, list[Callable[[], None]]] = {}  # waits for each shard's copies
         self._lock = threading.Lock()
         self._current = -1
 
@@ -165,15 +171,20 @@ class _Shards:
     def _close(self, index: int) -> None:
         file = self._shards[index].filename
         writer = self._writer(index)
+        for placed in self._placing.pop(index, []):
+            placed()
         with self._lock:
             del self._open[index]
         writer.close(lambda size, digest: self._done(file, size, digest))
 
     def copied(self, step: Step, fd: int, ahead: _CopyAhead) -> None:
-        """Step over an untouched tensor once the copy-ahead thread has placed it."""
+        """Step over an untouched tensor the copy-ahead thread places, without waiting for it:
+        no byte the writer writes depends on it (its partial blocks are read from the source
+        here, its checksum too). The shard is not closed before the copy is done."""
+        index = self._index[step.name]
+        self._through(index).skip(fd, step.source.offset if step.nbytes else 0, step.nbytes)
         if step.nbytes:
-            ahead.wait(step)
-        self._through(self._index[step.name]).skip(fd, step.source.offset if step.nbytes else 0, step.nbytes)
+            self._placing.setdefault(index, []).append(lambda: ahead.wait(step))
         ahead.passed(step)
         self._progress.update(step.nbytes)
 
@@ -325,7 +336,8 @@ def write_plan(
     shards = [shard for shard in plan.shards if shard.filename not in skip]
     steps = [plan.steps[e.name] for shard in shards for e in shard.entries]
     expect_reads(_read_runs(steps))
-    engine = Engine(steps, options)
+    starts = {name: at for shard in shards for name, at in data_starts(shard.entries, METADATA).items()}
+    engine = Engine(steps, options, starts)
     progress = _Progress(sum(s.data_bytes for s in shards), options.progress)
     hasher = Worker("bonemerge-hasher", depth=WRITE_BEHIND + 2)
     files = _Shards(shards, folder, progress, shard_done, hasher, bounded or (lambda file: None))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bonemerge import merge
+from bonemerge.checkpoint import direct as direct_module
 from bonemerge.checkpoint import writer as writer_module
 from bonemerge.errors import BonemergeError, OutputError
 from bonemerge.run.engine import Engine
@@ -43,53 +44,69 @@ def refused(*args):
     raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
 
+def page_cache_only(monkeypatch):
+    monkeypatch.setattr(direct_module, "_open_direct", lambda path: -1)
+
+
 def test_every_copy_path_writes_the_same_files(tmp_path, mostly_untouched, monkeypatch):
-    """In the kernel (`copy_file_range`), through a buffer when the kernel refuses (EXDEV, as
-    across filesystems), and in pieces smaller than a tensor: identical outputs."""
+    """Direct (the tensors' whole blocks read into a buffer and written with O_DIRECT, their
+    edges with the stream), in the kernel (`copy_file_range`, through the page cache), through
+    a buffer when the kernel refuses (EXDEV, as across filesystems), and in pieces smaller than
+    a tensor: identical outputs."""
     base, adapter = mostly_untouched
-    merge(base, [adapter], tmp_path / "kernel")
+    merge(base, [adapter], tmp_path / "direct")
     monkeypatch.setattr(writer_module, "_COPY_PIECE", 4096)
+    merge(base, [adapter], tmp_path / "direct-pieces")
+    page_cache_only(monkeypatch)
     merge(base, [adapter], tmp_path / "pieces")
+    monkeypatch.undo()
+    page_cache_only(monkeypatch)
+    merge(base, [adapter], tmp_path / "kernel")
     monkeypatch.setattr(os, "copy_file_range", refused)
     merge(base, [adapter], tmp_path / "buffered")
     expected = weights(tmp_path / "kernel")
     assert len(expected) == 3
-    assert weights(tmp_path / "pieces") == expected
-    assert weights(tmp_path / "buffered") == expected
+    for other in ("direct", "direct-pieces", "pieces", "buffered"):
+        assert weights(tmp_path / other) == expected, other
 
 
-@pytest.mark.parametrize("path", ["copy_file_range", "pwrite"])
+@pytest.mark.parametrize("path", ["direct", "copy_file_range", "pwrite"])
 def test_a_full_disk_while_copying_ahead(tmp_path, mostly_untouched, monkeypatch, path):
-    """ENOSPC on the copy-ahead thread, in the kernel copy or the buffered one: the run fails
-    with the one-sentence error of a full disk, and leaves nothing behind."""
+    """ENOSPC on the copy-ahead thread, in a direct write, the kernel copy or the buffered one:
+    the run fails with the one-sentence error of a full disk, and leaves nothing behind."""
     base, adapter = mostly_untouched
     out = tmp_path / "merged"
     calls = {"n": 0}
     monkeypatch.setattr(writer_module, "_COPY_PIECE", 64 << 10)
 
     def full(*args):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if threading.current_thread().name == "bonemerge-copy-ahead":
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args)
 
+    if path != "direct":
+        page_cache_only(monkeypatch)
     if path == "pwrite":
         monkeypatch.setattr(os, "copy_file_range", refused)
-    real = getattr(os, path)
-    monkeypatch.setattr(os, path, full)
-    with pytest.raises(OutputError, match="No space left on device; free some space"):
+    real = getattr(os, "pwrite" if path == "direct" else path)
+    monkeypatch.setattr(os, "pwrite" if path == "direct" else path, full)
+    with pytest.raises(OutputError, match="No space left on device; free some space") as caught:
         merge(base, [adapter], out)
+    assert "\n" not in str(caught.value)
     assert calls["n"] > 3
     no_leftovers(out)
 
 
-def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, monkeypatch):
+def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, monkeypatch, route):
     """Ctrl-C while untouched tensors are still being copied ahead (slowly, here): the copy
     stops within a piece, the thread is gone, and nothing is left behind."""
     base, adapter = mostly_untouched
     out = tmp_path / "merged"
     monkeypatch.setattr(writer_module, "_COPY_PIECE", 4096)
-    real_copy = os.copy_file_range
+    owner, name = (direct_module.BlockStream, "copy_blocks") if route == "direct" else (os, "copy_file_range")
+    real_copy = getattr(owner, name)
     copies = {"n": 0}
 
     def slow_copy(*args):
@@ -97,7 +114,7 @@ def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, mo
         time.sleep(0.01)
         return real_copy(*args)
 
-    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    monkeypatch.setattr(owner, name, slow_copy)
     real_stream = Engine.stream
 
     def interrupted(self):
@@ -115,7 +132,7 @@ def test_an_interrupt_stops_the_copy_ahead_thread(tmp_path, mostly_untouched, mo
     no_leftovers(out)
 
 
-def test_an_input_truncated_under_the_copy_is_one_clear_error(tmp_path, mostly_untouched, monkeypatch):
+def test_an_input_truncated_under_the_copy_is_one_clear_error(tmp_path, mostly_untouched, monkeypatch, route):
     """An input shard cut short just before its untouched tensors are copied ahead: one
     sentence naming what happened, nothing written (never a shard with missing bytes)."""
     base, adapter = mostly_untouched

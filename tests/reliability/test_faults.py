@@ -49,25 +49,27 @@ def test_file_size_limit_gives_a_clear_error_and_no_output(tmp_path, slow_inputs
     assert tree_digest(base) == before
 
 
-def test_no_space_left_mid_write(tmp_path, slow_inputs, monkeypatch):
-    """ENOSPC from a write deep into the run (os.write fails once the staging folder holds
-    60 MB, as a filling disk would): one clear error, nothing left behind."""
+def test_no_space_left_mid_write(tmp_path, slow_inputs, monkeypatch, route):
+    """ENOSPC from a write deep into the run (os.pwrite fails once the staging folder holds
+    60 MB, as a filling disk would), written direct or through the page cache: one clear
+    error, nothing left behind."""
     base, adapter = slow_inputs
     out = tmp_path / "merged"
-    real_write = os.write
+    real_write = os.pwrite
     written = {"bytes": 0}
 
-    def filling_disk(fd: int, data) -> int:
+    def filling_disk(fd: int, data, offset: int) -> int:
         target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
         if str(staging(out)) in target:
             written["bytes"] += len(data)
             if written["bytes"] > 60 << 20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", filling_disk)
+    monkeypatch.setattr(os, "pwrite", filling_disk)
     with pytest.raises(OutputError, match="No space left on device; free some space"):
         merge(base, [adapter], out)
+    assert written["bytes"] > 60 << 20
     no_leftovers(out)
 
 
