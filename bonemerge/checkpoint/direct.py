@@ -41,8 +41,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import numpy as np
-
 UNIT = max(4096, mmap.PAGESIZE)
 STAGE = 4 << 20
 BOUNCE = 8 << 20
@@ -88,7 +86,11 @@ def _open_direct(path: Path) -> int:
 
 
 def address(view: memoryview) -> int:
-    """Where `view`'s first byte lies in memory."""
+    """Where `view`'s first byte lies in memory (read-only buffers too, which ctypes cannot
+    take). numpy is imported here, not with the module: this one is on the path a command
+    takes before its signal handlers are in place."""
+    import numpy as np
+
     return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
 
 
