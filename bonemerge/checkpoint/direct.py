@@ -38,8 +38,11 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where first used: see `address`
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 UNIT = max(4096, mmap.PAGESIZE)
 STAGE = 4 << 20
@@ -58,6 +61,8 @@ _disk_lock = threading.Lock()
 def _disk_threads() -> ThreadPoolExecutor:
     """The threads that wait for direct writes, shared by every stream of the process."""
     global _disk
+    from concurrent.futures import ThreadPoolExecutor
+
     with _disk_lock:
         if _disk is None:
             _disk = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="bonemerge-disk")
@@ -263,6 +268,8 @@ class BlockStream:
     def close(self) -> None:
         """Let the writes in flight end (never close a descriptor a disk thread is using),
         then close; their failures are the caller's to have seen already."""
+        from concurrent.futures import wait
+
         wait(self._in_flight)
         self._in_flight.clear()
         if self._direct >= 0:
