@@ -26,12 +26,13 @@ LLAMA = dict(
 @pytest.fixture(params=["direct", "page cache"])
 def route(request, monkeypatch, tmp_path) -> str:
     """The test twice: shards written with O_DIRECT (skipped where this file system refuses
-    it), and through the page cache (as where it does)."""
+    it), and through the page cache (as where it does, or BONEMERGE_NO_DIRECT_IO asks)."""
     from bonemerge.checkpoint import direct
 
     if request.param == "page cache":
-        monkeypatch.setattr(direct, "_open_direct", lambda path: -1)
+        monkeypatch.setenv("BONEMERGE_NO_DIRECT_IO", "1")
     else:
+        monkeypatch.delenv("BONEMERGE_NO_DIRECT_IO", raising=False)
         (tmp_path / "probe").write_bytes(b"")
         probe = direct._open_direct(tmp_path / "probe")
         if probe < 0:

@@ -370,11 +370,10 @@ class Compute:
                 self._derived.pop((step.source.weight.name, step.source.role), None)
 
     def _laid_out(self, step: Step, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The bytes of `out` rows [start, stop) of `step` are computed into: placed so that
-        their address and their offset in the output file are the same modulo the disk's
-        block (`direct.UNIT`), so that the writer can hand them to the disk from where they
-        lie, not through a copy. Where the file offset is unknown or not a multiple of the
-        element's size, from the buffer's start."""
+        """Where in `out` rows [start, stop) of `step` are computed: at an address equal to
+        their offset in the output file modulo the disk's block (`direct.UNIT`), so that the
+        writer hands them to the disk from where they lie, not through a copy; from the
+        buffer's start where that offset is unknown or not a multiple of the element's size."""
         bits = step.written_grid[1] * dtypes.BITS[step.dtype]
         size = (stop - start) * bits // 8
         at = self._starts.get(step.name)

@@ -45,7 +45,7 @@ def refused(*args):
 
 
 def page_cache_only(monkeypatch):
-    monkeypatch.setattr(direct_module, "_open_direct", lambda path: -1)
+    monkeypatch.setenv("BONEMERGE_NO_DIRECT_IO", "1")
 
 
 def test_every_copy_path_writes_the_same_files(tmp_path, mostly_untouched, monkeypatch):
