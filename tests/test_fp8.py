@@ -559,6 +559,33 @@ def test_compiled_rounding_is_torchs_cast():
     assert np.array_equal(got[0], values.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
 
 
+def test_a_code_and_its_value_come_from_one_rounding():
+    """The merge takes each code and its value from one rounding (`encode_pair`): on every
+    fp32 value within ±448, bit for bit the code `encode_value` gives and the value
+    `decode_value` gives it; NaN gives NaN's code."""
+    import numpy as np
+    from numba import njit
+
+    from bonemerge.codecs import e4m3_kernels as kernels
+
+    @njit(nogil=True)
+    def mismatches(top):
+        bad = 0
+        for magnitude in range(top + 1):
+            for sign in (0, -(1 << 31)):
+                bits = np.int32(magnitude | sign)
+                value = bits.view(np.float32)
+                code, decoded = kernels.encode_pair(value)
+                expected = kernels.encode_value(value)
+                value_of_code = np.float32(kernels.decode_value(expected))
+                bad += code != expected or np.float32(decoded).view(np.int32) != value_of_code.view(np.int32)
+        return bad
+
+    assert mismatches(int(np.float32(448).view(np.int32))) == 0
+    for nan in (np.float32("nan"), -np.float32("nan")):
+        assert kernels.encode_pair(nan)[0] & 0x7F == 0x7F
+
+
 def test_compiled_new_scales_are_fitting_scale():
     """A block that overflows gets the same new scale from the compiled kernels as from torch's
     route (`fitting_scale`), for float32, bfloat16 and float16 scales, over magnitudes from
