@@ -25,10 +25,10 @@ A direct write returns only once the disk has the bytes, so the stream keeps `IN
 them going on threads of their own: one at a time, the writer thread waited out every write,
 and on two busy cores each wake-up too (0.8 GB/s where the disk takes 2).
 
-Where the file system refuses O_DIRECT (tmpfs, some FUSE and network file systems), or
-`BONEMERGE_NO_DIRECT_IO=1` says not to use it, the unit is one byte and the stream goes
-through the page cache as before; where a direct write is refused later, that block and every
-one after it go through the page cache, unchanged.
+Where the file system refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE and network file
+systems), or `BONEMERGE_NO_DIRECT_IO=1` says not to use it, the unit is one byte and the
+stream goes through the page cache as before; where a direct write is refused later, that
+block and every one after it go through the page cache, unchanged.
 """
 
 from __future__ import annotations
