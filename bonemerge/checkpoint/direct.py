@@ -17,7 +17,8 @@ block (`UNIT`). A file is written in three ways at once:
   `UNIT`: the compute pool places chunks so) is written from where it lies, else it goes
   through the staging buffer;
 - whole blocks inside an untouched tensor may be written ahead from another thread
-  (`copy_blocks`), the tensor's partial blocks at either end coming with the stream.
+  (`copy_blocks`), the tensor's partial blocks at either end coming with the stream
+  (`pass_over`).
 
 No block is written two ways, so none is ever both cached and written direct.
 
@@ -102,6 +103,18 @@ def address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
 
 
+def write_fully(
+    fd: int, view: memoryview, at: int, failure: Callable[[OSError], Exception], piece: int | None = None
+) -> None:
+    """All of `view` at `at`, in writes of at most `piece` bytes; a failure as `failure(error)`."""
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done : done + piece if piece else None], at + done)
+        except OSError as exc:
+            raise failure(exc) from None
+
+
 def _ended_early(path: Path) -> EOFError:
     return EOFError(f"an input file ended early while it was copied into {path}")
 
@@ -168,9 +181,22 @@ class BlockStream:
         self._stage_bytes(rest)
         return written
 
-    def read_in(self, fd: int, offset: int, size: int) -> None:
-        """The next `size` bytes of the file, read from `fd` at `offset` (a copied tensor's
-        partial blocks, or all of one too small to hold a block)."""
+    def pass_over(self, fd: int, offset: int, size: int) -> None:
+        """The next `size` bytes of the file are those of `fd` at `offset`, and `copy_blocks`
+        writes the whole blocks among them (`interior`): the stream reads in the partial
+        blocks at either end (all of a tensor too small to hold a block) and steps over the
+        rest."""
+        start, end = self.interior(self.position, size)
+        if start >= end:
+            self._read_in(fd, offset, size)
+            return
+        here = self.position
+        self._read_in(fd, offset, start - here)
+        self._flush()
+        self.position = self._staged_from = end
+        self._read_in(fd, offset + end - here, here + size - end)
+
+    def _read_in(self, fd: int, offset: int, size: int) -> None:
         while size:
             room = self._stages[self._current][self._staged : min(STAGE, self._staged + size)]
             got = os.preadv(fd, [room], offset)
@@ -181,13 +207,6 @@ class BlockStream:
             offset, size = offset + got, size - got
             if self._staged == STAGE:
                 self._flush()
-
-    def jump(self, to: int) -> None:
-        """Go on at `to` (a block boundary), the blocks before it written by `copy_blocks`."""
-        if self.position % self.unit or to % self.unit:
-            raise AssertionError(f"{self.path}: jump from {self.position} to {to} is not whole blocks")
-        self._flush()
-        self.position = self._staged_from = to
 
     def _stage_bytes(self, view: memoryview) -> None:
         while len(view):
@@ -239,12 +258,7 @@ class BlockStream:
             self._write_cached(view[done:], at + done)
 
     def _write_cached(self, view: memoryview, at: int) -> None:
-        done = 0
-        while done < len(view):
-            try:
-                done += os.pwrite(self._fd, view[done:], at + done)
-            except OSError as exc:
-                raise self._failure(exc) from None
+        write_fully(self._fd, view, at, self._failure)
 
     def copy_blocks(self, src_fd: int, offset: int, at: int, size: int) -> None:
         """Whole blocks from `src_fd` at `offset` to `at`, through a buffer of this call's own
